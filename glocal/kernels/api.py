@@ -1,0 +1,105 @@
+"""One attention entry point, many implementations.
+
+``attention(q, k, v, mask=...)`` is what every glocal layer calls; ``impl`` picks how:
+
+* ``"xla"``        dense einsum in the compute dtype (float32 logits/softmax); any mask.
+* ``"dot_product"`` ``jax.nn.dot_product_attention`` (XLA, or cuDNN on GPU for the masks it
+  understands natively: causal and causal sliding windows without positions).
+* ``"reference"``  dense float32 at HIGHEST precision: the oracle for tests.
+* ``"auto"``       the best available for the platform and the call (``"xla"`` for now; the
+  block-sparse kernels register themselves here when they land).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from glocal.kernels import masks as masks_lib
+from glocal.kernels.reference import allowed_pairs, attention_reference, dense_attention
+
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference")
+
+
+def attention(
+    q,
+    k,
+    v,
+    *,
+    mask: masks_lib.Mask,
+    segment_ids=None,
+    q_positions=None,
+    kv_positions=None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    impl: str = "auto",
+    return_lse: bool = False,
+):
+    """Masked multi-head attention with grouped kv heads.
+
+    Args:
+      q: ``[B, T, H, E]`` queries.
+      k, v: ``[B, S, K, E]`` keys and values, ``H % K == 0``.
+      mask: a ``glocal.kernels.masks.Mask``; evaluated on indices 0..T-1 / 0..S-1, or on
+        ``q_positions [B, T]`` / ``kv_positions [B, S]`` when given (negative kv positions
+        mark empty cache slots and are never attended).
+      segment_ids: ``[B, T]`` (self-attention) or a ``(q_ids [B, T], kv_ids [B, S])`` pair:
+        queries only see keys of the same segment (packed documents).
+      scale: logit scale, default ``E ** -0.5``.
+      softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before masking.
+      impl: one of ``IMPLEMENTATIONS``.
+      return_lse: also return the log-sum-exp ``[B, T, H]`` (float32).
+
+    Returns:
+      ``[B, T, H, E]`` in q's dtype (and the lse if asked). Fully masked rows are 0.
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}.")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"attention expects q [B,T,H,E] and k/v [B,S,K,E]; got {q.shape}, {k.shape}, {v.shape}."
+        )
+    H, K = q.shape[2], k.shape[2]
+    if H % K:
+        raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({K}).")
+    if impl == "reference":
+        return attention_reference(
+            q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
+            kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse,
+        )
+    if impl == "dot_product" and not return_lse:
+        if softcap is not None:
+            raise ValueError(
+                "impl='dot_product' (jax.nn.dot_product_attention) has no logit soft-cap; "
+                "use impl='xla' with softcap."
+            )
+        return _dot_product(q, k, v, mask, segment_ids, q_positions, kv_positions, scale)
+    allowed = allowed_pairs(
+        mask, q.shape[1], k.shape[1], segment_ids=segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions,
+    )
+    return dense_attention(q, k, v, allowed, scale=scale, softcap=softcap, return_lse=return_lse)
+
+
+def _dot_product(q, k, v, mask, segment_ids, q_positions, kv_positions, scale):
+    structural = q_positions is None and kv_positions is None and segment_ids is None
+    if structural and q.shape[1] == k.shape[1]:
+        # Pass the masks jax.nn understands natively so cuDNN/flash paths can skip work.
+        if mask == masks_lib.Causal():
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+        if isinstance(mask, masks_lib.SlidingWindow) and mask.causal:
+            return jax.nn.dot_product_attention(
+                q, k, v, scale=scale, is_causal=True, local_window_size=(mask.size - 1, 0)
+            )
+        if isinstance(mask, masks_lib.Full):
+            return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    allowed_BTS = allowed_pairs(
+        mask, q.shape[1], k.shape[1], segment_ids=segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions,
+    )
+    B = q.shape[0]
+    allowed_B1TS = jnp.broadcast_to(allowed_BTS, (B,) + allowed_BTS.shape[1:])[:, None]
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=allowed_B1TS)
+    # jax.nn averages the values of a fully masked row; our convention is 0.
+    any_BT = jnp.any(allowed_B1TS[:, 0], axis=-1)
+    return jnp.where(any_BT[:, :, None, None], out, 0).astype(q.dtype)

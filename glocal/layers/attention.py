@@ -1,0 +1,138 @@
+"""Multi-head attention with grouped kv heads, for self- and cross-attention.
+
+The layer owns the projections and RoPE; the attention itself is
+``glocal.kernels.attention`` with a mask object, so a config switches implementations
+(einsum, ``jax.nn.dot_product_attention``, block-sparse kernels) without touching models.
+
+Three ways to call it:
+* ``attn(x_BTD)``: self-attention over the sequence (training / teacher forcing);
+* ``attn(x_BTD, kv_BSD=memory)``: cross-attention, queries from x, keys/values from memory;
+* ``attn(x_BTD, positions_BT=..., cache=c)``: attend to the cached tokens plus the new
+  chunk, returning ``(y, updated_cache)`` (prefill and decode).
+The pieces (``project_q``, ``project_kv``, ``attend``, ``project_out``) are public so
+models with their own cache layouts (FIT latents, block decoders) can reuse them.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from glocal import kernels
+from glocal.kernels import masks as masks_lib
+from glocal.layers.cache import KVCache
+from glocal.layers.norms import RMSNorm
+from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.rope import apply_rope
+
+
+class Attention(nnx.Module):
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        mask: masks_lib.Mask = masks_lib.Causal(),
+        kv_dim: int | None = None,
+        rope_theta: float | None = 10_000.0,
+        softcap: float | None = None,
+        qk_norm: bool = False,
+        impl: str = "auto",
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(
+                    f"d_model ({d_model}) is not divisible by num_heads ({num_heads}); pick "
+                    f"num_heads dividing d_model or pass head_dim explicitly."
+                )
+            head_dim = d_model // num_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads}); "
+                f"e.g. use num_kv_heads in {[k for k in range(1, num_heads + 1) if num_heads % k == 0]}."
+            )
+        if impl not in kernels.IMPLEMENTATIONS:
+            raise ValueError(f"unknown attention impl {impl!r}; choose one of {kernels.IMPLEMENTATIONS}.")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.mask, self.rope_theta, self.softcap, self.impl = mask, rope_theta, softcap, impl
+        self.dtype = as_dtype(dtype)
+        kv_dim = d_model if kv_dim is None else kv_dim
+        H, K, E = num_heads, num_kv_heads, head_dim
+        self.q_DHE = param(rngs, fan_in_init(d_model), (d_model, H, E), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_DKE = param(rngs, fan_in_init(kv_dim), (kv_dim, K, E), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_DKE = param(rngs, fan_in_init(kv_dim), (kv_dim, K, E), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
+        # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
+        self.q_norm = RMSNorm(E, dtype=dtype, rngs=rngs) if qk_norm else None
+        self.k_norm = RMSNorm(E, dtype=dtype, rngs=rngs) if qk_norm else None
+
+    # -- pieces --------------------------------------------------------------------------
+    def project_q(self, x_BTD, positions_BT=None):
+        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD.astype(self.dtype), self.q_DHE[...].astype(self.dtype))
+        if self.q_norm is not None:
+            q_BTHE = self.q_norm(q_BTHE)
+        if self.rope_theta is not None and positions_BT is not None:
+            q_BTHE = apply_rope(q_BTHE, positions_BT, theta=self.rope_theta)
+        return q_BTHE
+
+    def project_kv(self, kv_BSD, positions_BS=None):
+        kv = kv_BSD.astype(self.dtype)
+        k_BSKE = jnp.einsum("bsd,dke->bske", kv, self.k_DKE[...].astype(self.dtype))
+        v_BSKE = jnp.einsum("bsd,dke->bske", kv, self.v_DKE[...].astype(self.dtype))
+        if self.k_norm is not None:
+            k_BSKE = self.k_norm(k_BSKE)
+        if self.rope_theta is not None and positions_BS is not None:
+            k_BSKE = apply_rope(k_BSKE, positions_BS, theta=self.rope_theta)
+        return k_BSKE, v_BSKE
+
+    def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
+               q_positions=None, kv_positions=None):
+        return kernels.attention(
+            q_BTHE, k_BSKE, v_BSKE, mask=self.mask if mask is None else mask,
+            segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
+            softcap=self.softcap, impl=self.impl,
+        )
+
+    def project_out(self, o_BTHE):
+        return jnp.einsum("bthe,hed->btd", o_BTHE.astype(self.dtype), self.o_HED[...].astype(self.dtype))
+
+    # -- whole layer -----------------------------------------------------------------------
+    def __call__(self, x_BTD, *, kv_BSD=None, positions_BT=None, kv_positions_BS=None,
+                 segment_ids=None, cache: KVCache | None = None, valid_BT=None):
+        """See the module docstring. Without positions, RoPE uses 0..T-1 (0..S-1 for kv)."""
+        B, T, _ = x_BTD.shape
+        self_attn = kv_BSD is None
+        if positions_BT is None and self.rope_theta is not None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if self_attn:
+            kv_BSD, kv_positions_BS = x_BTD, positions_BT
+        elif kv_positions_BS is None and self.rope_theta is not None:
+            S = kv_BSD.shape[1]
+            kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        # Names let remat policies choose what to keep (glocal.models.stack.REMAT_POLICIES).
+        q = checkpoint_name(self.project_q(x_BTD, positions_BT), "query_proj")
+        k, v = self.project_kv(kv_BSD, kv_positions_BS)
+        k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+        if cache is None:
+            # Structural path: masks index the arrays directly, so kernels can skip blocks.
+            o = checkpoint_name(self.attend(q, k, v, segment_ids=segment_ids), "attn_out")
+            return self.project_out(o)
+        if not self_attn:
+            raise ValueError("a KV cache is only supported for self-attention.")
+        if positions_BT is None:
+            raise ValueError("cached attention needs positions_BT (absolute token positions).")
+        # Attend to what the cache held before this chunk plus the chunk itself, then store
+        # the chunk: this is exact even when a ring is shorter than the chunk.
+        new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
+        k_all = jnp.concatenate([cache.k_BSKE.astype(k.dtype), k], axis=1)
+        v_all = jnp.concatenate([cache.v_BSKE.astype(v.dtype), v], axis=1)
+        pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)
+        o = self.attend(q, k_all, v_all, q_positions=positions_BT, kv_positions=pos_all)
+        return self.project_out(o), cache.update(k, v, positions_BT, valid_BT)

@@ -1,0 +1,51 @@
+"""Creating parameters that carry logical axis names.
+
+Every parameter records its logical axes (``("embed", "mlp")``...) as NNX sharding
+metadata. Under an active mesh (``jax.set_mesh``) the value is sharded at creation by
+the rule table in scope; without one it stays a plain array, so layers work unchanged
+on a laptop CPU and on a pod.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+
+
+def _mesh_active() -> bool:
+    try:
+        return not jax.sharding.get_abstract_mesh().empty
+    except Exception:  # older/newer JAX without an abstract mesh: treat as no mesh
+        return False
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
+    """A parameter of ``shape`` initialised by ``init`` with logical ``axes`` (one per dim)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}.")
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=_mesh_active())
+
+
+def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:
+    """Normal init with std ``scale / sqrt(fan_in)``, whatever the kernel's rank."""
+    std = scale / fan_in**0.5
+    return lambda key, shape, dtype: std * jax.random.normal(key, shape, dtype)
+
+
+def as_dtype(name_or_dtype) -> jnp.dtype:
+    """``"bfloat16"`` / ``jnp.bfloat16`` / ``None`` -> a numpy dtype (None means float32)."""
+    if name_or_dtype is None:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(name_or_dtype)

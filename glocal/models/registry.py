@@ -1,0 +1,82 @@
+"""Build any model by name: ``build("transformer", preset="tiny", d_model=128)``.
+
+A family registers ``(config class, model class)``; presets are Python files
+``glocal/configs/<family>_<preset>.py`` defining ``CONFIG`` (a dict of field values).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from typing import Any
+
+from flax import nnx
+
+from glocal import configs as configs_pkg
+from glocal.configs.base import ConfigError, ModelConfig
+
+_REGISTRY: dict[str, tuple[type[ModelConfig], type[nnx.Module]]] = {}
+
+
+def register(name: str, config_class: type[ModelConfig], model_class: type[nnx.Module]) -> None:
+    _REGISTRY[name] = (config_class, model_class)
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def list_presets(name: str) -> list[str]:
+    prefix = f"{name}_"
+    return sorted(m.name[len(prefix):] for m in pkgutil.iter_modules(configs_pkg.__path__)
+                  if m.name.startswith(prefix))
+
+
+def _family(name: str):
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}.{hint} Registered models: {list_models()}.")
+    return _REGISTRY[name]
+
+
+def get_config(name: str, preset: str = "tiny", **overrides: Any) -> ModelConfig:
+    """The preset's config with ``overrides`` applied (strings are coerced to field types)."""
+    config_class, _ = _family(name)
+    presets = list_presets(name)
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} for model {name!r}; available: {presets}.")
+    module = importlib.import_module(f"glocal.configs.{name}_{preset}")
+    values = dict(module.CONFIG)
+    values.update(overrides)
+    base = config_class()
+    return base.replace(**values)
+
+
+def build_from_config(config: ModelConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> nnx.Module:
+    model_class = next((m for c, m in _REGISTRY.values() if type(config) is c), None)
+    if model_class is None:
+        raise ConfigError(f"no registered model uses config class {type(config).__name__}.")
+    return model_class(config, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+
+def model_name(config: ModelConfig) -> str:
+    return next(n for n, (c, _) in _REGISTRY.items() if type(config) is c)
+
+
+def build(name: str, preset: str = "tiny", *, seed: int = 0, rngs: nnx.Rngs | None = None,
+          **overrides: Any) -> nnx.Module:
+    """A freshly initialised model of family ``name`` from ``preset`` plus ``overrides``."""
+    return build_from_config(get_config(name, preset, **overrides), seed=seed, rngs=rngs)
+
+
+def split_config_name(config_name: str) -> tuple[str, str]:
+    """``"transformer_small"`` -> ``("transformer", "small")`` (model names may contain '_')."""
+    for name in sorted(_REGISTRY, key=len, reverse=True):
+        if config_name.startswith(name + "_"):
+            return name, config_name[len(name) + 1:]
+    options = [f"{n}_{p}" for n in list_models() for p in list_presets(n)]
+    close = difflib.get_close_matches(config_name, options, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"unknown config {config_name!r}.{hint} Available: {options}.")

@@ -39,7 +39,7 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k_BSKE.shape[1]
+        return self.k_BSKE.shape[-3]  # also right for caches stacked over layers
 
     @property
     def nbytes(self) -> int:

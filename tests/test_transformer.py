@@ -1,0 +1,199 @@
+"""Baseline LM: causality, cached decoding == teacher forcing, scan/remat/dtype variants, configs."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from flax import nnx
+
+import glocal.models as gm
+from glocal.configs import ConfigError
+
+RNG = np.random.default_rng(0)
+T = 40
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return gm.build("transformer", "tiny", max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def windowed():
+    # Sliding window 6 < sequence length so the ring buffers wrap many times.
+    return gm.build("transformer", "tiny", num_layers=3, layer_pattern="ssg", sliding_window=6,
+                    max_seq_len=64)
+
+
+def tokens(B, T_, vocab=256):
+    return jnp.asarray(RNG.integers(0, vocab, size=(B, T_)), jnp.int32)
+
+
+@pytest.mark.parametrize("which", ["tiny", "windowed"])
+def test_causality_perturbation(which, request):
+    model = request.getfixturevalue(which)
+    f = jax.jit(lambda t: nnx.merge(*nnx.split(model))(t))
+    x = tokens(2, T)
+    base = f(x)
+    for i in (0, 17, T - 1):
+        y = f(x.at[:, i].set((x[:, i] + 1) % 256))
+        np.testing.assert_array_equal(y[:, :i], base[:, :i])  # strictly earlier outputs unchanged
+        assert np.abs(np.asarray(y[:, i:]) - np.asarray(base[:, i:])).max() > 1e-4
+
+
+def _decode_all(model, x, prompt_lengths):
+    """Prefill ragged prompts, then decode the rest of x one token at a time."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def prefill(state, toks, lengths, cache):
+        return nnx.merge(graphdef, state).prefill(toks, lengths, cache)
+
+    @jax.jit
+    def decode(state, tok, cache):
+        return nnx.merge(graphdef, state).decode(tok, cache)
+
+    B, T_ = x.shape
+    cache = model.init_cache(B, T_)
+    P = max(prompt_lengths)
+    lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    padded = jnp.where(jnp.arange(P)[None] < lengths[:, None], x[:, :P], 0)
+    logits, cache = prefill(state, padded, lengths, cache)
+    per_row = {b: {L - 1: logits[b]} for b, L in enumerate(prompt_lengths)}
+    for step in range(T_ - min(prompt_lengths)):
+        pos = np.minimum(np.asarray(prompt_lengths) + step, T_ - 1)
+        tok = x[jnp.arange(B), pos]
+        logits, cache = decode(state, tok, cache)
+        for b in range(B):
+            if prompt_lengths[b] + step < T_:
+                per_row[b][prompt_lengths[b] + step] = logits[b]
+    return per_row, cache
+
+
+@pytest.mark.parametrize("which", ["tiny", "windowed"])
+def test_decode_with_cache_equals_teacher_forcing_at_every_position(which, request):
+    model = request.getfixturevalue(which)
+    x = tokens(3, T)
+    want = model(x)
+    per_row, cache = _decode_all(model, x, [1, 9, 16])
+    for b, got in per_row.items():
+        for t, logits in got.items():
+            np.testing.assert_allclose(logits, want[b, t], rtol=2e-5, atol=2e-5, err_msg=f"row {b} pos {t}")
+        assert sorted(got) == list(range(min(got), T))
+    steps = T - 1  # every row decodes as often as the shortest prompt needs
+    np.testing.assert_array_equal(cache.length_B, [1 + steps, 9 + steps, 16 + steps])
+
+
+def test_ring_buffer_memory_does_not_grow(windowed):
+    short, long = windowed.init_cache(2, 16), windowed.init_cache(2, 64)
+    ring_bytes = lambda c: sum(x.nbytes for i, x in enumerate(c.layers_P) if windowed.config.layer_pattern[i] == "s")
+    assert ring_bytes(short) == ring_bytes(long)
+    assert short.layers_P[0].size == 6 and long.layers_P[2].size == 64
+
+
+class VariantTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_forward_jit_and_nojit_agree_with_reference_loop(self):
+        model = gm.build("transformer", "tiny", scan_layers=False)
+        scanned = gm.build("transformer", "tiny")  # same seed -> same parameters
+        x = tokens(2, 12)
+        fn = self.variant(lambda s, t: nnx.merge(nnx.graphdef(model), s)(t))
+        got = fn(nnx.state(model), x)
+        chex.assert_trees_all_close(got, scanned(x), rtol=1e-5, atol=1e-5)
+        chex.assert_shape(got, (2, 12, 384))
+        chex.assert_tree_all_finite(got)
+
+
+def test_remat_policies_give_identical_loss_and_grads():
+    x = tokens(2, 16)
+
+    def loss_and_grad(remat):
+        model = gm.build("transformer", "tiny", remat=remat)
+        graphdef, params = nnx.split(model)
+
+        def loss(p):
+            logits = nnx.merge(graphdef, p)(x[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1))
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref = loss_and_grad("none")
+    for policy in ("full", "dots", "save_qkv_attn"):
+        # Recomputation may reassociate float32 sums: allow ~1e-5 absolute on the gradients.
+        chex.assert_trees_all_close(loss_and_grad(policy), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32():
+    x = tokens(2, 16)
+    f32 = gm.build("transformer", "tiny")(x)
+    bf16_model = gm.build("transformer", "tiny", dtype="bfloat16")
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(bf16_model, nnx.Param)))
+    bf16 = bf16_model(x)
+    assert bf16.dtype == jnp.float32  # logits accumulate in float32
+    rel = jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32)
+    assert rel < 0.03, rel
+
+
+def test_tied_embeddings_and_softcaps():
+    m = gm.build("transformer", "tiny", tie_embeddings=True, logit_softcap=5.0, attn_softcap=20.0)
+    assert m.head is None
+    logits = m(tokens(1, 8))
+    assert float(jnp.max(jnp.abs(logits))) < 5.0
+
+
+def test_segment_ids_isolate_packed_documents(tiny):
+    a, b = tokens(1, 10), tokens(1, 6)
+    packed = jnp.concatenate([a, b], 1)
+    seg = jnp.asarray([[0] * 10 + [1] * 6])
+    pos = jnp.asarray([list(range(10)) + list(range(6))])
+    got = tiny(packed, positions_BT=pos, segment_ids_BT=seg)
+    np.testing.assert_allclose(got[:, 10:], tiny(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[:, :10], tiny(a), rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_carry_logical_axis_names(tiny):
+    specs = {"/".join(map(str, k)): v.get_metadata()["out_sharding"]
+             for k, v in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
+    assert specs["embed/table_VD"] == ("vocab", "embed")
+    assert specs["units/blocks/0/attn/q_DHE"] == ("layers", "embed", "heads", "head_dim")
+    assert specs["units/blocks/0/mlp/wo_FD"] == ("layers", "mlp", "embed")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(d_model=100, num_heads=8), "num_heads=8 does not divide d_model=100"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3 does not divide num_heads=4"),
+    (dict(layer_pattern="sg", sliding_window=512, max_seq_len=256), "larger than the context"),
+    (dict(layer_pattern="sg"), "set sliding_window"),
+    (dict(num_layers=3, layer_pattern="sg", sliding_window=8), "not a multiple of len"),
+    (dict(layer_pattern="gx"), "may only contain"),
+    (dict(dtype="float8"), "dtype='float8' is not one of"),
+    (dict(d_modle=64), "Did you mean d_model"),
+    (dict(num_layers="two"), "must be an integer"),
+])
+def test_config_errors_explain_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        gm.get_config("transformer", "tiny", **overrides)
+
+
+def test_registry_and_presets():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        gm.build("transformer", "huge")
+    with pytest.raises(ConfigError, match="Did you mean 'transformer'"):
+        gm.build("transformr")
+    cfg = gm.get_config("transformer", "small", d_model="256", num_heads="4", dtype="bfloat16")
+    assert (cfg.d_model, cfg.num_heads, cfg.dtype) == (256, 4, "bfloat16")
+    assert gm.split_config_name("transformer_small") == ("transformer", "small")
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    count = lambda name: sum(x.size for x in jax.tree.leaves(
+        nnx.state(jax.eval_shape(lambda: gm.build("transformer", name)), nnx.Param)))
+    assert 10e6 <= count("small") <= 30e6
+    assert 100e6 <= count("base") <= 150e6
+
+
+def test_token_out_of_range_is_rejected(tiny):
+    with pytest.raises(ValueError, match="token id 384 is outside the vocabulary"):
+        tiny(jnp.asarray([[1, 2, 384]]))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        tiny(tokens(1, 65))

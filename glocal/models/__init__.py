@@ -5,7 +5,7 @@
 """
 
 from glocal.models.registry import (
-    build, build_from_config, get_config, list_models, list_presets, model_name, register,
+    build, build_from_config, config_class, get_config, list_models, list_presets, model_name, register,
     split_config_name,
 )
 from glocal.models.transformer import Transformer, TransformerCache, TransformerConfig
@@ -13,6 +13,6 @@ from glocal.models.transformer import Transformer, TransformerCache, Transformer
 register("transformer", TransformerConfig, Transformer)
 
 __all__ = [
-    "Transformer", "TransformerCache", "TransformerConfig", "build", "build_from_config",
+    "Transformer", "TransformerCache", "TransformerConfig", "build", "build_from_config", "config_class",
     "get_config", "list_models", "list_presets", "model_name", "register", "split_config_name",
 ]

@@ -41,6 +41,10 @@ def _family(name: str):
     return _REGISTRY[name]
 
 
+def config_class(name: str) -> type[ModelConfig]:
+    return _family(name)[0]
+
+
 def get_config(name: str, preset: str = "tiny", **overrides: Any) -> ModelConfig:
     """The preset's config with ``overrides`` applied (strings are coerced to field types)."""
     config_class, _ = _family(name)

@@ -1,0 +1,104 @@
+"""Workdirs: where a model's config and its checkpoints live.
+
+    DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
+    DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
+
+``save_model`` never replaces a workdir's model.json with a different model, and orbax
+never overwrites an existing step: nothing saved is lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+import glocal.models as gm
+
+MODEL_FILE = "model.json"
+
+
+class WorkdirError(RuntimeError):
+    """The workdir is missing, holds something else, or its checkpoint is unreadable."""
+
+
+def _manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+    )
+
+
+def write_model_file(workdir, model: nnx.Module, tokenizer: str = "byte") -> None:
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"model": gm.model_name(model.config), "config": model.config.to_dict(), "tokenizer": tokenizer}
+    path = workdir / MODEL_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != record:
+            raise WorkdirError(
+                f"{path} describes a different model ({old.get('model')} with another config); "
+                f"use a new --workdir instead of overwriting it."
+            )
+        return
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(workdir, model: nnx.Module, step: int, tokenizer: str = "byte") -> pathlib.Path:
+    """Write model.json (first time) and the parameters as checkpoint ``step``."""
+    workdir = pathlib.Path(workdir)
+    write_model_file(workdir, model, tokenizer)
+    with _manager(workdir) as mngr:
+        if step in mngr.all_steps():
+            raise WorkdirError(f"{workdir} already has a checkpoint at step {step}; not overwriting it.")
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.state(model, nnx.Param))))
+        mngr.wait_until_finished()
+    return workdir / "checkpoints" / str(step)
+
+
+def read_model_file(workdir) -> dict:
+    path = pathlib.Path(workdir) / MODEL_FILE
+    if not path.exists():
+        raise WorkdirError(f"{workdir} is not a glocal workdir (no {MODEL_FILE}); train into it first "
+                           f"or pass --config to use an untrained preset.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WorkdirError(f"{path} is corrupt ({e}); restore it from a backup.") from None
+
+
+def latest_step(workdir) -> int | None:
+    if not (pathlib.Path(workdir) / "checkpoints").exists():
+        return None
+    with _manager(pathlib.Path(workdir)) as mngr:
+        return mngr.latest_step()
+
+
+def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
+    """The workdir's model with the parameters of ``step`` (default: the latest)."""
+    workdir = pathlib.Path(workdir)
+    record = read_model_file(workdir)
+    config = gm.config_class(record["model"]).from_dict(record["config"])
+    abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
+    graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    with _manager(workdir) as mngr:
+        steps = mngr.all_steps()
+        if not steps:
+            raise WorkdirError(f"{workdir} has no checkpoints yet; train first.")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise WorkdirError(f"{workdir} has no checkpoint at step {step}; available: {sorted(steps)}.")
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        except Exception as e:  # orbax raises many types for truncated/corrupt files
+            raise WorkdirError(
+                f"checkpoint {workdir}/checkpoints/{step} could not be read ({type(e).__name__}: "
+                f"{str(e)[:200]}); it may be partial or corrupt. Try an earlier step."
+            ) from e
+    rest = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), rest)
+    return nnx.merge(graphdef, restored["params"], rest), step

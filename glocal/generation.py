@@ -119,7 +119,7 @@ def generate(
         )
     P = min(_bucket(longest), cfg.max_seq_len)
     out_len = _bucket(max_new_tokens)
-    cache_len = min(_bucket(longest + max_new_tokens, 64), cfg.max_seq_len)
+    cache_len = min(-(-(longest + max_new_tokens) // 128) * 128, cfg.max_seq_len)
     tokens_BP = np.zeros((len(prompts), P), np.int32)
     for i, p in enumerate(prompts):
         tokens_BP[i, : len(p)] = p

@@ -128,9 +128,17 @@ class Attention(nnx.Module):
             raise ValueError("a KV cache is only supported for self-attention.")
         if positions_BT is None:
             raise ValueError("cached attention needs positions_BT (absolute token positions).")
-        # Attend to what the cache held before this chunk plus the chunk itself, then store
-        # the chunk: this is exact even when a ring is shorter than the chunk.
         new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
+        if T == 1:
+            # One token per row (decoding): store it, then attend over the cache alone. The
+            # slot it overwrites in a ring held position p - size, already outside any
+            # window that fits the ring, so nothing the query needs is lost.
+            cache = cache.update(k, v, positions_BT, valid_BT)
+            o = self.attend(q, cache.k_BSKE.astype(q.dtype), cache.v_BSKE.astype(q.dtype),
+                            q_positions=positions_BT, kv_positions=cache.pos_BS)
+            return self.project_out(o), cache
+        # A chunk (prefill): attend to what the cache held before plus the chunk itself, then
+        # store the chunk. Exact even when a ring is shorter than the chunk.
         k_all = jnp.concatenate([cache.k_BSKE.astype(k.dtype), k], axis=1)
         v_all = jnp.concatenate([cache.v_BSKE.astype(v.dtype), v], axis=1)
         pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)

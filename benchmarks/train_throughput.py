@@ -38,6 +38,7 @@ def main():
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none")
     p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--no-scan", action="store_true", help="unroll layers instead of lax.scan")
     args = p.parse_args()
 
     print(machine())
@@ -46,7 +47,7 @@ def main():
         print(f"matmul {shape} float32: {f / 1e9:.1f} GFLOP/s")
     peak = max(peaks.values())
 
-    model = gm.build("transformer", "bench", dtype=args.dtype, remat=args.remat,
+    model = gm.build("transformer", "bench", dtype=args.dtype, remat=args.remat, scan_layers=not args.no_scan,
                      attention_impl=args.attention_impl)
     cfg = model.config
     graphdef, params = nnx.split(model, nnx.Param)

@@ -74,11 +74,58 @@ def attention(
                 "use impl='xla' with softcap."
             )
         return _dot_product(q, k, v, mask, segment_ids, q_positions, kv_positions, scale)
+    if q_positions is None and kv_positions is None:
+        spans = _causal_key_spans(mask, q.shape[1], k.shape[1])
+        if spans is not None:
+            return _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse)
     allowed = allowed_pairs(
         mask, q.shape[1], k.shape[1], segment_ids=segment_ids,
         q_positions=q_positions, kv_positions=kv_positions,
     )
     return dense_attention(q, k, v, allowed, scale=scale, softcap=softcap, return_lse=return_lse)
+
+
+# Query rows per chunk when a causal mask lets the dense path skip key ranges.
+_SPAN_CHUNK = 128
+
+
+def _causal_key_spans(mask, T: int, S: int):
+    """For causal and causal sliding-window self-attention, the key range ``[lo, hi)`` each
+    chunk of ``_SPAN_CHUNK`` queries can see, or None when chunking would not save work."""
+    if T != S or T < 2 * _SPAN_CHUNK or T % _SPAN_CHUNK:
+        return None
+    if mask == masks_lib.Causal():
+        window = None
+    elif isinstance(mask, masks_lib.SlidingWindow) and mask.causal:
+        window = mask.size
+    else:
+        return None
+    spans = []
+    for start in range(0, T, _SPAN_CHUNK):
+        stop = start + _SPAN_CHUNK
+        lo = 0 if window is None else max(0, start - window + 1)
+        spans.append((start, stop, lo, stop))
+    return spans
+
+
+def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse):
+    """Dense attention per query chunk over only the keys its mask can reach: for a causal
+    mask this skips the upper triangle's key blocks (about half the work at long T)."""
+    outs, lses = [], []
+    for start, stop, lo, hi in spans:
+        q_pos = jnp.arange(start, stop, dtype=jnp.int32)[None]
+        k_pos = jnp.arange(lo, hi, dtype=jnp.int32)[None]
+        allowed = mask(q_pos[:, :, None], k_pos[:, None, :])
+        if segment_ids is not None:
+            q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
+            allowed = allowed & masks_lib.segment_mask(q_seg[:, start:stop], kv_seg[:, lo:hi])
+        res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale,
+                              softcap=softcap, return_lse=return_lse)
+        outs.append(res[0] if return_lse else res)
+        if return_lse:
+            lses.append(res[1])
+    out = jnp.concatenate(outs, axis=1)
+    return (out, jnp.concatenate(lses, axis=1)) if return_lse else out
 
 
 def _dot_product(q, k, v, mask, segment_ids, q_positions, kv_positions, scale):

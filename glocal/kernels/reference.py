@@ -59,30 +59,30 @@ def dense_attention(
     if H % K:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}).")
     G = H // K
+    S = k_BSKE.shape[1]
     scale = E**-0.5 if scale is None else scale
-    q_BTKGE = q_BTHE.reshape(B, T, K, G, E)
-    logits_BKGTS = jnp.einsum(
-        "btkge,bske->bkgts", q_BTKGE, k_BSKE,
-        precision=precision, preferred_element_type=jnp.float32,
-    ) * scale
+    # Fold the query heads that share a kv head into the row axis (X = G*T): every
+    # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
+    # than a 5-D einsum with two free axes.
+    q_BKXE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    logits_BKXS = jnp.einsum("bkxe,bske->bkxs", q_BKXE, k_BSKE, precision=precision,
+                             preferred_element_type=jnp.float32) * scale
     if softcap is not None:
-        logits_BKGTS = softcap * jnp.tanh(logits_BKGTS / softcap)
-    allowed = allowed_BTS[:, None, None, :, :]
-    logits_BKGTS = jnp.where(allowed, logits_BKGTS, -jnp.inf)
-    row_max = jnp.max(logits_BKGTS, axis=-1, keepdims=True)
-    # A fully masked row has max -inf; shifting by 0 instead keeps exp() at exactly 0.
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p_BKGTS = jnp.exp(logits_BKGTS - row_max)
-    denom = jnp.sum(p_BKGTS, axis=-1, keepdims=True)
-    p_BKGTS = p_BKGTS / jnp.where(denom > 0, denom, 1.0)
-    out_BTKGE = jnp.einsum(
-        "bkgts,bske->btkge", p_BKGTS.astype(v_BSKE.dtype), v_BSKE,
-        precision=precision, preferred_element_type=jnp.float32,
-    )
-    out_BTHE = out_BTKGE.reshape(B, T, H, -1).astype(q_BTHE.dtype)
+        logits_BKXS = softcap * jnp.tanh(logits_BKXS / softcap)
+    allowed_B11TS = allowed_BTS[:, None, None, :, :]
+    logits_BKGTS = jnp.where(allowed_B11TS, logits_BKXS.reshape(B, K, G, T, S),
+                             jnp.finfo(jnp.float32).min)
+    # jax.nn.softmax has a cheap custom backward; rows with no allowed key come out
+    # uniform and are zeroed here (our convention: a fully masked row outputs 0).
+    any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
+    p_BKGTS = jnp.where(any_B11T1, jax.nn.softmax(logits_BKGTS, axis=-1), 0.0)
+    out_BKXE = jnp.einsum("bkxs,bske->bkxe", p_BKGTS.reshape(B, K, G * T, S).astype(v_BSKE.dtype),
+                          v_BSKE, precision=precision, preferred_element_type=jnp.float32)
+    out_BTHE = (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
+                .reshape(B, T, H, -1).astype(q_BTHE.dtype))
     if not return_lse:
         return out_BTHE
-    lse_BKGT = jnp.where(denom[..., 0] > 0, jnp.log(denom[..., 0]) + row_max[..., 0], -jnp.inf)
+    lse_BKGT = jnp.where(any_B11T1[..., 0], jax.nn.logsumexp(logits_BKGTS, axis=-1), -jnp.inf)
     lse_BTH = jnp.moveaxis(lse_BKGT.reshape(B, H, T), 1, 2)
     return out_BTHE, lse_BTH
 

@@ -75,7 +75,7 @@ class Attention(nnx.Module):
 
     # -- pieces --------------------------------------------------------------------------
     def project_q(self, x_BTD, positions_BT=None):
-        q_BTHE = jnp.einsum("btd,dhe->bthe", x_BTD.astype(self.dtype), self.q_DHE[...].astype(self.dtype))
+        q_BTHE = _matmul(x_BTD.astype(self.dtype), self.q_DHE[...].astype(self.dtype))
         if self.q_norm is not None:
             q_BTHE = self.q_norm(q_BTHE)
         if self.rope_theta is not None and positions_BT is not None:
@@ -84,13 +84,31 @@ class Attention(nnx.Module):
 
     def project_kv(self, kv_BSD, positions_BS=None):
         kv = kv_BSD.astype(self.dtype)
-        k_BSKE = jnp.einsum("bsd,dke->bske", kv, self.k_DKE[...].astype(self.dtype))
-        v_BSKE = jnp.einsum("bsd,dke->bske", kv, self.v_DKE[...].astype(self.dtype))
+        k_BSKE = _matmul(kv, self.k_DKE[...].astype(self.dtype))
+        v_BSKE = _matmul(kv, self.v_DKE[...].astype(self.dtype))
         if self.k_norm is not None:
             k_BSKE = self.k_norm(k_BSKE)
         if self.rope_theta is not None and positions_BS is not None:
             k_BSKE = apply_rope(k_BSKE, positions_BS, theta=self.rope_theta)
         return k_BSKE, v_BSKE
+
+    def project_qkv(self, x_BTD, positions_BT=None):
+        """Self-attention projections as one matmul against the concatenated kernels
+        (one large matmul runs faster than three small ones); same math as project_q/kv."""
+        H, K, E = self.num_heads, self.num_kv_heads, self.head_dim
+        D = x_BTD.shape[-1]
+        w = jnp.concatenate([self.q_DHE[...].reshape(D, H * E), self.k_DKE[...].reshape(D, K * E),
+                             self.v_DKE[...].reshape(D, K * E)], axis=1).astype(self.dtype)
+        qkv = _matmul(x_BTD.astype(self.dtype), w)
+        q_BTHE = qkv[..., : H * E].reshape(*qkv.shape[:2], H, E)
+        k_BTKE = qkv[..., H * E : (H + K) * E].reshape(*qkv.shape[:2], K, E)
+        v_BTKE = qkv[..., (H + K) * E :].reshape(*qkv.shape[:2], K, E)
+        if self.q_norm is not None:
+            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        if self.rope_theta is not None and positions_BT is not None:
+            q_BTHE = apply_rope(q_BTHE, positions_BT, theta=self.rope_theta)
+            k_BTKE = apply_rope(k_BTKE, positions_BT, theta=self.rope_theta)
+        return q_BTHE, k_BTKE, v_BTKE
 
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
                q_positions=None, kv_positions=None):
@@ -101,7 +119,9 @@ class Attention(nnx.Module):
         )
 
     def project_out(self, o_BTHE):
-        return jnp.einsum("bthe,hed->btd", o_BTHE.astype(self.dtype), self.o_HED[...].astype(self.dtype))
+        B, T, H, E = o_BTHE.shape
+        return _matmul(o_BTHE.reshape(B, T, H * E).astype(self.dtype),
+                       self.o_HED[...].astype(self.dtype).reshape(H * E, -1))
 
     # -- whole layer -----------------------------------------------------------------------
     def __call__(self, x_BTD, *, kv_BSD=None, positions_BT=None, kv_positions_BS=None,
@@ -117,8 +137,12 @@ class Attention(nnx.Module):
             S = kv_BSD.shape[1]
             kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         # Names let remat policies choose what to keep (glocal.models.stack.REMAT_POLICIES).
-        q = checkpoint_name(self.project_q(x_BTD, positions_BT), "query_proj")
-        k, v = self.project_kv(kv_BSD, kv_positions_BS)
+        if self_attn:
+            q, k, v = self.project_qkv(x_BTD, positions_BT)
+        else:
+            q = self.project_q(x_BTD, positions_BT)
+            k, v = self.project_kv(kv_BSD, kv_positions_BS)
+        q = checkpoint_name(q, "query_proj")
         k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
         if cache is None:
             # Structural path: masks index the arrays directly, so kernels can skip blocks.
@@ -144,3 +168,11 @@ class Attention(nnx.Module):
         pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)
         o = self.attend(q, k_all, v_all, q_positions=positions_BT, kv_positions=pos_all)
         return self.project_out(o), cache.update(k, v, positions_BT, valid_BT)
+
+
+def _matmul(x_BTD, w_D__):
+    """``x [B, T, D] @ w [D, ...]`` as one flat 2-D matmul (fastest form on XLA:CPU)."""
+    B, T, D = x_BTD.shape
+    out_shape = w_D__.shape[1:]
+    y = x_BTD.reshape(B * T, D) @ w_D__.reshape(D, -1)
+    return y.reshape(B, T, *out_shape)

@@ -28,8 +28,11 @@ class MLP(nnx.Module):
         self.wo_FD = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ("mlp", "embed"), param_dtype)
 
     def __call__(self, x_BTD):
-        x = x_BTD.astype(self.dtype)
-        h_BTCF = jnp.einsum("btd,dcf->btcf", x, self.wi_DCF[...].astype(self.dtype))
+        B, T, D = x_BTD.shape
+        C, F = self.wi_DCF.shape[1:]
+        # Flattened 2-D matmuls: XLA:CPU runs these faster than the equivalent 4-D einsum.
+        x_ND = x_BTD.astype(self.dtype).reshape(B * T, D)
+        h_BTCF = (x_ND @ self.wi_DCF[...].astype(self.dtype).reshape(D, C * F)).reshape(B, T, C, F)
         if self.activation == "swiglu":
             h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
         elif self.activation == "geglu":
@@ -38,4 +41,4 @@ class MLP(nnx.Module):
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0])
         else:
             h_BTF = jax.nn.relu(h_BTCF[:, :, 0])
-        return jnp.einsum("btf,fd->btd", h_BTF, self.wo_FD[...].astype(self.dtype))
+        return (h_BTF.reshape(B * T, F) @ self.wo_FD[...].astype(self.dtype)).reshape(B, T, D)

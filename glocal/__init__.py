@@ -17,12 +17,6 @@ Logical parameter/activation axis names, mapped onto mesh axes by rule tables
 
 __version__ = "0.1.0"
 
+from glocal.generation import generate  # noqa: E402
 
-def generate(*args, **kwargs):
-    """See ``glocal.generation.generate`` (imported lazily to keep ``import glocal`` light)."""
-    from glocal.generation import generate as _generate
-
-    return _generate(*args, **kwargs)
-
-
-generate.__doc__ = "Generate new tokens; see glocal.generation.generate."
+__all__ = ["generate"]

@@ -177,11 +177,11 @@ def test_kv_cache_update_skips_padding_and_ring_keeps_newest():
     valid = jnp.asarray(np.array([[1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], bool))
     full = KVCache.create(2, 8, 1, 1).update(k, k, pos, valid)
     np.testing.assert_array_equal(full.pos_BS, [[0, 1, 2, 3, 4, 5, -1, -1], [0, 1, -1, -1, -1, -1, -1, -1]])
-    np.testing.assert_array_equal(full.k_BSKE[0, :6, 0, 0], np.arange(6))
+    np.testing.assert_array_equal(full.k_BKSE[0, 0, :6, 0], np.arange(6))
     ring = RingKVCache.create(2, 4, 1, 1).update(k, k, pos, valid)
     # Row 0 wrote positions 0..5 into 4 slots: 4,5 overwrote 0,1. Row 1 kept its 2 tokens.
     np.testing.assert_array_equal(ring.pos_BS, [[4, 5, 2, 3], [0, 1, -1, -1]])
-    np.testing.assert_array_equal(ring.k_BSKE[0, :, 0, 0], [4, 5, 2, 3])
+    np.testing.assert_array_equal(ring.k_BKSE[0, 0, :, 0], [4, 5, 2, 3])
     ring = ring.update(k[:, :1] + 100, k[:, :1], jnp.array([[6], [2]]))
     np.testing.assert_array_equal(ring.pos_BS, [[4, 5, 6, 3], [0, 1, 2, -1]])
     assert ring.nbytes == 2 * 4 * (4 + 4 + 4)

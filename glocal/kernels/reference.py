@@ -52,20 +52,25 @@ def dense_attention(
     softcap=None,
     precision=None,
     return_lse: bool = False,
+    kv_heads_major: bool = False,
 ):
-    """Masked softmax attention computed densely; logits and softmax always in float32."""
+    """Masked softmax attention computed densely; logits and softmax always in float32.
+
+    ``kv_heads_major=True`` takes k/v as ``[B, K, S, E]`` (the KV cache layout).
+    """
     B, T, H, E = q_BTHE.shape
-    K = k_BSKE.shape[2]
+    K = k_BSKE.shape[1 if kv_heads_major else 2]
+    kv = "bkse" if kv_heads_major else "bske"
     if H % K:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}).")
     G = H // K
-    S = k_BSKE.shape[1]
+    S = k_BSKE.shape[2 if kv_heads_major else 1]
     scale = E**-0.5 if scale is None else scale
     # Fold the query heads that share a kv head into the row axis (X = G*T): every
     # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
     # than a 5-D einsum with two free axes.
     q_BKXE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    logits_BKXS = jnp.einsum("bkxe,bske->bkxs", q_BKXE, k_BSKE, precision=precision,
+    logits_BKXS = jnp.einsum(f"bkxe,{kv}->bkxs", q_BKXE, k_BSKE, precision=precision,
                              preferred_element_type=jnp.float32) * scale
     if softcap is not None:
         logits_BKXS = softcap * jnp.tanh(logits_BKXS / softcap)
@@ -76,7 +81,7 @@ def dense_attention(
     # uniform and are zeroed here (our convention: a fully masked row outputs 0).
     any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
     p_BKGTS = jnp.where(any_B11T1, jax.nn.softmax(logits_BKGTS, axis=-1), 0.0)
-    out_BKXE = jnp.einsum("bkxs,bske->bkxe", p_BKGTS.reshape(B, K, G * T, S).astype(v_BSKE.dtype),
+    out_BKXE = jnp.einsum(f"bkxs,{kv}->bkxe", p_BKGTS.reshape(B, K, G * T, S).astype(v_BSKE.dtype),
                           v_BSKE, precision=precision, preferred_element_type=jnp.float32)
     out_BTHE = (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
                 .reshape(B, T, H, -1).astype(q_BTHE.dtype))

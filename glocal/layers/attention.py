@@ -21,6 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from glocal import kernels
 from glocal.kernels import masks as masks_lib
+from glocal.kernels.reference import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
 from glocal.layers.params import as_dtype, fan_in_init, param
@@ -158,17 +159,21 @@ class Attention(nnx.Module):
             # slot it overwrites in a ring held position p - size, already outside any
             # window that fits the ring, so nothing the query needs is lost.
             cache = cache.update(k, v, positions_BT, valid_BT)
-            o = self.attend(q, cache.k_BSKE.astype(q.dtype), cache.v_BSKE.astype(q.dtype),
-                            q_positions=positions_BT, kv_positions=cache.pos_BS)
-            return self.project_out(o), cache
-        # A chunk (prefill): attend to what the cache held before plus the chunk itself, then
-        # store the chunk. Exact even when a ring is shorter than the chunk.
-        k_all = jnp.concatenate([cache.k_BSKE.astype(k.dtype), k], axis=1)
-        v_all = jnp.concatenate([cache.v_BSKE.astype(v.dtype), v], axis=1)
-        pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)
-        o = self.attend(q, k_all, v_all, q_positions=positions_BT, kv_positions=pos_all)
-        return self.project_out(o), cache.update(k, v, positions_BT, valid_BT)
-
+            k_all, v_all, pos_all = cache.k_BKSE, cache.v_BKSE, cache.pos_BS
+        else:
+            # A chunk (prefill): attend to what the cache held before plus the chunk itself,
+            # then store the chunk. Exact even when a ring is shorter than the chunk.
+            heads_major = lambda a: jnp.swapaxes(a, 1, 2)
+            k_all = jnp.concatenate([cache.k_BKSE.astype(k.dtype), heads_major(k)], axis=2)
+            v_all = jnp.concatenate([cache.v_BKSE.astype(v.dtype), heads_major(v)], axis=2)
+            pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)
+            cache = cache.update(k, v, positions_BT, valid_BT)
+        # Cached calls evaluate the mask on absolute positions (dense path, heads-major K/V).
+        allowed_BTS = allowed_pairs(self.mask, T, pos_all.shape[1], q_positions=positions_BT,
+                                    kv_positions=pos_all)
+        o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
+                            softcap=self.softcap, kv_heads_major=True)
+        return self.project_out(o), cache
 
 def _matmul(x_BTD, w_D__):
     """``x [B, T, D] @ w [D, ...]`` as one flat 2-D matmul (fastest form on XLA:CPU)."""

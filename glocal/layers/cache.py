@@ -21,8 +21,8 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k_BSKE: jax.Array
-    v_BSKE: jax.Array
+    k_BKSE: jax.Array
+    v_BKSE: jax.Array
     pos_BS: jax.Array  # int32 absolute position of each slot's token, -1 if empty
 
     wraps = False  # class attribute: does slot = position % size?
@@ -30,27 +30,31 @@ class KVCache:
     @classmethod
     def create(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32) -> "KVCache":
-        shape = (batch_size, size, num_kv_heads, head_dim)
+        # Heads-major [B, K, S, E]: decode attention is then a batched matmul over (B, K)
+        # reading the cache in order, ~3x faster on CPU than [B, S, K, E] (which needs a
+        # transpose of the whole cache per step).
+        shape = (batch_size, num_kv_heads, size, head_dim)
         return cls(
-            k_BSKE=jnp.zeros(shape, dtype),
-            v_BSKE=jnp.zeros(shape, dtype),
+            k_BKSE=jnp.zeros(shape, dtype),
+            v_BKSE=jnp.zeros(shape, dtype),
             pos_BS=jnp.full((batch_size, size), -1, jnp.int32),
         )
 
     @property
     def size(self) -> int:
-        return self.k_BSKE.shape[-3]  # also right for caches stacked over layers
+        return self.k_BKSE.shape[-2]  # also right for caches stacked over layers
 
     @property
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in (self.k_BSKE, self.v_BSKE, self.pos_BS))
+        return sum(x.size * x.dtype.itemsize for x in (self.k_BKSE, self.v_BKSE, self.pos_BS))
 
-    def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None) -> "KVCache":
+    def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None, layer=None) -> "KVCache":
         """Write a chunk of new tokens (positions contiguous per row) into their slots.
 
         ``valid_BT`` marks real tokens; padding is not written. In a ring, a chunk longer
         than the ring keeps only its newest ``size`` tokens per row. In a plain cache a
-        position ``>= size`` is dropped (callers check lengths up front).
+        position ``>= size`` is dropped (callers check lengths up front). For a cache
+        stacked over layers, ``layer`` selects the layer written.
         """
         S = self.size
         if valid_BT is None:
@@ -65,16 +69,20 @@ class KVCache:
         # Kept writes have distinct slots; dropped ones go out of range and mode="drop"
         # discards them, so the scatter is deterministic.
         slot_BT = jnp.where(keep_BT, slot_BT, S)
-
-        def write_row(buf, slots, new):
-            return buf.at[slots].set(new.astype(buf.dtype), mode="drop")
-
-        write = jax.vmap(write_row)
+        # Scatter only the new tokens: inside a decode loop XLA then updates the buffers in
+        # place instead of copying the whole cache every step.
+        row_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
+        lead = () if layer is None else (layer,)
+        # Advanced indices around a slice put the indexed (B, T) dims first: the update
+        # operand is [B, T, K, E], exactly the new keys' layout.
+        kv_idx = lead + (row_BT, slice(None), slot_BT)
+        pos_idx = lead + (row_BT, slot_BT)
+        write = lambda buf, idx, new: buf.at[idx].set(new.astype(buf.dtype), mode="drop")
         return dataclasses.replace(
             self,
-            k_BSKE=write(self.k_BSKE, slot_BT, k_BTKE),
-            v_BSKE=write(self.v_BSKE, slot_BT, v_BTKE),
-            pos_BS=write(self.pos_BS, slot_BT, positions_BT.astype(jnp.int32)),
+            k_BKSE=write(self.k_BKSE, kv_idx, k_BTKE),
+            v_BKSE=write(self.v_BKSE, kv_idx, v_BTKE),
+            pos_BS=write(self.pos_BS, pos_idx, positions_BT.astype(jnp.int32)),
         )
 
 
@@ -84,3 +92,37 @@ class RingKVCache(KVCache):
     """A ``KVCache`` of ``size`` slots reused round-robin (sliding-window layers)."""
 
     wraps = True
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerView:
+    """One layer of a cache stacked over layers, read and written through the stack.
+
+    A scan over layers carries the whole stack and hands each layer a view; writes go
+    straight into the stacked buffers (in place), which a per-layer copy would not allow.
+    Quacks like a ``KVCache`` for ``glocal.layers.Attention``.
+    """
+
+    stack: KVCache
+    layer: jax.Array  # int32 scalar
+
+    @property
+    def k_BKSE(self):
+        return self.stack.k_BKSE[self.layer]
+
+    @property
+    def v_BKSE(self):
+        return self.stack.v_BKSE[self.layer]
+
+    @property
+    def pos_BS(self):
+        return self.stack.pos_BS[self.layer]
+
+    @property
+    def size(self) -> int:
+        return self.stack.size
+
+    def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None) -> "LayerView":
+        return dataclasses.replace(
+            self, stack=self.stack.update(k_BTKE, v_BTKE, positions_BT, valid_BT, layer=self.layer))

@@ -27,6 +27,7 @@ from glocal.configs.base import ConfigError, ModelConfig
 from glocal.kernels import IMPLEMENTATIONS
 from glocal.kernels.masks import Causal, Mask, SlidingWindow
 from glocal.layers import MLP, Attention, Embed, KVCache, RingKVCache, Unembed, make_norm
+from glocal.layers.cache import LayerView
 from glocal.layers.mlp import ACTIVATIONS
 from glocal.models.stack import REMAT_POLICIES, run_stack, stack_modules
 
@@ -191,11 +192,22 @@ class Transformer(nnx.Module):
         check_tokens(tokens_BT, cfg.vocab_size)
         x_BTD = self.embed(tokens_BT)
 
-        def apply(unit, x, caches):
-            return unit(x, caches, positions_BT=positions_BT, segment_ids=segment_ids, valid_BT=valid_BT)
+        kw = dict(positions_BT=positions_BT, segment_ids=segment_ids, valid_BT=valid_BT)
+        if caches_P is None:
+            x_BTD, _ = run_stack(self.units, x_BTD, None, lambda unit, x, _: unit(x, None, **kw),
+                                 scan=cfg.scan_layers, remat=cfg.remat)
+            return self.final_norm(x_BTD), None
 
-        x_BTD, caches_P = run_stack(self.units, x_BTD, caches_P, apply,
-                                    scan=cfg.scan_layers, remat=cfg.remat)
+        # Decoding: the stacked caches ride in the carry and each unit writes its layer in
+        # place through a LayerView (scan outputs would copy the whole cache every step).
+        def apply(unit, carry, i):
+            x, caches = carry
+            x, views = unit(x, tuple(LayerView(c, i) for c in caches), **kw)
+            return (x, tuple(v.stack for v in views)), None
+
+        n_units = cfg.num_layers // len(cfg.layer_pattern)
+        (x_BTD, caches_P), _ = run_stack(self.units, (x_BTD, caches_P), jnp.arange(n_units), apply,
+                                         scan=cfg.scan_layers, remat=cfg.remat)
         return self.final_norm(x_BTD), caches_P
 
     def _logits(self, x_BTD):

@@ -119,8 +119,10 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
         if segment_ids is not None:
             q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
             allowed = allowed & masks_lib.segment_mask(q_seg[:, start:stop], kv_seg[:, lo:hi])
+        # Causal self-attention: every query sees itself (a token is always in its own
+        # segment), so no row is ever fully masked.
         res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale,
-                              softcap=softcap, return_lse=return_lse)
+                              softcap=softcap, return_lse=return_lse, rows_nonempty=True)
         outs.append(res[0] if return_lse else res)
         if return_lse:
             lses.append(res[1])

@@ -53,10 +53,13 @@ def dense_attention(
     precision=None,
     return_lse: bool = False,
     kv_heads_major: bool = False,
+    rows_nonempty: bool = False,
 ):
     """Masked softmax attention computed densely; logits and softmax always in float32.
 
     ``kv_heads_major=True`` takes k/v as ``[B, K, S, E]`` (the KV cache layout).
+    ``rows_nonempty=True`` promises every query sees at least one key (e.g. causal
+    self-attention), which skips the pass that zeroes fully masked rows.
     """
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[1 if kv_heads_major else 2]
@@ -80,7 +83,9 @@ def dense_attention(
     # jax.nn.softmax has a cheap custom backward; rows with no allowed key come out
     # uniform and are zeroed here (our convention: a fully masked row outputs 0).
     any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
-    p_BKGTS = jnp.where(any_B11T1, jax.nn.softmax(logits_BKGTS, axis=-1), 0.0)
+    p_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
+    if not rows_nonempty:
+        p_BKGTS = jnp.where(any_B11T1, p_BKGTS, 0.0)
     out_BKXE = jnp.einsum(f"bkxs,{kv}->bkxe", p_BKGTS.reshape(B, K, G * T, S).astype(v_BSKE.dtype),
                           v_BSKE, precision=precision, preferred_element_type=jnp.float32)
     out_BTHE = (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)

@@ -18,7 +18,8 @@ from flax import nnx
 REMAT_POLICIES: dict[str, Any] = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep projections
+    "all_dots": jax.checkpoint_policies.dots_saveable,  # also attention scores/outputs
     "save_qkv_attn": jax.checkpoint_policies.save_only_these_names(
         "query_proj", "key_proj", "value_proj", "attn_out"
     ),

@@ -57,9 +57,10 @@ def split_overrides(overrides: dict[str, str], model_fields: list[str]):
 
 
 def next_token_loss(model, tokens_BT):
-    logits_BTV = model(tokens_BT[:, :-1])
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1))
+    logits_BTV = model(tokens_BT[:, :-1]).astype(jnp.float32)
+    # -log p(target) = logsumexp(logits) - logit[target], without materialising log_softmax.
+    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT)
 
 
 def train(config_name: str, workdir: str, overrides: dict[str, str]) -> dict:

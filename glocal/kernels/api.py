@@ -86,7 +86,7 @@ def attention(
 
 
 # Query rows per chunk when a causal mask lets the dense path skip key ranges.
-_SPAN_CHUNK = 128
+_SPAN_CHUNK = 64
 
 
 def _causal_key_spans(mask, T: int, S: int):

@@ -10,6 +10,8 @@ Conventions shared by every implementation in ``glocal.kernels``:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -54,12 +56,16 @@ def dense_attention(
     return_lse: bool = False,
     kv_heads_major: bool = False,
     rows_nonempty: bool = False,
+    custom_grad: bool = True,
 ):
     """Masked softmax attention computed densely; logits and softmax always in float32.
 
     ``kv_heads_major=True`` takes k/v as ``[B, K, S, E]`` (the KV cache layout).
     ``rows_nonempty=True`` promises every query sees at least one key (e.g. causal
     self-attention), which skips the pass that zeroes fully masked rows.
+    ``custom_grad=True`` differentiates with the FlashAttention-style backward
+    (``_core_bwd``); False lets JAX differentiate the forward (the reference does this,
+    so tests compare the two).
     """
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[1 if kv_heads_major else 2]
@@ -73,6 +79,13 @@ def dense_attention(
     # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
     # than a 5-D einsum with two free axes.
     q_BKXE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    if custom_grad and not return_lse:
+        k_BKSE, v_BKSE = (k_BSKE, v_BSKE) if kv_heads_major else (
+            jnp.swapaxes(k_BSKE, 1, 2), jnp.swapaxes(v_BSKE, 1, 2))
+        statics = (float(scale), None if softcap is None else float(softcap), G, precision, rows_nonempty)
+        out_BKXE = _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics)
+        return (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
+                .reshape(B, T, H, -1).astype(q_BTHE.dtype))
     logits_BKXS = jnp.einsum(f"bkxe,{kv}->bkxs", q_BKXE, k_BSKE, precision=precision,
                              preferred_element_type=jnp.float32) * scale
     if softcap is not None:
@@ -97,6 +110,66 @@ def dense_attention(
     return out_BTHE, lse_BTH
 
 
+# -- dense attention with a FlashAttention-style backward ------------------------------------
+# Autodiff of softmax reduces dP * P over the key axis S; the identity
+# sum_s dP_s P_s = sum_e dO_e O_e reduces over the head dim E instead (S/E times less data),
+# and P is recomputed from the logits rather than stored, so nothing [T, S]-sized is saved.
+
+
+def _probs(q_BKXE, k_BKSE, allowed_BTS, statics):
+    scale, softcap, G, precision, rows_nonempty = statics
+    B, K, X, _ = q_BKXE.shape
+    T, S = X // G, k_BKSE.shape[2]
+    s_BKXS = jnp.einsum("bkxe,bkse->bkxs", q_BKXE, k_BKSE, precision=precision,
+                        preferred_element_type=jnp.float32) * scale
+    tanh_BKXS = None
+    if softcap is not None:
+        tanh_BKXS = jnp.tanh(s_BKXS / softcap)
+        s_BKXS = softcap * tanh_BKXS
+    allowed_B11TS = allowed_BTS[:, None, None, :, :]
+    s_BKGTS = jnp.where(allowed_B11TS, s_BKXS.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
+    p_BKGTS = jnp.exp(s_BKGTS - jnp.max(s_BKGTS, axis=-1, keepdims=True))
+    p_BKGTS = p_BKGTS / jnp.sum(p_BKGTS, axis=-1, keepdims=True)
+    if not rows_nonempty:  # a fully masked row would come out uniform: zero it
+        p_BKGTS = jnp.where(jnp.any(allowed_B11TS, axis=-1, keepdims=True), p_BKGTS, 0.0)
+    return p_BKGTS.reshape(B, K, X, S), tanh_BKXS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    return _core_fwd(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
+
+
+def _core_fwd(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    precision = statics[3]
+    p_BKXS, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
+    out_BKXE = jnp.einsum("bkxs,bkse->bkxe", p_BKXS.astype(v_BKSE.dtype), v_BKSE,
+                          precision=precision, preferred_element_type=jnp.float32)
+    out_BKXE = out_BKXE.astype(q_BKXE.dtype)
+    return out_BKXE, (q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE)
+
+
+def _core_bwd(statics, residuals, dout_BKXE):
+    scale, softcap, _, precision, _ = statics
+    q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE = residuals
+    p_BKXS, tanh_BKXS = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
+    mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKXS.astype(dout_BKXE.dtype), dout_BKXE)
+    dp_BKXS = mm("bkxe,bkse->bkxs", dout_BKXE, v_BKSE)
+    d_BKX1 = jnp.sum(dout_BKXE.astype(jnp.float32) * out_BKXE.astype(jnp.float32), axis=-1, keepdims=True)
+    ds_BKXS = p_BKXS * (dp_BKXS - d_BKX1)
+    if softcap is not None:
+        ds_BKXS = ds_BKXS * (1.0 - tanh_BKXS * tanh_BKXS)
+    ds_BKXS = (ds_BKXS * scale).astype(q_BKXE.dtype)
+    dq_BKXE = mm("bkxs,bkse->bkxe", ds_BKXS, k_BKSE)
+    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKXS, q_BKXE)
+    return (dq_BKXE.astype(q_BKXE.dtype), dk_BKSE.astype(k_BKSE.dtype),
+            dv_BKSE.astype(v_BKSE.dtype), None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
 def attention_reference(
     q, k, v, *, mask, segment_ids=None, q_positions=None, kv_positions=None,
     scale=None, softcap=None, return_lse=False,
@@ -109,5 +182,5 @@ def attention_reference(
     f32 = lambda x: x.astype(jnp.float32)
     return dense_attention(
         f32(q), f32(k), f32(v), allowed, scale=scale, softcap=softcap,
-        precision=jax.lax.Precision.HIGHEST, return_lse=return_lse,
+        precision=jax.lax.Precision.HIGHEST, return_lse=return_lse, custom_grad=False,
     )

@@ -15,6 +15,7 @@ no token carries position ``-1`` and is excluded by the attention code, not by t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any
 
@@ -23,11 +24,12 @@ import numpy as np
 Array = Any  # np.ndarray or jax.Array: masks only use operators both support
 
 
-class Mask:
+class Mask(abc.ABC):
     """Base class: subclasses implement ``__call__(q_idx, k_idx) -> bool array``."""
 
+    @abc.abstractmethod
     def __call__(self, q_idx: Array, k_idx: Array) -> Array:
-        raise NotImplementedError
+        """Element-wise: may query position ``q_idx`` attend to key position ``k_idx``?"""
 
     def dense(self, T: int, S: int | None = None) -> np.ndarray:
         """Materialise the ``[T, S]`` boolean mask for queries 0..T-1 and keys 0..S-1."""

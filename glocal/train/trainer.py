@@ -49,7 +49,8 @@ class TrainConfig(ModelConfig):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
 
-def split_overrides(overrides: dict[str, str], model_fields: list[str]):
+def split_overrides(overrides: dict[str, str]):
+    """Training fields go to TrainConfig; everything else is a model override."""
     train_fields = TrainConfig.field_names()
     model_kw = {k: v for k, v in overrides.items() if k not in train_fields}
     train_kw = {k: v for k, v in overrides.items() if k in train_fields}
@@ -65,7 +66,7 @@ def next_token_loss(model, tokens_BT):
 
 def train(config_name: str, workdir: str, overrides: dict[str, str]) -> dict:
     name, preset = gm.split_config_name(config_name)
-    model_kw, train_kw = split_overrides(overrides, gm.config_class(name).field_names())
+    model_kw, train_kw = split_overrides(overrides)
     tcfg = TrainConfig().replace(**train_kw)
     mcfg = gm.get_config(name, preset, **model_kw)
     if tcfg.seq_len > mcfg.max_seq_len:
@@ -93,13 +94,12 @@ def train(config_name: str, workdir: str, overrides: dict[str, str]) -> dict:
     graphdef, params = nnx.split(model, nnx.Param)
     opt_state = tx.init(params)
 
-    @jax.jit
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p), batch))(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    train_step = jax.jit(train_step.__wrapped__, donate_argnums=(0, 1))
+    train_step = jax.jit(train_step, donate_argnums=(0, 1))  # params/opt state updated in place
     eval_loss = jax.jit(lambda p, b: next_token_loss(nnx.merge(graphdef, p), b))
 
     rng = np.random.default_rng(tcfg.seed)

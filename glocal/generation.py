@@ -45,8 +45,7 @@ def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stops_N, k
                       cache_len, out_len, temperature, top_k):
     model = nnx.merge(graphdef, state)
     B = tokens_BP.shape[0]
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k,
-                               top_p=None if top_p is None else top_p)
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     cache = model.init_cache(B, cache_len)
     logits_BV, cache = model.prefill(tokens_BP, lengths_B, cache)
     key, sub = jax.random.split(key)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from glocal.kernels import masks as masks_lib
-from glocal.kernels.reference import allowed_pairs, attention_reference, dense_attention
+from glocal.kernels.reference import (allowed_pairs, attention_reference, dense_attention,
+                                      split_segments)
 
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference")
 
@@ -113,12 +114,13 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
     mask this skips the upper triangle's key blocks (about half the work at long T)."""
     outs, lses = [], []
     for start, stop, lo, hi in spans:
-        q_pos = jnp.arange(start, stop, dtype=jnp.int32)[None]
-        k_pos = jnp.arange(lo, hi, dtype=jnp.int32)[None]
-        allowed = mask(q_pos[:, :, None], k_pos[:, None, :])
+        seg = None
         if segment_ids is not None:
-            q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
-            allowed = allowed & masks_lib.segment_mask(q_seg[:, start:stop], kv_seg[:, lo:hi])
+            q_seg, kv_seg = split_segments(segment_ids)
+            seg = (q_seg[:, start:stop], kv_seg[:, lo:hi])
+        allowed = allowed_pairs(mask, stop - start, hi - lo, segment_ids=seg,
+                                q_positions=jnp.arange(start, stop, dtype=jnp.int32)[None],
+                                kv_positions=jnp.arange(lo, hi, dtype=jnp.int32)[None])
         # Causal self-attention: every query sees itself (a token is always in its own
         # segment), so no row is ever fully masked.
         res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale,

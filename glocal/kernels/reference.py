@@ -39,9 +39,13 @@ def allowed_pairs(
     if kv_positions is not None:
         allowed = allowed & (k_pos[:, None, :] >= 0)
     if segment_ids is not None:
-        q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids,) * 2
-        allowed = allowed & masks_lib.segment_mask(q_seg, kv_seg)
+        allowed = allowed & masks_lib.segment_mask(*split_segments(segment_ids))
     return allowed
+
+
+def split_segments(segment_ids):
+    """``ids [B, T]`` (self-attention) or ``(q_ids, kv_ids)`` -> ``(q_ids, kv_ids)``."""
+    return segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
 
 
 def dense_attention(
@@ -69,45 +73,27 @@ def dense_attention(
     """
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[1 if kv_heads_major else 2]
-    kv = "bkse" if kv_heads_major else "bske"
     if H % K:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}).")
     G = H // K
-    S = k_BSKE.shape[2 if kv_heads_major else 1]
     scale = E**-0.5 if scale is None else scale
     # Fold the query heads that share a kv head into the row axis (X = G*T): every
     # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
     # than a 5-D einsum with two free axes.
     q_BKXE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    k_BKSE, v_BKSE = (k_BSKE, v_BSKE) if kv_heads_major else (
+        jnp.swapaxes(k_BSKE, 1, 2), jnp.swapaxes(v_BSKE, 1, 2))
+    statics = (float(scale), None if softcap is None else float(softcap), G, precision, rows_nonempty)
     if custom_grad and not return_lse:
-        k_BKSE, v_BKSE = (k_BSKE, v_BSKE) if kv_heads_major else (
-            jnp.swapaxes(k_BSKE, 1, 2), jnp.swapaxes(v_BSKE, 1, 2))
-        statics = (float(scale), None if softcap is None else float(softcap), G, precision, rows_nonempty)
         out_BKXE = _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics)
-        return (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
-                .reshape(B, T, H, -1).astype(q_BTHE.dtype))
-    logits_BKXS = jnp.einsum(f"bkxe,{kv}->bkxs", q_BKXE, k_BSKE, precision=precision,
-                             preferred_element_type=jnp.float32) * scale
-    if softcap is not None:
-        logits_BKXS = softcap * jnp.tanh(logits_BKXS / softcap)
-    allowed_B11TS = allowed_BTS[:, None, None, :, :]
-    logits_BKGTS = jnp.where(allowed_B11TS, logits_BKXS.reshape(B, K, G, T, S),
-                             jnp.finfo(jnp.float32).min)
-    # jax.nn.softmax has a cheap custom backward; rows with no allowed key come out
-    # uniform and are zeroed here (our convention: a fully masked row outputs 0).
-    any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
-    p_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1)
-    if not rows_nonempty:
-        p_BKGTS = jnp.where(any_B11T1, p_BKGTS, 0.0)
-    out_BKXE = jnp.einsum(f"bkxs,{kv}->bkxe", p_BKGTS.reshape(B, K, G * T, S).astype(v_BSKE.dtype),
-                          v_BSKE, precision=precision, preferred_element_type=jnp.float32)
+    else:
+        p_BKXS, _, lse_BKGT = _probs(q_BKXE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
+        out_BKXE = _weighted_values(p_BKXS, v_BKSE, precision)
     out_BTHE = (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
                 .reshape(B, T, H, -1).astype(q_BTHE.dtype))
     if not return_lse:
         return out_BTHE
-    lse_BKGT = jnp.where(any_B11T1[..., 0], jax.nn.logsumexp(logits_BKGTS, axis=-1), -jnp.inf)
-    lse_BTH = jnp.moveaxis(lse_BKGT.reshape(B, H, T), 1, 2)
-    return out_BTHE, lse_BTH
+    return out_BTHE, jnp.moveaxis(lse_BKGT.reshape(B, H, T), 1, 2)
 
 
 # -- dense attention with a FlashAttention-style backward ------------------------------------
@@ -116,7 +102,9 @@ def dense_attention(
 # and P is recomputed from the logits rather than stored, so nothing [T, S]-sized is saved.
 
 
-def _probs(q_BKXE, k_BKSE, allowed_BTS, statics):
+def _probs(q_BKXE, k_BKSE, allowed_BTS, statics, with_lse=False):
+    """Softmax probabilities ``[B, K, X, S]`` (float32), tanh of the capped logits (for the
+    backward) and, if asked, the log-sum-exp ``[B, K, G, T]`` (-inf on fully masked rows)."""
     scale, softcap, G, precision, rows_nonempty = statics
     B, K, X, _ = q_BKXE.shape
     T, S = X // G, k_BKSE.shape[2]
@@ -128,11 +116,22 @@ def _probs(q_BKXE, k_BKSE, allowed_BTS, statics):
         s_BKXS = softcap * tanh_BKXS
     allowed_B11TS = allowed_BTS[:, None, None, :, :]
     s_BKGTS = jnp.where(allowed_B11TS, s_BKXS.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
-    p_BKGTS = jnp.exp(s_BKGTS - jnp.max(s_BKGTS, axis=-1, keepdims=True))
-    p_BKGTS = p_BKGTS / jnp.sum(p_BKGTS, axis=-1, keepdims=True)
+    max_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
+    p_BKGTS = jnp.exp(s_BKGTS - max_BKGT1)
+    sum_BKGT1 = jnp.sum(p_BKGTS, axis=-1, keepdims=True)
+    p_BKGTS = p_BKGTS / sum_BKGT1
+    any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
     if not rows_nonempty:  # a fully masked row would come out uniform: zero it
-        p_BKGTS = jnp.where(jnp.any(allowed_B11TS, axis=-1, keepdims=True), p_BKGTS, 0.0)
-    return p_BKGTS.reshape(B, K, X, S), tanh_BKXS
+        p_BKGTS = jnp.where(any_B11T1, p_BKGTS, 0.0)
+    lse_BKGT = None
+    if with_lse:
+        lse_BKGT = jnp.where(any_B11T1, max_BKGT1 + jnp.log(sum_BKGT1), -jnp.inf)[..., 0]
+    return p_BKGTS.reshape(B, K, X, S), tanh_BKXS, lse_BKGT
+
+
+def _weighted_values(p_BKXS, v_BKSE, precision):
+    return jnp.einsum("bkxs,bkse->bkxe", p_BKXS.astype(v_BKSE.dtype), v_BKSE,
+                      precision=precision, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -141,18 +140,15 @@ def _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
 
 
 def _core_fwd(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
-    precision = statics[3]
-    p_BKXS, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
-    out_BKXE = jnp.einsum("bkxs,bkse->bkxe", p_BKXS.astype(v_BKSE.dtype), v_BKSE,
-                          precision=precision, preferred_element_type=jnp.float32)
-    out_BKXE = out_BKXE.astype(q_BKXE.dtype)
+    p_BKXS, _, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
+    out_BKXE = _weighted_values(p_BKXS, v_BKSE, statics[3]).astype(q_BKXE.dtype)
     return out_BKXE, (q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE)
 
 
 def _core_bwd(statics, residuals, dout_BKXE):
     scale, softcap, _, precision, _ = statics
     q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE = residuals
-    p_BKXS, tanh_BKXS = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
+    p_BKXS, tanh_BKXS, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
     mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
     dv_BKSE = mm("bkxs,bkxe->bkse", p_BKXS.astype(dout_BKXE.dtype), dout_BKXE)
     dp_BKXS = mm("bkxe,bkse->bkxs", dout_BKXE, v_BKSE)

@@ -77,21 +77,13 @@ class Attention(nnx.Module):
     # -- pieces --------------------------------------------------------------------------
     def project_q(self, x_BTD, positions_BT=None):
         q_BTHE = _matmul(x_BTD.astype(self.dtype), self.q_DHE[...].astype(self.dtype))
-        if self.q_norm is not None:
-            q_BTHE = self.q_norm(q_BTHE)
-        if self.rope_theta is not None and positions_BT is not None:
-            q_BTHE = apply_rope(q_BTHE, positions_BT, theta=self.rope_theta)
-        return q_BTHE
+        return self._norm_rope(q_BTHE, self.q_norm, positions_BT)
 
     def project_kv(self, kv_BSD, positions_BS=None):
         kv = kv_BSD.astype(self.dtype)
         k_BSKE = _matmul(kv, self.k_DKE[...].astype(self.dtype))
         v_BSKE = _matmul(kv, self.v_DKE[...].astype(self.dtype))
-        if self.k_norm is not None:
-            k_BSKE = self.k_norm(k_BSKE)
-        if self.rope_theta is not None and positions_BS is not None:
-            k_BSKE = apply_rope(k_BSKE, positions_BS, theta=self.rope_theta)
-        return k_BSKE, v_BSKE
+        return self._norm_rope(k_BSKE, self.k_norm, positions_BS), v_BSKE
 
     def project_qkv(self, x_BTD, positions_BT=None):
         """Self-attention projections as one matmul against the concatenated kernels
@@ -104,12 +96,16 @@ class Attention(nnx.Module):
         q_BTHE = qkv[..., : H * E].reshape(*qkv.shape[:2], H, E)
         k_BTKE = qkv[..., H * E : (H + K) * E].reshape(*qkv.shape[:2], K, E)
         v_BTKE = qkv[..., (H + K) * E :].reshape(*qkv.shape[:2], K, E)
-        if self.q_norm is not None:
-            q_BTHE, k_BTKE = self.q_norm(q_BTHE), self.k_norm(k_BTKE)
+        return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
+                self._norm_rope(k_BTKE, self.k_norm, positions_BT), v_BTKE)
+
+    def _norm_rope(self, x_BTNE, norm, positions_BT):
+        """Optional per-head qk-norm, then RoPE at ``positions_BT`` (if RoPE is on)."""
+        if norm is not None:
+            x_BTNE = norm(x_BTNE)
         if self.rope_theta is not None and positions_BT is not None:
-            q_BTHE = apply_rope(q_BTHE, positions_BT, theta=self.rope_theta)
-            k_BTKE = apply_rope(k_BTKE, positions_BT, theta=self.rope_theta)
-        return q_BTHE, k_BTKE, v_BTKE
+            x_BTNE = apply_rope(x_BTNE, positions_BT, theta=self.rope_theta)
+        return x_BTNE
 
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
                q_positions=None, kv_positions=None):
@@ -153,7 +149,6 @@ class Attention(nnx.Module):
             raise ValueError("a KV cache is only supported for self-attention.")
         if positions_BT is None:
             raise ValueError("cached attention needs positions_BT (absolute token positions).")
-        new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
         if T == 1:
             # One token per row (decoding): store it, then attend over the cache alone. The
             # slot it overwrites in a ring held position p - size, already outside any
@@ -164,6 +159,7 @@ class Attention(nnx.Module):
             # A chunk (prefill): attend to what the cache held before plus the chunk itself,
             # then store the chunk. Exact even when a ring is shorter than the chunk.
             heads_major = lambda a: jnp.swapaxes(a, 1, 2)
+            new_pos_BT = positions_BT if valid_BT is None else jnp.where(valid_BT, positions_BT, -1)
             k_all = jnp.concatenate([cache.k_BKSE.astype(k.dtype), heads_major(k)], axis=2)
             v_all = jnp.concatenate([cache.v_BKSE.astype(v.dtype), heads_major(v)], axis=2)
             pos_all = jnp.concatenate([cache.pos_BS, new_pos_BT.astype(jnp.int32)], axis=1)
@@ -174,6 +170,7 @@ class Attention(nnx.Module):
         o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
                             softcap=self.softcap, kv_heads_major=True)
         return self.project_out(o), cache
+
 
 def _matmul(x_BTD, w_D__):
     """``x [B, T, D] @ w [D, ...]`` as one flat 2-D matmul (fastest form on XLA:CPU)."""

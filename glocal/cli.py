@@ -10,7 +10,23 @@ def _train(args) -> int:
     from glocal.configs.base import parse_overrides
     from glocal.train.trainer import train
 
-    train(args.config, args.workdir, parse_overrides(args.overrides))
+    result = train(args.config, args.workdir, parse_overrides(args.overrides))
+    return 143 if result.get("stopped") else 0  # 128 + SIGTERM: schedulers may requeue
+
+
+def _eval(args) -> int:
+    from glocal.configs.base import parse_overrides
+    from glocal.train.evaluate import evaluate_workdir
+
+    evaluate_workdir(args.workdir, step=args.step, overrides=parse_overrides(args.overrides))
+    return 0
+
+
+def _plot(args) -> int:
+    from glocal.train.plot import plot_runs
+
+    out = plot_runs(args.workdirs, args.output)
+    print(f"wrote {out}")
     return 0
 
 
@@ -53,11 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glocal", description="Efficient transformer zoo (JAX/Flax).")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model on the default corpus")
-    t.add_argument("--config", required=True, help="<model>_<preset>, e.g. transformer_small")
-    t.add_argument("--workdir", required=True, help="where config, checkpoints and metrics go")
-    t.add_argument("overrides", nargs="*", help="key=value for model or training fields")
+    t = sub.add_parser("train", help="train (or resume) a model; default data: the stdlib corpus")
+    t.add_argument("--config", help="<model>_<preset>, e.g. transformer_small (optional when "
+                                     "resuming an existing workdir)")
+    t.add_argument("--workdir", required=True, help="where config, checkpoints and metrics go; "
+                                                    "an existing workdir is resumed")
+    t.add_argument("overrides", nargs="*", help="key=value for model or training fields, e.g. "
+                                                "steps=200 mesh.data=2 data=PATH")
     t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval", help="validation loss / bits-per-byte of a workdir's checkpoint")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
+    e.add_argument("overrides", nargs="*", help="key=value training fields, e.g. eval_batches=32")
+    e.set_defaults(func=_eval)
+
+    pl = sub.add_parser("plot", help="loss curves of several workdirs on one figure")
+    pl.add_argument("workdirs", nargs="+")
+    pl.add_argument("-o", "--output", default="curves.png")
+    pl.set_defaults(func=_plot)
 
     g = sub.add_parser("generate", help="continue a prompt with a saved or untrained model")
     src = g.add_mutually_exclusive_group(required=True)
@@ -82,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from glocal.checkpoint import WorkdirError
     from glocal.configs.base import ConfigError
+    from glocal.sharding import ShardingError
+    from glocal.train.data import DataError
 
     try:
         return args.func(args)
-    except (ConfigError, WorkdirError) as e:
+    except (ConfigError, WorkdirError, DataError, ShardingError) as e:
         print(f"glocal: error: {e}", file=sys.stderr)
         return 2
 

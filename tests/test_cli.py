@@ -50,9 +50,14 @@ def test_generate_from_workdir_and_untrained_preset(trained, capsys):
 
 
 def test_workdir_errors_are_clear(trained, tmp_path, capsys):
-    # Training into a used workdir refuses instead of overwriting.
-    assert main(["train", "--config", "transformer_tiny", "--workdir", str(trained), "steps=1"]) == 2
-    assert "already holds a trained model" in capsys.readouterr().err
+    # A used workdir is resumed, never overwritten: another model is refused...
+    assert main(["train", "--config", "transformer_tiny", "--workdir", str(trained), "steps=5"]) == 2
+    assert "describes a different model" in capsys.readouterr().err
+    # ...and the same one at the same step count has nothing left to do.
+    assert main(["train", "--workdir", str(trained)]) == 0
+    assert "already trained to step 4" in capsys.readouterr().out
+    assert main(["train", "--workdir", str(tmp_path / "new")]) == 2
+    assert "not a glocal workdir" in capsys.readouterr().err
     assert main(["generate", "--workdir", str(tmp_path), "--prompt", "a"]) == 2
     assert "not a glocal workdir" in capsys.readouterr().err
     assert main(["train", "--config", "transformer_huge", "--workdir", str(tmp_path)]) == 2

@@ -24,6 +24,7 @@ from glocal.kernels import masks as masks_lib
 from glocal.kernels.reference import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
+from glocal.sharding import constrain
 from glocal.layers.params import as_dtype, fan_in_init, param
 from glocal.layers.rope import apply_rope
 
@@ -139,8 +140,9 @@ class Attention(nnx.Module):
         else:
             q = self.project_q(x_BTD, positions_BT)
             k, v = self.project_kv(kv_BSD, kv_positions_BS)
-        q = checkpoint_name(q, "query_proj")
-        k, v = checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+        q = checkpoint_name(constrain(q, ("batch", None, "heads_act", None)), "query_proj")
+        k = checkpoint_name(constrain(k, ("batch", None, "kv_heads_act", None)), "key_proj")
+        v = checkpoint_name(constrain(v, ("batch", None, "kv_heads_act", None)), "value_proj")
         if cache is None:
             # Structural path: masks index the arrays directly, so kernels can skip blocks.
             o = checkpoint_name(self.attend(q, k, v, segment_ids=segment_ids), "attn_out")

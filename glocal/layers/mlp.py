@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glocal.sharding import constrain
 from glocal.layers.params import as_dtype, fan_in_init, param
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
@@ -41,4 +42,5 @@ class MLP(nnx.Module):
             h_BTF = jax.nn.gelu(h_BTCF[:, :, 0])
         else:
             h_BTF = jax.nn.relu(h_BTCF[:, :, 0])
+        h_BTF = constrain(h_BTF, ("batch", None, "mlp_act"))  # tensor parallel: hidden split
         return (h_BTF.reshape(B * T, F) @ self.wo_FD[...].astype(self.dtype)).reshape(B, T, D)

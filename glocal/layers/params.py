@@ -1,9 +1,10 @@
 """Creating parameters that carry logical axis names.
 
 Every parameter records its logical axes (``("embed", "mlp")``...) as NNX sharding
-metadata. Under an active mesh (``jax.set_mesh``) the value is sharded at creation by
-the rule table in scope; without one it stays a plain array, so layers work unchanged
-on a laptop CPU and on a pod.
+metadata. Under an active mesh (``jax.set_mesh``) and rule table
+(``glocal.sharding.use_rules``) the value is sharded at creation; without them it stays a
+plain array, so layers work unchanged on a laptop CPU and on a pod. (The trainer instead
+creates parameters inside ``jit`` with explicit output shardings from the same rules.)
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glocal.sharding import constrain
+
 Initializer = Callable[..., jax.Array]
-
-
-def _mesh_active() -> bool:
-    try:
-        return not jax.sharding.get_abstract_mesh().empty
-    except Exception:  # older/newer JAX without an abstract mesh: treat as no mesh
-        return False
 
 
 def param(
@@ -34,8 +30,8 @@ def param(
     """A parameter of ``shape`` initialised by ``init`` with logical ``axes`` (one per dim)."""
     if len(axes) != len(shape):
         raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}.")
-    value = init(rngs.params(), tuple(shape), dtype)
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=_mesh_active())
+    value = constrain(init(rngs.params(), tuple(shape), dtype), axes)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:

@@ -29,6 +29,7 @@ from glocal.kernels.masks import Causal, Mask, SlidingWindow
 from glocal.layers import MLP, Attention, Embed, KVCache, RingKVCache, Unembed, make_norm
 from glocal.layers.cache import LayerView
 from glocal.layers.mlp import ACTIVATIONS
+from glocal.sharding import constrain
 from glocal.models.stack import REMAT_POLICIES, run_stack, stack_modules
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -144,7 +145,7 @@ class Block(nnx.Module):
             a_BTD, cache = self.attn(h_BTD, positions_BT=positions_BT, cache=cache, valid_BT=valid_BT)
         x_BTD = x_BTD + a_BTD
         x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD))
-        return x_BTD, cache
+        return constrain(x_BTD, ("batch", None, None)), cache
 
 
 class Unit(nnx.Module):
@@ -212,6 +213,7 @@ class Transformer(nnx.Module):
 
     def _logits(self, x_BTD):
         logits_BTV = self.embed.attend(x_BTD) if self.head is None else self.head(x_BTD)
+        logits_BTV = constrain(logits_BTV, ("batch", None, "vocab_act"))
         cap = self.config.logit_softcap
         return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
 
@@ -227,6 +229,25 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD, _ = self._trunk(tokens_BT, positions_BT, segment_ids=segment_ids_BT)
         return self._logits(x_BTD)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward; matmuls only).
+
+        6 x (matmul parameters, head included, embedding lookup excluded) plus attention:
+        QK^T and PV cost 2 * 2 * H * E per visible key in the forward, and a causal query
+        sees (T + 1) / 2 keys on average (a window layer at most its window).
+        """
+        cfg = self.config
+        n = sum(x.size for path, x in nnx.to_flat_state(nnx.state(self, nnx.Param))
+                if path[-1] != "table_VD" or cfg.tie_embeddings)
+        per_layer = []
+        for kind in cfg.layer_pattern:
+            ctx = np.arange(1, seq_len + 1)
+            if kind == "s":
+                ctx = np.minimum(ctx, cfg.sliding_window)
+            per_layer.append(ctx.mean())
+        keys = sum(per_layer) * cfg.num_layers / len(cfg.layer_pattern)
+        return 6.0 * n + 3 * 4 * cfg.num_heads * cfg.head_size * keys
 
     # -- cached decoding ------------------------------------------------------------------
     def init_cache(self, batch_size: int, max_len: int | None = None) -> TransformerCache:

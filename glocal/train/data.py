@@ -1,49 +1,265 @@
-"""The default corpus: the running Python's own standard-library source.
+"""Training data: a source -> one token stream per split -> packed windows -> grain batches.
 
-It is on every machine with Python, needs no network, and suits a byte-level LM. Files are
-sorted for determinism; tests, idlelib, lib2to3 and site-packages are skipped. Every 50th
-file goes to the validation split. The fingerprint (a hash of the bytes) is logged because
-the text differs between Python versions.
+Sources (``data=`` of ``glocal train``):
+  ``default``          the running Python's standard-library source (no network needed;
+                       sorted files, tests/idlelib/lib2to3/site-packages skipped, every 50th
+                       file held out for validation, fingerprint logged: it varies by version)
+  a folder             every non-hidden text file below it, sorted; one document per file
+  a text file          one document
+  ``*.npy``            a 1-D integer token array (memory-mapped)
+  ``*.bin``            raw token ids of ``data_dtype`` (memory-mapped; nanoGPT layout)
+  ``*.array_record``   one document per record (UTF-8 text)
+
+Text documents become ``[BOS] tokens [EOS]`` and are concatenated. The stream is cut into
+windows of ``seq_len + 1`` tokens at stride ``seq_len`` (inputs and shifted targets); with
+``pack=True`` a new segment starts after every EOS, so each window carries segment ids and
+positions that restart at document starts (attention stays inside documents) and a loss
+mask that drops only the prediction across a boundary.
+
+Batches come from a grain ``MapDataset``: a seeded global shuffle of window indices,
+reshuffled each epoch, cut into global batches. Every host builds the same global batch of
+indices and materialises only its own rows, so the data order does not depend on the
+number of hosts. The iterator state is a step counter saved in every checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import sysconfig
 
+import grain
 import numpy as np
 
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
-DOC_SEPARATOR = 258  # the byte tokenizer's EOS id between files
+VAL_EVERY = 50  # documents: every 50th goes to validation
+TOKEN_SUFFIXES = (".npy", ".bin")
+RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
+class DataError(ValueError):
+    """The data source is missing, empty, too short, or holds ids outside the vocabulary."""
+
+
+@dataclasses.dataclass
+class Corpus:
+    train: np.ndarray  # 1-D token ids (possibly a read-only memmap)
+    val: np.ndarray
+    eos_id: int | None  # segment boundary after this id; None = no document structure
+    description: str
+    fingerprint: str
+
+
+# --------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------
 def default_corpus_files() -> list[pathlib.Path]:
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
     if not files:
-        raise FileNotFoundError(
-            f"no .py files found under the standard library at {root}; pass data=PATH to train "
-            f"on your own text instead."
-        )
+        raise DataError(f"no .py files found under the standard library at {root}; pass "
+                        f"data=PATH to train on your own text instead.")
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def load_default_corpus(val_every: int = 50) -> tuple[np.ndarray, np.ndarray, str]:
-    """``(train_tokens, val_tokens, fingerprint)`` as uint16 byte ids with EOS between files."""
-    train, val = [], []
+def _is_text(raw: bytes) -> bool:
+    return b"\0" not in raw[:8192]
+
+
+def _folder_files(root: pathlib.Path) -> list[pathlib.Path]:
+    files = [p for p in root.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _encode(tokenizer, raw: bytes) -> np.ndarray:
+    if getattr(tokenizer, "name", None) == "byte":  # fast path: the ids are the bytes
+        body = np.frombuffer(raw, np.uint8).astype(np.int32)
+    else:
+        body = np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace")), np.int32)
+    return np.concatenate([[tokenizer.bos_id], body, [tokenizer.eos_id]]).astype(np.int32)
+
+
+def _documents(path: pathlib.Path | None) -> tuple[list[bytes], str]:
+    """Raw documents of a text source and a description."""
+    if path is None:
+        files = default_corpus_files()
+        return [p.read_bytes() for p in files], f"default corpus (Python stdlib, {len(files)} files)"
+    if path.is_dir():
+        docs = [raw for raw in (p.read_bytes() for p in _folder_files(path)) if raw and _is_text(raw)]
+        return docs, f"folder {path} ({len(docs)} text files)"
+    if path.suffix in RECORD_SUFFIXES:
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        reader = ArrayRecordReader(str(path))
+        try:
+            docs = [r for r in reader.read_all() if r]
+        finally:
+            reader.close()
+        return docs, f"array_record {path} ({len(docs)} records)"
+    raw = path.read_bytes()
+    if raw and not _is_text(raw):
+        raise DataError(f"{path} looks binary (it contains NUL bytes). Token arrays must end in "
+                        f".npy or .bin; text must be UTF-8.")
+    return ([raw] if raw else []), f"text file {path}"
+
+
+def _token_array(path: pathlib.Path, data_dtype: str) -> np.ndarray:
+    if path.suffix == ".npy":
+        tokens = np.load(path, mmap_mode="r")
+    else:
+        try:
+            dtype = np.dtype(data_dtype)
+        except TypeError:
+            raise DataError(f"data_dtype={data_dtype!r} is not a numpy dtype (e.g. uint16).") from None
+        if path.stat().st_size % dtype.itemsize:
+            raise DataError(f"{path} has {path.stat().st_size} bytes, not a whole number of "
+                            f"{dtype} tokens; check data_dtype.")
+        tokens = np.memmap(path, dtype=dtype, mode="r")
+    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        raise DataError(f"{path} must hold a 1-D integer token array, got shape {tokens.shape} "
+                        f"dtype {tokens.dtype}.")
+    return tokens
+
+
+def _fingerprint(chunks) -> str:
     digest = hashlib.sha256()
-    for i, path in enumerate(default_corpus_files()):
-        data = path.read_bytes()
-        digest.update(data)
-        doc = np.frombuffer(data, np.uint8).astype(np.uint16)
-        (val if i % val_every == val_every - 1 else train).extend([doc, np.array([DOC_SEPARATOR], np.uint16)])
-    return np.concatenate(train), np.concatenate(val), digest.hexdigest()[:16]
+    for c in chunks:
+        digest.update(c if isinstance(c, bytes) else np.ascontiguousarray(c).tobytes())
+    return digest.hexdigest()[:16]
 
 
-def random_windows(tokens: np.ndarray, batch_size: int, length: int, rng: np.random.Generator) -> np.ndarray:
-    """``[batch_size, length]`` int32 windows starting at uniformly random offsets."""
-    if len(tokens) < length + 1:
-        raise ValueError(f"corpus has {len(tokens)} tokens, fewer than one window of {length + 1}.")
-    starts = rng.integers(0, len(tokens) - length, size=batch_size)
-    return np.stack([tokens[s : s + length] for s in starts]).astype(np.int32)
+def _split_tail(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    cut = len(tokens) - max(1, int(len(tokens) * fraction))
+    return tokens[:cut], tokens[cut:]
+
+
+def _load_one(spec: str, tokenizer, data_dtype: str, eos_id: int):
+    """``(docs_or_None, tokens_or_None, eos, description, fingerprint)`` for one source."""
+    if spec == "default":
+        path = None
+    else:
+        path = pathlib.Path(spec).expanduser()
+        if not path.exists():
+            raise DataError(f"data path {spec!r} does not exist. Pass a text file, a folder of text "
+                            f"files, a .npy/.bin token array, an .array_record file, or data=default.")
+    if path is not None and path.is_file() and path.suffix in TOKEN_SUFFIXES:
+        tokens = _token_array(path, data_dtype)
+        head = [np.asarray(tokens[:1 << 20]), np.asarray(tokens[-(1 << 20):]), str(len(tokens)).encode()]
+        return None, tokens, (eos_id if eos_id >= 0 else None), f"token array {path}", _fingerprint(head)
+    docs, description = _documents(path)
+    if not docs:
+        raise DataError(f"the corpus {description} is empty: no non-empty text documents found.")
+    return docs, None, tokenizer.eos_id, description, _fingerprint(docs)
+
+
+def load_corpus(spec: str, *, tokenizer, vocab_size: int, val_spec: str = "", val_fraction: float = 0.02,
+                data_dtype: str = "uint16", eos_id: int = -1) -> Corpus:
+    """Load ``spec`` (and ``val_spec``) into train/validation token streams and check them."""
+    docs, tokens, eos, description, fingerprint = _load_one(spec, tokenizer, data_dtype, eos_id)
+    if docs is not None:
+        encoded = [_encode(tokenizer, d) for d in docs]
+        if val_spec or len(encoded) < VAL_EVERY:
+            train = np.concatenate(encoded)
+            val = None
+        else:  # every 50th document is held out, so validation spans the whole corpus
+            train = np.concatenate([e for i, e in enumerate(encoded) if i % VAL_EVERY != VAL_EVERY - 1])
+            val = np.concatenate([e for i, e in enumerate(encoded) if i % VAL_EVERY == VAL_EVERY - 1])
+    else:
+        train, val = tokens, None
+    if val_spec:
+        vdocs, vtokens, _, vdesc, vfp = _load_one(val_spec, tokenizer, data_dtype, eos_id)
+        val = np.concatenate([_encode(tokenizer, d) for d in vdocs]) if vdocs is not None else vtokens
+        description += f"; validation: {vdesc}"
+        fingerprint += f"+{vfp}"
+    elif val is None:
+        train, val = _split_tail(train, val_fraction)
+        description += f" (last {val_fraction:.0%} held out for validation)"
+    for name, split in (("training", train), ("validation", val)):
+        check_vocab(split, vocab_size, f"{name} data of {description}")
+    return Corpus(train=train, val=val, eos_id=eos, description=description, fingerprint=fingerprint)
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    if len(tokens) == 0:
+        raise DataError(f"the {what} is empty.")
+    hi, lo = int(tokens.max()), int(tokens.min())
+    if hi >= vocab_size or lo < 0:
+        bad = hi if hi >= vocab_size else lo
+        where = int(np.argmax(tokens == bad))
+        raise DataError(f"token id {bad} (first at position {where:,}) in the {what} is outside the "
+                        f"model's vocabulary [0, {vocab_size}). Raise vocab_size, or check data_dtype "
+                        f"and that the data was made with this model's tokenizer.")
+
+
+# --------------------------------------------------------------------------------------
+# windows and batches
+# --------------------------------------------------------------------------------------
+class Windows:
+    """Window ``i`` = tokens ``[i*T, i*T + T + 1)``: inputs, targets, segments, positions."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int | None, pack: bool, what: str):
+        if len(tokens) < seq_len + 1:
+            raise DataError(f"the {what} has {len(tokens):,} tokens, fewer than one window of "
+                            f"seq_len + 1 = {seq_len + 1}. Use a smaller seq_len or more data.")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.eos_id = eos_id if pack else None
+        self.num_windows = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def rows(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        T = self.seq_len
+        idx = np.asarray(idx)
+        w = np.asarray(self.tokens[(idx.reshape(-1, 1) * T + np.arange(T + 1))], np.int32)
+        if self.eos_id is None:
+            seg = np.zeros_like(w)
+        else:  # a new segment starts right after each EOS
+            seg = np.concatenate([np.zeros_like(w[:, :1]), np.cumsum(w[:, :-1] == self.eos_id, axis=1)], 1)
+        seg_in, seg_out = seg[:, :-1], seg[:, 1:]
+        pos = np.broadcast_to(np.arange(T, dtype=np.int32), seg_in.shape)
+        starts = np.where(np.concatenate([np.ones_like(seg_in[:, :1], bool),
+                                          seg_in[:, 1:] != seg_in[:, :-1]], 1), pos, 0)
+        batch = {
+            "inputs": w[:, :-1], "targets": w[:, 1:],
+            "positions": (pos - np.maximum.accumulate(starts, axis=1)).astype(np.int32),
+            "segment_ids": (seg_in + 1).astype(np.int32),
+            "loss_mask": (seg_in == seg_out).astype(np.float32),
+        }
+        return {k: v.reshape(*idx.shape, T) for k, v in batch.items()}
+
+
+class _MakeBatch(grain.transforms.Map):
+    """Global batch of window indices -> this host's rows, shaped ``[A, b_local, T]``."""
+
+    def __init__(self, windows: Windows, grad_accum: int, host: int, num_hosts: int):
+        self.windows, self.accum, self.host, self.num_hosts = windows, grad_accum, host, num_hosts
+
+    def map(self, idx_B):
+        idx_Ab = np.asarray(idx_B).reshape(self.accum, -1)
+        per_host = idx_Ab.shape[1] // self.num_hosts
+        return self.windows.rows(idx_Ab[:, self.host * per_host:(self.host + 1) * per_host])
+
+
+def train_iterator(windows: Windows, *, batch_size: int, grad_accum: int, seed: int,
+                   host: int = 0, num_hosts: int = 1, threads: int = 2):
+    """An endless, checkpointable grain iterator of this host's training batches."""
+    if (batch_size // grad_accum) % num_hosts:
+        raise DataError(f"the microbatch of {batch_size // grad_accum} sequences does not split over "
+                        f"{num_hosts} hosts; make batch_size / grad_accum a multiple of the host count.")
+    ds = (grain.MapDataset.range(len(windows)).seed(seed).shuffle().repeat(None)
+          .batch(batch_size, drop_remainder=True)
+          .map(_MakeBatch(windows, grad_accum, host, num_hosts)))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)))
+
+
+def eval_batches(windows: Windows, *, batch_size: int, num_batches: int, host: int = 0,
+                 num_hosts: int = 1) -> list[dict[str, np.ndarray]]:
+    """The same ``num_batches`` validation batches every time: windows evenly spread over the
+    whole split (repeating when it is smaller), this host's rows of each."""
+    n = batch_size * num_batches
+    idx = np.linspace(0, len(windows) - 1, n).round().astype(np.int64).reshape(num_batches, batch_size)
+    per_host = batch_size // num_hosts
+    return [windows.rows(row[host * per_host:(host + 1) * per_host]) for row in idx]

@@ -1,8 +1,14 @@
-"""A first, single-device trainer: AdamW on random windows of the default corpus.
+"""``glocal train``: one loop from a laptop CPU to a pod slice.
 
-This is what the README's train command runs until the full training system (grain data,
-sharding, resumable checkpoints) lands; it already trains, evaluates bits-per-byte, saves
-the parameters and ends with a generated sample.
+    data (grain, packed windows) -> jit(train_step) over a device mesh with named shardings
+    -> metrics.jsonl / TensorBoard / progress bar -> async orbax checkpoints -> eval, sample
+
+A workdir holds ``model.json`` (the model), ``runs.jsonl`` (the training config of every
+invocation), ``metrics.jsonl``, ``tensorboard/`` and ``checkpoints/``. Running the command
+again on the same workdir resumes from the newest readable checkpoint: parameters,
+optimizer state, step and data iterator, so the continued run is bitwise identical to an
+uninterrupted one on the same mesh (the step has no other randomness). A larger ``steps=``
+continues a finished run. Works for every registered model family.
 """
 
 from __future__ import annotations
@@ -12,129 +18,356 @@ import json
 import math
 import pathlib
 import time
+from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 import glocal
 import glocal.models as gm
-from glocal import checkpoint
-from glocal.configs.base import ConfigError, ModelConfig
-from glocal.tokenizers import ByteTokenizer
-from glocal.train import data
+from glocal import checkpoint as workdirs
+from glocal import sharding as shd
+from glocal.configs.base import ConfigError
+from glocal.tokenizers import get_tokenizer
+from glocal.train import data, distributed
+from glocal.train.checkpoints import TrainCheckpointer
+from glocal.train.config import TrainConfig, split_overrides
+from glocal.train.metrics import MetricsWriter, peak_flops
+from glocal.train.optim import make_optimizer, schedule
+from glocal.train.step import make_eval_step, make_train_step
+
+RUNS_FILE = "runs.jsonl"
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig(ModelConfig):
-    steps: int = 300
-    batch_size: int = 8
-    seq_len: int = 256
-    learning_rate: float = 3e-3
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    eval_batches: int = 8
-    log_every: int = 10
-    sample_tokens: int = 200
-    sample_prompt: str = "def "
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+def previous_run_config(workdir: pathlib.Path) -> dict | None:
+    path = workdir / RUNS_FILE
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])["config"] if lines else None
 
 
-def split_overrides(overrides: dict[str, str]):
-    """Training fields go to TrainConfig; everything else is a model override."""
-    train_fields = TrainConfig.field_names()
-    model_kw = {k: v for k, v in overrides.items() if k not in train_fields}
-    train_kw = {k: v for k, v in overrides.items() if k in train_fields}
-    return model_kw, train_kw
-
-
-def next_token_loss(model, tokens_BT):
-    logits_BTV = model(tokens_BT[:, :-1]).astype(jnp.float32)
-    # -log p(target) = logsumexp(logits) - logit[target], without materialising log_softmax.
-    target_BT = jnp.take_along_axis(logits_BTV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    return jnp.mean(jax.nn.logsumexp(logits_BTV, axis=-1) - target_BT)
-
-
-def train(config_name: str, workdir: str, overrides: dict[str, str]) -> dict:
-    name, preset = gm.split_config_name(config_name)
+def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: dict[str, str]):
+    """``(model_config, train_config)``. On an existing workdir the previous run's training
+    config is the base, so ``glocal train ... steps=600`` only changes what it names."""
     model_kw, train_kw = split_overrides(overrides)
-    tcfg = TrainConfig().replace(**train_kw)
-    mcfg = gm.get_config(name, preset, **model_kw)
+    previous = previous_run_config(workdir)
+    base = TrainConfig.from_dict(previous) if previous else TrainConfig()
+    tcfg = base.replace(**{"dry_run": False, **train_kw})  # a dry run is never inherited
+    if config_name is None:
+        record = workdirs.read_model_file(workdir)
+        mcfg = gm.config_class(record["model"]).from_dict(record["config"]).replace(**model_kw)
+    else:
+        name, preset = gm.split_config_name(config_name)
+        mcfg = gm.get_config(name, preset, **model_kw)
     if tcfg.seq_len > mcfg.max_seq_len:
-        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}.")
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}; "
+                          f"lower seq_len or raise max_seq_len.")
+    return mcfg, tcfg
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop needs, built once: mesh, shardings, jitted functions, data."""
+
+    mcfg: object
+    tcfg: TrainConfig
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    graphdef: object
+    abstract_params: object
+    param_sh: object
+    opt_sh: object
+    batch_sh: NamedSharding
+    eval_batch_sh: NamedSharding
+    init_params: Callable
+    init_opt: Callable
+    train_step: Callable
+    eval_step: Callable
+    flops_per_token: float
+    n_params: int
+
+
+def _opt_shardings(abstract_opt, param_sh, mesh):
+    """Optimizer leaves that mirror a parameter (Adam's mu/nu) take its sharding; the rest
+    (step counts) are replicated. Matched by tree path suffix and shape."""
+    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def one(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for ppath, sh in by_path.items():
+            if key.endswith(ppath) and len(sh.spec) <= leaf.ndim:
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
+def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:
+    mesh = shd.make_mesh(tcfg.mesh_sizes, devices)
+    rules = shd.rule_table(tcfg.sharding)
+    micro = tcfg.batch_size // tcfg.grad_accum
+    if micro % shd.batch_divisor(mesh):
+        raise ConfigError(
+            f"the microbatch of {micro} sequences (batch_size / grad_accum) does not split over the "
+            f"{shd.batch_divisor(mesh)} data-parallel devices of mesh {dict(mesh.shape)}; use a "
+            f"batch_size that is a multiple of {shd.batch_divisor(mesh) * tcfg.grad_accum}.")
+    seed = tcfg.seed
+    abstract_model = nnx.eval_shape(lambda: gm.build_from_config(mcfg, seed=seed))
+    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise NotImplementedError("the trainer expects models whose state is all nnx.Param.")
+    param_sh = shd.variable_shardings(abstract_params, mesh, rules)
+    tx = make_optimizer(tcfg, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_sh = _opt_shardings(abstract_opt, param_sh, mesh)
+    replicated = NamedSharding(mesh, P())
+    batch_sh = NamedSharding(mesh, shd.batch_spec(3, leading=1))
+    eval_batch_sh = NamedSharding(mesh, shd.batch_spec(2))
+
+    init_params = jax.jit(lambda: nnx.state(gm.build_from_config(mcfg, seed=seed), nnx.Param),
+                          out_shardings=param_sh)
+    init_opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
+    train_step = jax.jit(make_train_step(graphdef, tx, tcfg.z_loss),
+                         in_shardings=(param_sh, opt_sh, batch_sh),
+                         out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(param_sh, eval_batch_sh),
+                        out_shardings=(replicated, replicated))
+    n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
+    fpt = (abstract_model.flops_per_token(tcfg.seq_len) if hasattr(abstract_model, "flops_per_token")
+           else 6.0 * n_params)
+    return Setup(mcfg, tcfg, mesh, rules, graphdef, abstract_params, param_sh, opt_sh, batch_sh,
+                 eval_batch_sh, init_params, init_opt, train_step, eval_step, fpt, n_params)
+
+
+def _with_shardings(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _to_device(batch: dict, sharding) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(setup: Setup, params, batches) -> tuple[float, float]:
+    """``(mean loss in nats/token, bits per byte)`` over fixed validation batches.
+    Tokens are bytes for the byte tokenizer, so bits/token = bits/byte."""
+    total, count = 0.0, 0.0
+    for b in batches:
+        s, n = setup.eval_step(params, _to_device(b, setup.eval_batch_sh))
+        total, count = total + float(s), count + float(n)
+    loss = total / max(count, 1.0)
+    return loss, loss / math.log(2)
+
+
+def dry_run_report(setup: Setup) -> dict:
+    """Compile one step and report sizes from the compiled executable."""
+    tcfg = setup.tcfg
+    A, b, T = tcfg.grad_accum, tcfg.batch_size // tcfg.grad_accum, tcfg.seq_len
+    batch = {k: jax.ShapeDtypeStruct((A, b, T), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=setup.batch_sh)
+             for k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")}
+    abs_p = _with_shardings(setup.abstract_params, setup.param_sh)
+    abs_o = jax.eval_shape(setup.init_opt, abs_p)
+    abs_o = _with_shardings(abs_o, setup.opt_sh)
+    t = time.perf_counter()
+    compiled = setup.train_step.lower(abs_p, abs_o, batch).compile()
+    compile_s = time.perf_counter() - t
+
+    def per_device(tree):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree))
+
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
+    return {
+        "params": setup.n_params,
+        "devices": int(setup.mesh.size), "mesh": dict(setup.mesh.shape),
+        "param_bytes_per_device": per_device(abs_p),
+        "opt_state_bytes_per_device": per_device(abs_o),
+        "activation_temp_bytes_per_device": getattr(mem, "temp_size_in_bytes", None),
+        "generated_code_bytes": getattr(mem, "generated_code_size_in_bytes", None),
+        "model_flops_per_token": setup.flops_per_token,
+        "xla_flops_per_token_per_device": (cost.get("flops", float("nan")) / (tcfg.tokens_per_step
+                                           / setup.mesh.size)) if cost else None,
+        "compile_s": compile_s,
+    }
+
+
+def _print_dry_run(report: dict, log) -> None:
+    gib = lambda x: "n/a" if x is None else f"{x / 2**20:,.1f} MiB"
+    log(f"dry run: compiled one step in {report['compile_s']:.1f} s on {report['devices']} device(s), "
+        f"mesh {report['mesh']}")
+    log(f"  parameters            {report['params']:,}")
+    log(f"  params / device       {gib(report['param_bytes_per_device'])}")
+    log(f"  optimizer / device    {gib(report['opt_state_bytes_per_device'])}")
+    log(f"  activations+temp / device (compiled) {gib(report['activation_temp_bytes_per_device'])}")
+    log(f"  model FLOPs / token   {report['model_flops_per_token']:,.0f} (6N + attention)")
+    if report["xla_flops_per_token_per_device"] is not None:
+        log(f"  XLA cost-analysis FLOPs / token / device {report['xla_flops_per_token_per_device']:,.0f} "
+            f"(counts a scanned layer body once)")
+
+
+def train(config_name: str | None, workdir, overrides: dict[str, str] | None = None, *,
+          hooks: Iterable[Callable[[int], None]] = (), devices=None) -> dict:
+    """Train (or resume) into ``workdir``; returns a summary dict.
+
+    ``hooks`` are called with the step number after every step (tests use them to
+    simulate preemption); ``devices`` restricts the mesh (default: all devices).
+    """
+    distributed.maybe_initialize()
+    primary = jax.process_index() == 0
+    log = print if primary else (lambda *a, **k: None)
     workdir = pathlib.Path(workdir)
-    if checkpoint.latest_step(workdir) is not None:
-        raise checkpoint.WorkdirError(
-            f"{workdir} already holds a trained model (step {checkpoint.latest_step(workdir)}); "
-            f"this trainer does not resume yet. Use a new --workdir; nothing was changed."
-        )
-    train_tokens, val_tokens, fingerprint = data.load_default_corpus()
-    print(f"default corpus: {len(train_tokens):,} train / {len(val_tokens):,} val byte tokens, "
-          f"fingerprint {fingerprint}")
-    model = gm.build_from_config(mcfg, seed=tcfg.seed)
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"model {config_name}: {n_params / 1e6:.2f}M parameters")
-    checkpoint.write_model_file(workdir, model)
+    mcfg, tcfg = resolve_configs(config_name, workdir, overrides or {})
+    tokenizer = get_tokenizer("byte")
+    setup = build_setup(mcfg, tcfg, devices)
+    log(f"model {gm.model_name(mcfg)}: {setup.n_params / 1e6:.2f}M parameters, "
+        f"{setup.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(setup.mesh.shape)}, "
+        f"rules {tcfg.sharding}")
+    for line in shd.describe_dropped(setup.abstract_params, setup.mesh, setup.rules)[:5]:
+        log(f"  note: {line} (dimension not divisible)")
+    with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
+        if tcfg.dry_run:
+            report = dry_run_report(setup)
+            _print_dry_run(report, log)
+            return report
+        return _train_loop(setup, workdir, tokenizer, hooks, log, primary)
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tcfg.learning_rate, min(tcfg.warmup_steps, tcfg.steps - 1), tcfg.steps, tcfg.learning_rate * 0.1)
-    # Decay matrices only: norms' scales (1-D) keep their value.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-    tx = optax.chain(optax.clip_by_global_norm(tcfg.grad_clip),
-                     optax.adamw(schedule, b2=0.95, weight_decay=tcfg.weight_decay, mask=decay_mask))
-    graphdef, params = nnx.split(model, nnx.Param)
-    opt_state = tx.init(params)
 
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p), batch))(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, primary) -> dict:
+    mcfg, tcfg = setup.mcfg, setup.tcfg
+    corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
+                              val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
+                              data_dtype=tcfg.data_dtype)
+    log(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens, "
+        f"fingerprint {corpus.fingerprint}")
+    train_windows = data.Windows(corpus.train, tcfg.seq_len, corpus.eos_id, tcfg.pack, "training split")
+    val_windows = data.Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
+    host, hosts = jax.process_index(), jax.process_count()
+    data_iter = data.train_iterator(train_windows, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
+                                    seed=tcfg.seed, host=host, num_hosts=hosts, threads=tcfg.data_threads)
+    val_batches = data.eval_batches(val_windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
+                                    num_batches=tcfg.eval_batches * tcfg.grad_accum, host=host,
+                                    num_hosts=hosts)
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))  # params/opt state updated in place
-    eval_loss = jax.jit(lambda p, b: next_token_loss(nnx.merge(graphdef, p), b))
+    if primary:
+        abstract_model = nnx.merge(setup.graphdef, setup.abstract_params)
+        workdirs.write_model_file(workdir, abstract_model, tokenizer.name)
+    ckpt = TrainCheckpointer(workdir, keep_last=tcfg.keep_last, keep_every=tcfg.keep_every,
+                             async_save=tcfg.async_checkpoint, log=log)
+    restored = ckpt.restore_latest(_with_shardings(setup.abstract_params, setup.param_sh),
+                                   _with_shardings(jax.eval_shape(setup.init_opt, setup.abstract_params),
+                                                   setup.opt_sh), data_iter)
+    if restored is None:
+        params = setup.init_params()
+        opt_state = setup.init_opt(params)
+        meta = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    else:
+        params, opt_state, meta = restored
+        log(f"resumed from checkpoint step {meta['step']} ({meta['tokens']:,} tokens)")
+    start = int(meta["step"])
+    if primary:
+        with (workdir / RUNS_FILE).open("a") as f:
+            f.write(json.dumps({"start_step": start, "time": time.time(), "devices": jax.device_count(),
+                                "mesh": dict(setup.mesh.shape), "data_fingerprint": corpus.fingerprint,
+                                "config": tcfg.to_dict()}) + "\n")
+    if start >= tcfg.steps:
+        log(f"{workdir} is already trained to step {start} (steps={tcfg.steps}); pass a larger "
+            f"steps= to continue training.")
+        ckpt.close()
+        return {"step": start, "params": setup.n_params, "resumed_from": start}
 
-    rng = np.random.default_rng(tcfg.seed)
-    metrics_path = workdir / "metrics.jsonl"
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    bar = tqdm(range(1, tcfg.steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    t0, seen = time.perf_counter(), 0
-    with metrics_path.open("a") as log:
+    writer = MetricsWriter(workdir, tensorboard=tcfg.tensorboard, enabled=primary)
+    lr_at = schedule(tcfg)
+    peak = peak_flops(mcfg.dtype if hasattr(mcfg, "dtype") else "float32") if not tcfg.peak_flops else tcfg.peak_flops
+    peak_total = peak * jax.device_count()
+    tokens, elapsed0, run_t0 = int(meta["tokens"]), float(meta["elapsed_s"]), time.perf_counter()
+    elapsed = lambda: elapsed0 + time.perf_counter() - run_t0  # wall-clock over all resumed runs
+    history, last_eval = [], None
+
+    def meta_now(step):
+        return {"step": step, "tokens": tokens, "elapsed_s": elapsed(), "seed": tcfg.seed,
+                "data_fingerprint": corpus.fingerprint}
+
+    def run_eval(step):
+        nonlocal last_eval
+        loss, bpb = evaluate(setup, params, val_batches)
+        last_eval = {"step": step, "tokens": tokens, "elapsed_s": elapsed(), "eval_loss": loss, "eval_bpb": bpb}
+        writer.write(last_eval)
+        log(f"step {step}: validation loss {loss:.4f} nats/token = {bpb:.3f} bits-per-byte")
+
+    bar = tqdm(range(start + 1, tcfg.steps + 1), desc="train", unit="step", dynamic_ncols=True,
+               disable=not primary, initial=start, total=tcfg.steps)
+    t_last, tok_last, saved_at, step = time.perf_counter(), tokens, start, start
+    with distributed.StopRequest() as stop:
         for step in bar:
-            batch = data.random_windows(train_tokens, tcfg.batch_size, tcfg.seq_len + 1, rng)
-            params, opt_state, loss = train_step(params, opt_state, jnp.asarray(batch))
-            seen += tokens_per_step
+            batch = _to_device(next(data_iter), setup.batch_sh)
+            params, opt_state, metrics = setup.train_step(params, opt_state, batch)
+            tokens += tcfg.tokens_per_step
+            if step == start + 1:  # exclude compilation from the throughput figures
+                jax.block_until_ready(metrics)
+                t_last, tok_last = time.perf_counter(), tokens
             if step % tcfg.log_every == 0 or step == tcfg.steps:
-                loss = float(loss)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step}; lower learning_rate.")
-                tps = seen / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-                log.write(json.dumps({"step": step, "loss": loss, "tokens_per_s": tps,
-                                      "lr": float(schedule(step))}) + "\n")
-        val_rng = np.random.default_rng(1234)  # the same validation windows every run
-        losses = [float(eval_loss(params, jnp.asarray(
-            data.random_windows(val_tokens, tcfg.batch_size, tcfg.seq_len + 1, val_rng))))
-            for _ in range(tcfg.eval_batches)]
-        val_loss = float(np.mean(losses))
-        bpb = val_loss / math.log(2)  # byte-level tokens: one token is one byte
-        log.write(json.dumps({"step": tcfg.steps, "eval_loss": val_loss, "eval_bpb": bpb}) + "\n")
-    print(f"validation loss {val_loss:.4f} nats/byte = {bpb:.3f} bits-per-byte")
-    model = nnx.merge(graphdef, params)
-    path = checkpoint.save_model(workdir, model, tcfg.steps)
-    print(f"saved {path}")
-    tok = ByteTokenizer()
-    prompt = tok.encode(tcfg.sample_prompt)
-    n = min(tcfg.sample_tokens, mcfg.max_seq_len - len(prompt))
-    sample = glocal.generate(model, [prompt], n, temperature=0.8, top_k=40, seed=tcfg.seed,
-                             stop_tokens=[tok.eos_id])[0]
-    print("sample:\n" + tcfg.sample_prompt + tok.decode(sample))
-    return {"eval_loss": val_loss, "eval_bpb": bpb, "params": n_params}
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss became {m['loss']} at step {step}; lower learning_rate "
+                                             f"(now {tcfg.learning_rate}) or raise warmup_steps.")
+                now = time.perf_counter()
+                tps = (tokens - tok_last) / (now - t_last) if tokens > tok_last else float("nan")
+                t_last, tok_last = now, tokens
+                record = {"step": step, "tokens": tokens, "elapsed_s": elapsed(), **m,
+                          "lr": float(lr_at(step - 1)), "tokens_per_s": tps,
+                          "mfu": tps * setup.flops_per_token / peak_total}
+                writer.write(record)
+                history.append(record)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.0%}")
+            if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
+                run_eval(step)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+                ckpt.save(step, params, opt_state, meta_now(step), data_iter)
+                saved_at = step
+            for hook in hooks:
+                hook(step)
+            if _stop_requested(stop):
+                break
+    bar.close()
+    stopped = step < tcfg.steps
+    if saved_at != step:
+        ckpt.save(step, params, opt_state, meta_now(step), data_iter)
+    ckpt.close()
+    if stopped:
+        log(f"stopped by signal at step {step}; checkpoint saved. Run the same command to resume.")
+        writer.close()
+        return {"step": step, "stopped": True, "history": history, "params": setup.n_params}
+    run_eval(step)
+    writer.close()
+    summary = {"step": step, "history": history, "params": setup.n_params, **(last_eval or {})}
+    if tcfg.sample_tokens and jax.process_count() == 1 and primary:
+        summary["sample"] = _sample(setup, params, tokenizer, log)
+    return summary
+
+
+def _stop_requested(stop: distributed.StopRequest) -> bool:
+    if jax.process_count() == 1:
+        return stop.requested
+    from jax.experimental import multihost_utils  # every host must stop at the same step
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(stop.requested))))
+
+
+def _sample(setup: Setup, params, tokenizer, log) -> str:
+    tcfg = setup.tcfg
+    model = nnx.merge(setup.graphdef, jax.device_get(params))
+    prompt = tokenizer.encode(tcfg.sample_prompt) or [tokenizer.bos_id]
+    n = min(tcfg.sample_tokens, setup.mcfg.max_seq_len - len(prompt))
+    new = glocal.generate(model, [prompt], n, temperature=0.8, top_k=40, seed=tcfg.seed,
+                          stop_tokens=[tokenizer.eos_id])[0]
+    text = tcfg.sample_prompt + tokenizer.decode(new)
+    log("sample:\n" + text)
+    return text

@@ -1,0 +1,171 @@
+"""Device meshes and logical-axis rule tables.
+
+Parameters and key activations carry *logical* axis names (``"embed"``, ``"mlp"``,
+``"batch"``...); a rule table maps each logical name to mesh axes. Swapping the table
+switches the parallelism scheme without touching model code:
+
+    dp       pure data parallel: the batch is split over every mesh axis, params replicated
+    fsdp     + parameters (and optimizer state) sharded along ``embed`` over ``fsdp``
+    fsdp_tp  + Megatron-style tensor parallelism: heads / MLP hidden / vocab over ``tensor``
+
+Mesh axes, outermost first: ``data`` (replicas), ``fsdp`` (parameter shards), ``expert``
+(MoE experts; dense models use it as more data parallelism), ``tensor`` (within a layer;
+innermost so it lands on the fastest links).
+
+A logical name whose mesh axes do not divide the dimension is left unsharded rather than
+failing (e.g. a 259-entry vocabulary on tensor=2); ``describe_dropped`` lists such cases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# Activation names end in "_act" where they differ from the parameter name of the same
+# dimension: FSDP shards the *parameter* embed dim but activations keep it whole.
+_BATCH = (("batch", BATCH_AXES),)
+_TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
+       ("heads_act", "tensor"), ("kv_heads_act", "tensor"), ("mlp_act", "tensor"), ("vocab_act", "tensor"))
+RULE_TABLES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
+    "dp": _BATCH,
+    "fsdp": _BATCH + (("embed", "fsdp"),),
+    "fsdp_tp": _BATCH + (("embed", "fsdp"),) + _TP,
+}
+
+_RULES: contextvars.ContextVar = contextvars.ContextVar("glocal_rules", default=None)
+
+
+class ShardingError(ValueError):
+    """A mesh that does not fit the devices, or an unknown rule table."""
+
+
+def mesh_shape(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
+    """Fill the one ``-1`` in ``sizes`` (keys from MESH_AXES) so the product is ``n_devices``."""
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    auto = [a for a, s in sizes.items() if s == -1]
+    if len(auto) > 1:
+        raise ShardingError(f"only one mesh axis may be -1 (auto), got {auto}.")
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise ShardingError(f"mesh sizes must be positive or -1, got {sizes}.")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if auto:
+        if n_devices % fixed:
+            raise ShardingError(f"mesh {sizes} cannot fill {n_devices} devices: the fixed axes' product "
+                                f"{fixed} does not divide {n_devices}.")
+        sizes[auto[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ShardingError(f"mesh {sizes} has {fixed} devices but {n_devices} are available; set one "
+                            f"axis to -1 (e.g. mesh.data=-1) to use them all.")
+    return sizes
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence | None = None) -> Mesh:
+    """A mesh over ``devices`` (default: all) with GSPMD-style (Auto) axes."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(sizes, len(devices))
+    try:  # topology-aware placement on TPU/GPU; falls back to the plain order on CPU
+        from jax.experimental import mesh_utils
+        grid = mesh_utils.create_device_mesh([shape[a] for a in MESH_AXES], devices=devices)
+    except Exception:
+        grid = np.array(devices).reshape([shape[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rule_table(name: str):
+    if name not in RULE_TABLES:
+        raise ShardingError(f"unknown sharding rule table {name!r}; choose one of {list(RULE_TABLES)}.")
+    return RULE_TABLES[name]
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
+    """The PartitionSpec for a tensor with logical axis ``names``.
+
+    Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not
+    divide the dimension are dropped, so every spec is valid for every mesh.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        target = table.get(name) if name is not None else None
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for a in axes:
+            size = mesh.shape[a]
+            if size == 1 or a in used or dim % (math.prod(mesh.shape[k] for k in kept) * size):
+                continue
+            kept.append(a)
+        used.update(kept)
+        spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return P(*spec)
+
+
+def variable_shardings(tree, mesh: Mesh, rules):
+    """For an (abstract) nnx State: the same tree with each Variable holding its NamedSharding."""
+    from flax import nnx
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding") or (None,) * len(v.shape)
+        return v.replace(NamedSharding(mesh, logical_to_spec(names, v.shape, mesh, rules)))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def describe_dropped(tree, mesh: Mesh, rules) -> list[str]:
+    """Parameters whose logical names asked for a mesh axis that could not be used."""
+    from flax import nnx
+
+    out = []
+    table = dict(rules)
+    for path, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        names = v.get_metadata().get("out_sharding") or ()
+        spec = logical_to_spec(names, v.shape, mesh, rules)
+        wanted = {a for n in names if n in table
+                  for a in ((table[n],) if isinstance(table[n], str) else table[n]) if mesh.shape[a] > 1}
+        got = {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)}
+        if wanted - got:
+            out.append(f"{jax.tree_util.keystr(path)} {tuple(v.shape)}: unsharded over {sorted(wanted - got)}")
+    return out
+
+
+@contextlib.contextmanager
+def use_rules(rules):
+    """Make ``rules`` the table that ``constrain`` resolves activation names with."""
+    token = _RULES.set(tuple(rules))
+    try:
+        yield
+    finally:
+        _RULES.reset(token)
+
+
+def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
+    """Pin activation ``x`` to the sharding its logical ``names`` map to.
+
+    A no-op without an active mesh (``jax.set_mesh``) and rule table (``use_rules``), so
+    layers stay usable on a laptop exactly as on a pod.
+    """
+    rules = _RULES.get()
+    if rules is None:
+        return x
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(tuple(names), x.shape, mesh, rules))
+
+
+def batch_spec(ndim: int, leading: int = 0) -> P:
+    """Spec for a batch array with ``leading`` unsharded axes (e.g. microbatches) first."""
+    return P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1)))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)

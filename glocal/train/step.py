@@ -1,0 +1,92 @@
+"""The loss and the jitted train/eval steps (pure functions of params, opt state, batch).
+
+A model's ``__call__(inputs, positions_BT=..., segment_ids_BT=...)`` returns logits, or
+``(logits, aux)`` where ``aux`` maps a name to ``(loss, weight)``: routed models report
+balance/router losses that way. The step adds ``weight * loss`` for each and logs every
+raw value as ``aux/<name>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def model_outputs(model, batch) -> tuple[jax.Array, dict[str, Any]]:
+    out = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def token_losses(logits_BTV, targets_BT):
+    """``(nll_BT, lse_BT)`` in float32: -log p(target) = logsumexp - logit[target]."""
+    logits_BTV = logits_BTV.astype(jnp.float32)
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return lse_BT - target_BT, lse_BT
+
+
+def loss_terms(model, batch, num_tokens, z_loss: float):
+    """Sums over this microbatch divided by the whole step's ``num_tokens``, so that
+    accumulated microbatches add up to the exact token mean of the global batch."""
+    logits, aux = model_outputs(model, batch)
+    nll_BT, lse_BT = token_losses(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    ce = jnp.sum(nll_BT * mask) / num_tokens
+    metrics = {"loss": ce}
+    total = ce
+    if z_loss:
+        z = jnp.sum(jnp.square(lse_BT) * mask) / num_tokens
+        metrics["z_loss"] = z
+        total = total + z_loss * z
+    for name, (value, weight) in aux.items():
+        share = value * (jnp.sum(mask) / num_tokens)  # aux losses are per-microbatch means
+        metrics[f"aux/{name}"] = share
+        total = total + weight * share
+    return total, metrics
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float = 0.0):
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+    ``batch`` arrays are ``[A, b, T]``: A microbatches scanned with gradients summed (each
+    term already divided by the global token count).
+    """
+
+    def grads_of(params, micro, num_tokens):
+        def f(p):
+            return loss_terms(nnx.merge(graphdef, p), micro, num_tokens, z_loss)
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return grads, metrics
+
+    def step(params, opt_state, batch):
+        num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        first = jax.tree.map(lambda x: x[0], batch)
+        if batch["inputs"].shape[0] == 1:
+            grads, metrics = grads_of(params, first, num_tokens)
+        else:
+            def body(acc, micro):
+                g, m = grads_of(params, micro, num_tokens)
+                return jax.tree.map(jnp.add, acc, (g, m)), None
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(grads_of, params, first, num_tokens))
+            (grads, metrics), _ = jax.lax.scan(body, zeros, batch)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef):
+    """``eval(params, batch[b, T]) -> (sum of nll, number of tokens)``."""
+
+    def evaluate(params, batch):
+        logits, _ = model_outputs(nnx.merge(graphdef, params), batch)
+        nll_BT, _ = token_losses(logits, batch["targets"])
+        return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
+
+    return evaluate

@@ -1,0 +1,50 @@
+"""Run by test_sharding.py in its own process: 8 fake CPU devices must be set before JAX
+starts. Trains the same tiny run on 1 device and on 8 devices under each rule table,
+restores a sharded checkpoint onto another mesh, and prints the comparison as JSON."""
+
+import json
+import os
+import pathlib
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from glocal import checkpoint  # noqa: E402
+from glocal.train.trainer import train  # noqa: E402
+
+MESHES = {"dp": {"mesh.data": "8"}, "fsdp": {"mesh.data": "2", "mesh.fsdp": "4"},
+          "fsdp_tp": {"mesh.data": "2", "mesh.fsdp": "2", "mesh.tensor": "2"}}
+
+
+def main(corpus: str, out: str) -> None:
+    out = pathlib.Path(out)
+    run = {"batch_size": "8", "seq_len": "32", "steps": "3", "eval_batches": "1", "log_every": "1",
+           "sample_tokens": "0", "warmup_steps": "1", "checkpoint_every": "0", "data": corpus,
+           "tensorboard": "false"}
+    loss = lambda r: [h["loss"] for h in r["history"]]
+    params = lambda wd: [np.asarray(x) for x in jax.tree.leaves(nnx.state(checkpoint.load_model(wd)[0], nnx.Param))]
+    rel = lambda a, b: max(float(np.linalg.norm(x - y) / (np.linalg.norm(y) + 1e-12)) for x, y in zip(a, b))
+    one = train("transformer_tiny", out / "one", {**run, "mesh.data": "1"}, devices=jax.devices()[:1])
+    p_one = params(out / "one")
+    result = {"devices": jax.device_count(), "one": loss(one)}
+    for table, mesh in MESHES.items():
+        r = train("transformer_tiny", out / table, {**run, "sharding": table, **mesh})
+        result[table] = {"loss": loss(r), "eval_loss": r["eval_loss"], "param_rel_diff": rel(params(out / table), p_one)}
+    result["one_eval_loss"] = one["eval_loss"]
+    # Restore the fsdp_tp checkpoint onto a different mesh and continue one step; compare
+    # with the single-device run continued the same way.
+    r_one = train(None, out / "one", {"steps": "4"}, devices=jax.devices()[:1])
+    r_moved = train(None, out / "fsdp_tp", {"steps": "4", "mesh.data": "1", "mesh.fsdp": "8",
+                                            "mesh.tensor": "1", "sharding": "fsdp"})
+    result["moved"] = {"loss": loss(r_moved), "one_loss": loss(r_one)}
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

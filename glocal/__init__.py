@@ -8,11 +8,13 @@ Dimension letters used in tensor names across the package (``x_BTD``, ``q_BTHE``
   L  layers (stacked/scanned)  G  groups / blocks            M  latents per group
   X  experts                   R  recursions                 P  layer-pattern slots
 
-Logical parameter/activation axis names, mapped onto mesh axes by rule tables
-(mesh axes: ``data``, ``fsdp``, ``tensor``, ``expert``):
+Logical parameter/activation axis names, mapped onto mesh axes by the rule tables of
+``glocal.sharding`` (mesh axes, outermost first: ``data``, ``fsdp``, ``expert``, ``tensor``):
 
-  ``batch``, ``length``, ``embed`` (D), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E),
-  ``mlp`` (F), ``vocab`` (V), ``layers`` (stacked layer axis), ``expert`` (X).
+  ``batch``, ``embed`` (D), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E), ``mlp`` (F),
+  ``vocab`` (V), ``layers`` (stacked layer axis), ``expert`` (X); activations use
+  ``heads_act``, ``kv_heads_act``, ``mlp_act``, ``vocab_act`` (FSDP shards a parameter's
+  ``embed`` dimension but never an activation's).
 """
 
 __version__ = "0.1.0"

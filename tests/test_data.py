@@ -63,6 +63,10 @@ def test_token_array_and_text_sources(tmp_path):
         c = data.load_corpus(str(tmp_path / name), tokenizer=TOK, vocab_size=384, val_fraction=0.1)
         np.testing.assert_array_equal(np.concatenate([c.train, c.val]), ids)
         assert len(c.val) == 500 and c.eos_id is None
+    c = data.load_corpus(str(tmp_path / "t.npy"), tokenizer=TOK, vocab_size=384, eos_id=299)
+    rows = data.Windows(c.train, 310, c.eos_id, True, "t").rows(np.array([0]))
+    assert rows["segment_ids"][0, 299] == 1 and rows["segment_ids"][0, 300] == 2  # new doc after id 299
+    assert rows["positions"][0, 300] == 0 and rows["loss_mask"][0, 299] == 0
     (tmp_path / "a.txt").write_text("hello world " * 100)
     c = data.load_corpus(str(tmp_path / "a.txt"), tokenizer=TOK, vocab_size=384, val_spec=str(tmp_path / "a.txt"))
     np.testing.assert_array_equal(c.train, c.val)

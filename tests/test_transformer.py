@@ -188,7 +188,9 @@ def test_registry_and_presets():
     assert type(cfg).from_dict(cfg.to_dict()) == cfg
     count = lambda name: sum(x.size for x in jax.tree.leaves(
         nnx.state(jax.eval_shape(lambda: gm.build("transformer", name)), nnx.Param)))
-    assert 10e6 <= count("small") <= 30e6
+    D, E, F, L, V = 256, 64, 768, 4, 384  # small: heads 4, kv heads 2, untied head
+    per_layer = D * 4 * E + 2 * D * 2 * E + 4 * E * D + 2 * D + D * 2 * F + F * D
+    assert count("small") == 2 * V * D + D + L * per_layer
     assert 100e6 <= count("base") <= 150e6
 
 

@@ -18,8 +18,8 @@ NO_DECAY_KINDS = ("norm", "bias", "embedding")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(ModelConfig):
     # length and batch
-    steps: int = 300
-    batch_size: int = 8  # global sequences per optimizer step
+    steps: int = 450
+    batch_size: int = 16  # global sequences per optimizer step
     seq_len: int = 256
     grad_accum: int = 1  # microbatches per step (batch_size must divide by it)
     # optimizer
@@ -39,11 +39,12 @@ class TrainConfig(ModelConfig):
     data: str = "default"  # "default" corpus, a text file/folder, .npy/.bin tokens, .array_record
     val_data: str = ""  # separate validation source; default: held out from `data`
     data_dtype: str = "uint16"  # element type of raw .bin token files
+    eos_id: int = -1  # document separator inside token arrays; -1 = none (text sources use EOS)
     val_fraction: float = 0.02  # tail held out when the source is one stream
     pack: bool = True  # segment ids + positions reset at document boundaries
     data_threads: int = 2
     # evaluation and logging
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 150  # 0 = only at the end
     eval_batches: int = 8
     log_every: int = 10
     tensorboard: bool = True
@@ -51,7 +52,7 @@ class TrainConfig(ModelConfig):
     sample_tokens: int = 200
     sample_prompt: str = "def "
     # checkpoints
-    checkpoint_every: int = 100  # 0 = only at the end (and on SIGTERM/SIGINT)
+    checkpoint_every: int = 150  # 0 = only at the end (and on SIGTERM/SIGINT)
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step forever; 0 = off
     async_checkpoint: bool = True

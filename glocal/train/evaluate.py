@@ -25,7 +25,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     setup = build_setup(mcfg, tcfg)
     corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
                               val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
-                              data_dtype=tcfg.data_dtype)
+                              data_dtype=tcfg.data_dtype, eos_id=tcfg.eos_id)
     windows = data.Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
     batches = data.eval_batches(windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
                                 num_batches=tcfg.eval_batches * tcfg.grad_accum,

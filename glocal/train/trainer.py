@@ -244,7 +244,7 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
     mcfg, tcfg = setup.mcfg, setup.tcfg
     corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
                               val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
-                              data_dtype=tcfg.data_dtype)
+                              data_dtype=tcfg.data_dtype, eos_id=tcfg.eos_id)
     log(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens, "
         f"fingerprint {corpus.fingerprint}")
     train_windows = data.Windows(corpus.train, tcfg.seq_len, corpus.eos_id, tcfg.pack, "training split")

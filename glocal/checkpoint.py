@@ -2,9 +2,11 @@
 
     DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
+                                    (written by glocal.train.checkpoints with the optimizer
+                                    state, data iterator and run metadata beside it)
 
-``save_model`` never replaces a workdir's model.json with a different model, and orbax
-never overwrites an existing step: nothing saved is lost silently.
+``write_model_file`` never replaces a workdir's model.json with a different model:
+nothing saved is lost silently. ``load_model`` reads a trained model back.
 """
 
 from __future__ import annotations
@@ -46,18 +48,6 @@ def write_model_file(workdir, model: nnx.Module, tokenizer: str = "byte") -> Non
             )
         return
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def save_model(workdir, model: nnx.Module, step: int, tokenizer: str = "byte") -> pathlib.Path:
-    """Write model.json (first time) and the parameters as checkpoint ``step``."""
-    workdir = pathlib.Path(workdir)
-    write_model_file(workdir, model, tokenizer)
-    with _manager(workdir) as mngr:
-        if step in mngr.all_steps():
-            raise WorkdirError(f"{workdir} already has a checkpoint at step {step}; not overwriting it.")
-        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(nnx.state(model, nnx.Param))))
-        mngr.wait_until_finished()
-    return workdir / "checkpoints" / str(step)
 
 
 def read_model_file(workdir) -> dict:

@@ -252,3 +252,23 @@ def test_packed_attention_stays_inside_documents():
     np.testing.assert_allclose(packed[0, :12], alone1[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 12:32], alone2[0], atol=2e-5)
     assert rows["loss_mask"][0, 11] == 0 and rows["loss_mask"].sum() == 31
+
+
+def test_bfloat16_compute_trains_without_loss_scaling(straight, tmp_path, corpus):
+    """bf16 activations with float32 parameters: same first loss as float32 (same init and
+    batch) to bf16 precision, finite and falling, parameters stay float32."""
+    out = train("transformer_tiny", tmp_path / "bf16",
+                {**RUN, "steps": "6", "data": str(corpus), "dtype": "bfloat16", "checkpoint_every": "0"})
+    l16, l32 = losses(tmp_path / "bf16"), losses(straight[0])
+    assert abs(l16[1] - l32[1]) < 0.05 * l32[1]
+    assert all(math.isfinite(v) for v in l16.values()) and l16[6] < l16[1] - 0.3
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params_of(tmp_path / "bf16")))
+    assert out["eval_loss"] < l16[1]
+
+
+def test_keep_policy_last_n_plus_every_k(tmp_path, corpus):
+    wd = tmp_path / "keep"
+    train("transformer_tiny", wd, {**RUN, "steps": "9", "data": str(corpus), "checkpoint_every": "1",
+                                   "keep_last": "2", "keep_every": "4", "eval_batches": "1"})
+    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == [4, 8, 9]  # last two (8, 9) plus every 4th (4, 8); nothing else

@@ -34,10 +34,12 @@ def _manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
     )
 
 
-def write_model_file(workdir, model: nnx.Module, tokenizer: str = "byte") -> None:
+def write_model_file(workdir, config, tokenizer: str = "byte") -> None:
+    """Record the model (its config, or a model with ``.config``) in ``workdir/model.json``."""
+    config = getattr(config, "config", config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    record = {"model": gm.model_name(model.config), "config": model.config.to_dict(), "tokenizer": tokenizer}
+    record = {"model": gm.model_name(config), "config": config.to_dict(), "tokenizer": tokenizer}
     path = workdir / MODEL_FILE
     if path.exists():
         old = json.loads(path.read_text())
@@ -90,5 +92,6 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
                 f"checkpoint {workdir}/checkpoints/{step} could not be read ({type(e).__name__}: "
                 f"{str(e)[:200]}); it may be partial or corrupt. Try an earlier step."
             ) from e
-    rest = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype), rest)
+    if jax.tree.leaves(rest):  # non-trained state (buffers) is rebuilt from the config
+        rest = jax.jit(lambda: nnx.split(gm.build_from_config(config), nnx.Param, ...)[2])()
     return nnx.merge(graphdef, restored["params"], rest), step

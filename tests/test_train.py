@@ -272,3 +272,45 @@ def test_keep_policy_last_n_plus_every_k(tmp_path, corpus):
                                    "keep_last": "2", "keep_every": "4", "eval_batches": "1"})
     kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
     assert kept == [4, 8, 9]  # last two (8, 9) plus every 4th (4, 8); nothing else
+
+
+def test_models_with_untrained_state_train_and_evaluate():
+    """Non-Param variables (buffers) are rebuilt from the config, not zeroed or trained."""
+    import dataclasses
+
+    from flax import nnx
+
+    from glocal.configs.base import ModelConfig
+    from glocal.layers import Embed, Unembed
+
+    class Buffer(nnx.Variable):
+        pass
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig(ModelConfig):
+        vocab_size: int = 384
+        max_seq_len: int = 64
+        d_model: int = 8
+
+    class Toy(nnx.Module):
+        def __init__(self, cfg, *, rngs):
+            self.config = cfg
+            self.embed = Embed(cfg.vocab_size, cfg.d_model, rngs=rngs)
+            self.head = Unembed(cfg.d_model, cfg.vocab_size, rngs=rngs)
+            self.prior_V = Buffer(jnp.linspace(-3.0, 3.0, cfg.vocab_size))  # fixed logit bias
+
+        def __call__(self, tokens, positions_BT=None, segment_ids_BT=None):
+            return self.head(self.embed(tokens)) + self.prior_V[...]
+
+    gm.register("toy_buffer_test", ToyConfig, Toy)
+    s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
+    params = s.init_params()
+    assert not any("prior_V" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+    rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
+    with jax.set_mesh(s.mesh):
+        total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
+    direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
+    lse = jax.nn.logsumexp(direct, -1)
+    nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
+    np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)
+    assert float(count) == 16

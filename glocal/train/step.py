@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 
 def model_outputs(model, batch) -> tuple[jax.Array, dict[str, Any]]:
@@ -49,8 +48,9 @@ def loss_terms(model, batch, num_tokens, z_loss: float):
     return total, metrics
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float = 0.0):
-    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``.
+def make_train_step(merge, tx: optax.GradientTransformation, z_loss: float = 0.0):
+    """``step(params, opt_state, batch) -> (params, opt_state, metrics)``; ``merge(params)``
+    rebuilds the model (graph + parameters + any non-trained state).
 
     ``batch`` arrays are ``[A, b, T]``: A microbatches scanned with gradients summed (each
     term already divided by the global token count).
@@ -58,7 +58,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float = 
 
     def grads_of(params, micro, num_tokens):
         def f(p):
-            return loss_terms(nnx.merge(graphdef, p), micro, num_tokens, z_loss)
+            return loss_terms(merge(p), micro, num_tokens, z_loss)
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(params)
         return grads, metrics
 
@@ -81,11 +81,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, z_loss: float = 
     return step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(merge):
     """``eval(params, batch[b, T]) -> (sum of nll, number of tokens)``."""
 
     def evaluate(params, batch):
-        logits, _ = model_outputs(nnx.merge(graphdef, params), batch)
+        logits, _ = model_outputs(merge(params), batch)
         nll_BT, _ = token_losses(logits, batch["targets"])
         return jnp.sum(nll_BT * batch["loss_mask"]), jnp.sum(batch["loss_mask"])
 

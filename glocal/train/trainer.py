@@ -78,7 +78,7 @@ class Setup:
     tcfg: TrainConfig
     mesh: jax.sharding.Mesh
     rules: tuple
-    graphdef: object
+    merge: Callable  # params -> model
     abstract_params: object
     param_sh: object
     opt_sh: object
@@ -119,9 +119,12 @@ def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:
             f"batch_size that is a multiple of {shd.batch_divisor(mesh) * tcfg.grad_accum}.")
     seed = tcfg.seed
     abstract_model = nnx.eval_shape(lambda: gm.build_from_config(mcfg, seed=seed))
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise NotImplementedError("the trainer expects models whose state is all nnx.Param.")
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, nnx.Param, ...)
+    # Non-parameter state (buffers, tables) is not trained: built once from the config and
+    # closed over as constants (deterministic, so it needs no checkpoint).
+    rest = (jax.jit(lambda: nnx.split(gm.build_from_config(mcfg, seed=seed), nnx.Param, ...)[2])()
+            if jax.tree.leaves(abstract_rest) else None)
+    merge = (lambda p: nnx.merge(graphdef, p)) if rest is None else (lambda p: nnx.merge(graphdef, p, rest))
     param_sh = shd.variable_shardings(abstract_params, mesh, rules)
     tx = make_optimizer(tcfg, abstract_params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -133,15 +136,15 @@ def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:
     init_params = jax.jit(lambda: nnx.state(gm.build_from_config(mcfg, seed=seed), nnx.Param),
                           out_shardings=param_sh)
     init_opt = jax.jit(tx.init, in_shardings=(param_sh,), out_shardings=opt_sh)
-    train_step = jax.jit(make_train_step(graphdef, tx, tcfg.z_loss),
+    train_step = jax.jit(make_train_step(merge, tx, tcfg.z_loss),
                          in_shardings=(param_sh, opt_sh, batch_sh),
                          out_shardings=(param_sh, opt_sh, replicated), donate_argnums=(0, 1))
-    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(param_sh, eval_batch_sh),
+    eval_step = jax.jit(make_eval_step(merge), in_shardings=(param_sh, eval_batch_sh),
                         out_shardings=(replicated, replicated))
     n_params = sum(x.size for x in jax.tree.leaves(abstract_params))
     fpt = (abstract_model.flops_per_token(tcfg.seq_len) if hasattr(abstract_model, "flops_per_token")
            else 6.0 * n_params)
-    return Setup(mcfg, tcfg, mesh, rules, graphdef, abstract_params, param_sh, opt_sh, batch_sh,
+    return Setup(mcfg, tcfg, mesh, rules, merge, abstract_params, param_sh, opt_sh, batch_sh,
                  eval_batch_sh, init_params, init_opt, train_step, eval_step, fpt, n_params)
 
 
@@ -257,8 +260,7 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
                                     num_hosts=hosts)
 
     if primary:
-        abstract_model = nnx.merge(setup.graphdef, setup.abstract_params)
-        workdirs.write_model_file(workdir, abstract_model, tokenizer.name)
+        workdirs.write_model_file(workdir, mcfg, tokenizer.name)
     ckpt = TrainCheckpointer(workdir, keep_last=tcfg.keep_last, keep_every=tcfg.keep_every,
                              async_save=tcfg.async_checkpoint, log=log)
     restored = ckpt.restore_latest(_with_shardings(setup.abstract_params, setup.param_sh),
@@ -363,7 +365,7 @@ def _stop_requested(stop: distributed.StopRequest) -> bool:
 
 def _sample(setup: Setup, params, tokenizer, log) -> str:
     tcfg = setup.tcfg
-    model = nnx.merge(setup.graphdef, jax.device_get(params))
+    model = setup.merge(jax.device_get(params))
     prompt = tokenizer.encode(tcfg.sample_prompt) or [tokenizer.bos_id]
     n = min(tcfg.sample_tokens, setup.mcfg.max_seq_len - len(prompt))
     new = glocal.generate(model, [prompt], n, temperature=0.8, top_k=40, seed=tcfg.seed,

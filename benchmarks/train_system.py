@@ -1,7 +1,7 @@
 """Training-system overheads: (1) the sharded step on 8 fake CPU devices vs one device for
 the same global batch, (2) step time with async checkpoints every N steps vs none.
 
-    python benchmarks/train_system.py sharded [--config transformer_small --batch 16 --seq 256]
+    python benchmarks/train_system.py sharded [--config transformer_small --batch 16 --seq 256] [--no-scan]
     python benchmarks/train_system.py checkpoint [--config transformer_small --steps 100 --every 25]
 
 Fake devices share the machine's cores, so (1) measures partitioning overhead (collectives,
@@ -59,9 +59,10 @@ def step_time(mcfg, batch, seq, mesh_sizes, table, n_dev, iters=8) -> float:
 
 
 def sharded(args) -> None:
-    print(f"# {machine()}; {args.config} batch {args.batch} x seq {args.seq}")
+    print(f"# {machine()}; {args.config} batch {args.batch} x seq {args.seq}, "
+          f"{'unrolled' if args.no_scan else 'scanned'} layers")
     name, preset = gm.split_config_name(args.config)
-    mcfg = gm.get_config(name, preset)
+    mcfg = gm.get_config(name, preset, scan_layers=not args.no_scan)
     base = None
     for label, (sizes, table, n) in MESHES.items():
         t = step_time(mcfg, args.batch, args.seq, sizes, table, n)
@@ -94,5 +95,6 @@ if __name__ == "__main__":
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--no-scan", action="store_true", help="unroll the layers (scan_layers=false)")
     a = ap.parse_args()
     {"sharded": sharded, "checkpoint": checkpoint}[a.what](a)

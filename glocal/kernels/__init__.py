@@ -1,11 +1,15 @@
 """Attention kernels and the mask language that drives them.
 
 ``glocal.kernels.attention`` is the single entry point; ``glocal.kernels.masks`` holds the
-mask objects (``Full``, ``Causal``, ``SlidingWindow``, combinators with ``&`` / ``|``).
+mask objects (``Full``, ``Causal``, ``SlidingWindow``, ``BlockDiagonal``, ``BlockCausal``,
+``ChunkCausal``, ``GlobalTokens``, ``PrefixLM``, ``Explicit``; combine with ``&`` / ``|``),
+each with an analytic block classifier; ``glocal.kernels.schedule`` compiles a mask into the
+per-tile visit lists that block-sparse kernels follow.
 """
 
 from glocal.kernels import masks
 from glocal.kernels.api import IMPLEMENTATIONS, attention
 from glocal.kernels.reference import attention_reference
+from glocal.kernels.schedule import BlockSchedule, build_schedule
 
-__all__ = ["IMPLEMENTATIONS", "attention", "attention_reference", "masks"]
+__all__ = ["IMPLEMENTATIONS", "BlockSchedule", "attention", "attention_reference", "build_schedule", "masks"]

@@ -9,7 +9,10 @@ arrays (NumPy or jnp), so the same object serves three consumers:
 * the block-sparse kernels, which classify whole tiles without materialising them.
 
 Masks are static (hashable) so they can live on NNX modules and key jit caches.
-Combine with ``&`` and ``|``. Positions are absolute token indices; a cache slot that holds
+Combine with ``&`` and ``|``. ``mask.block_states(T, S, bq, bkv)`` classifies every
+``bq x bkv`` tile as EMPTY / PARTIAL / FULL analytically (interval arithmetic on the tile's
+corners), without materialising the ``T x S`` mask; combinators stay exact by evaluating
+only the tiles both operands call partial. Positions are absolute token indices; a cache slot that holds
 no token carries position ``-1`` and is excluded by the attention code, not by the mask.
 """
 
@@ -22,6 +25,55 @@ from typing import Any
 import numpy as np
 
 Array = Any  # np.ndarray or jax.Array: masks only use operators both support
+
+EMPTY, PARTIAL, FULL = 0, 1, 2  # block states
+
+
+class _Tiles:
+    """Tile bounds of a ``T x S`` grid cut into ``bq x bkv`` tiles (the last ones may be short):
+    first/last query row ``q0``/``q1`` as ``[nq, 1]`` and first/last key ``k0``/``k1`` as
+    ``[1, nk]`` (inclusive ends)."""
+
+    def __init__(self, T: int, S: int, bq: int, bkv: int):
+        if min(T, S, bq, bkv) < 1:
+            raise ValueError(f"sizes must be positive, got T={T} S={S} block_q={bq} block_kv={bkv}.")
+        self.T, self.S, self.bq, self.bkv = T, S, bq, bkv
+        self.nq, self.nk = -(-T // bq), -(-S // bkv)
+        qs, ks = np.arange(self.nq) * bq, np.arange(self.nk) * bkv
+        self.q0, self.q1 = qs[:, None], np.minimum(qs + bq, T)[:, None] - 1
+        self.k0, self.k1 = ks[None, :], np.minimum(ks + bkv, S)[None, :] - 1
+
+    def states(self, full, empty) -> np.ndarray:
+        full, empty = np.broadcast_arrays(np.asarray(full), np.asarray(empty))
+        out = np.full((self.nq, self.nk), PARTIAL, np.int8)
+        out[np.broadcast_to(full, out.shape)] = FULL
+        out[np.broadcast_to(empty, out.shape)] = EMPTY
+        return out
+
+    def exact(self, mask: "Mask", which: np.ndarray) -> np.ndarray:
+        """States of the tiles where ``which`` is True, by evaluating the mask on them."""
+        out = np.zeros((self.nq, self.nk), np.int8)
+        for i, j in zip(*np.nonzero(which)):
+            q = np.arange(self.q0[i, 0], self.q1[i, 0] + 1)[:, None]
+            k = np.arange(self.k0[0, j], self.k1[0, j] + 1)[None, :]
+            tile = np.broadcast_to(np.asarray(mask(q, k), bool), (q.shape[0], k.shape[1]))
+            out[i, j] = FULL if tile.all() else PARTIAL if tile.any() else EMPTY
+        return out
+
+
+def _interval_states(tiles: _Tiles, lo, hi) -> np.ndarray:
+    """States for masks of the form ``lo <= q - k <= hi`` (None = unbounded): every
+    difference between a tile's extremes occurs in a rectangle, so this is exact."""
+    dmin, dmax = tiles.q0 - tiles.k1, tiles.q1 - tiles.k0
+    full = np.ones_like(dmin, bool)
+    empty = np.zeros_like(dmin, bool)
+    if lo is not None:
+        full &= dmin >= lo
+        empty |= dmax < lo
+    if hi is not None:
+        full &= dmax <= hi
+        empty |= dmin > hi
+    return tiles.states(full, empty)
 
 
 class Mask(abc.ABC):
@@ -37,6 +89,14 @@ class Mask(abc.ABC):
         q = np.arange(T)[:, None]
         k = np.arange(S)[None, :]
         return np.broadcast_to(np.asarray(self(q, k), dtype=bool), (T, S)).copy()
+
+    def block_states(self, T: int, S: int, block_q: int, block_kv: int) -> np.ndarray:
+        """``int8 [ceil(T/bq), ceil(S/bkv)]``: EMPTY (0), PARTIAL (1) or FULL (2) per tile."""
+        return self._states(_Tiles(T, S, block_q, block_kv))
+
+    def _states(self, tiles: _Tiles) -> np.ndarray:
+        # Fallback for masks without an analytic rule: evaluate every tile.
+        return tiles.exact(self, np.ones((tiles.nq, tiles.nk), bool))
 
     @property
     def is_causal(self) -> bool:
@@ -65,6 +125,9 @@ class Full(Mask):
     def __call__(self, q_idx, k_idx):
         return (q_idx == q_idx) & (k_idx == k_idx)  # all-True, broadcast shape
 
+    def _states(self, tiles):
+        return tiles.states(True, False)
+
 
 @dataclasses.dataclass(frozen=True)
 class Causal(Mask):
@@ -77,6 +140,9 @@ class Causal(Mask):
 
     def __call__(self, q_idx, k_idx):
         return k_idx <= q_idx + self.offset
+
+    def _states(self, tiles):
+        return _interval_states(tiles, -self.offset, None)
 
     @property
     def is_causal(self) -> bool:
@@ -106,6 +172,9 @@ class SlidingWindow(Mask):
             return near & (k_idx <= q_idx)
         return near & (k_idx < q_idx + self.size)
 
+    def _states(self, tiles):
+        return _interval_states(tiles, 0 if self.causal else 1 - self.size, self.size - 1)
+
     @property
     def is_causal(self) -> bool:
         return self.causal
@@ -113,6 +182,156 @@ class SlidingWindow(Mask):
     @property
     def lookback(self) -> int | None:
         return self.size
+
+
+def _positive(name: str, value: int) -> None:
+    if int(value) < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiagonal(Mask):
+    """Full attention inside each block of ``size`` tokens, none across (FIT local groups,
+    encoder form): query ``q`` sees key ``k`` iff ``q // size == k // size``."""
+
+    size: int
+
+    def __post_init__(self):
+        _positive("BlockDiagonal size", self.size)
+
+    def __call__(self, q_idx, k_idx):
+        return q_idx // self.size == k_idx // self.size
+
+    def _states(self, tiles):
+        b = self.size
+        gq0, gq1, gk0, gk1 = tiles.q0 // b, tiles.q1 // b, tiles.k0 // b, tiles.k1 // b
+        return tiles.states((gq0 == gq1) & (gk0 == gk1) & (gq0 == gk0), (gq1 < gk0) | (gk1 < gq0))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockCausal(Mask):
+    """Causal inside each block of ``size`` tokens and blind across blocks (Block
+    Transformer's token decoder; FIT's local layers): ``q // size == k // size and k <= q``."""
+
+    size: int
+
+    def __post_init__(self):
+        _positive("BlockCausal size", self.size)
+
+    def __call__(self, q_idx, k_idx):
+        return (q_idx // self.size == k_idx // self.size) & (k_idx <= q_idx)
+
+    def _states(self, tiles):
+        return And(BlockDiagonal(self.size), Causal())._states(tiles)
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+    @property
+    def lookback(self) -> int | None:
+        return self.size
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkCausal(Mask):
+    """Full inside a chunk of ``size`` tokens and every earlier chunk visible: query ``q``
+    sees ``k`` iff ``k // size <= q // size`` (FIT's global layers over latent groups)."""
+
+    size: int
+
+    def __post_init__(self):
+        _positive("ChunkCausal size", self.size)
+
+    def __call__(self, q_idx, k_idx):
+        return k_idx // self.size <= q_idx // self.size
+
+    def _states(self, tiles):
+        b = self.size
+        return tiles.states(tiles.k1 // b <= tiles.q0 // b, tiles.k0 // b > tiles.q1 // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalTokens(Mask):
+    """The first ``n`` positions see every key and are seen by every query (attention sinks,
+    global latents). Alone it allows only those rows and columns; OR it with a local mask:
+    ``SlidingWindow(w) | (GlobalTokens(4) & Causal())`` is StreamingLLM's pattern."""
+
+    n: int
+
+    def __post_init__(self):
+        _positive("GlobalTokens n", self.n)
+
+    def __call__(self, q_idx, k_idx):
+        return (q_idx < self.n) | (k_idx < self.n)
+
+    def _states(self, tiles):
+        return tiles.states((tiles.q1 < self.n) | (tiles.k1 < self.n), (tiles.q0 >= self.n) & (tiles.k0 >= self.n))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixLM(Mask):
+    """Bidirectional over the first ``prefix`` tokens, causal after: ``k <= q or k < prefix``."""
+
+    prefix: int
+
+    def __post_init__(self):
+        if int(self.prefix) < 0:
+            raise ValueError(f"PrefixLM prefix must be >= 0, got {self.prefix}.")
+
+    def __call__(self, q_idx, k_idx):
+        return (k_idx <= q_idx) | (k_idx < self.prefix)
+
+    def _states(self, tiles):
+        full = tiles.k1 <= np.maximum(self.prefix - 1, tiles.q0)
+        return tiles.states(full, (tiles.k0 >= self.prefix) & (tiles.k0 > tiles.q1))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Explicit(Mask):
+    """An arbitrary boolean ``[T, S]`` array (tests, one-off patterns). Hashable by content;
+    indices outside the array are disallowed."""
+
+    array: np.ndarray
+
+    def __post_init__(self):
+        a = np.asarray(self.array, bool)
+        if a.ndim != 2:
+            raise ValueError(f"Explicit mask must be a 2-D [T, S] boolean array, got shape {a.shape}.")
+        a = a.copy()
+        a.flags.writeable = False
+        object.__setattr__(self, "array", a)
+        object.__setattr__(self, "_key", (a.shape, hash(a.tobytes())))
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return (isinstance(other, Explicit) and self._key == other._key
+                and np.array_equal(self.array, other.array))
+
+    def __call__(self, q_idx, k_idx):
+        T, S = self.array.shape
+        inside = (q_idx >= 0) & (q_idx < T) & (k_idx >= 0) & (k_idx < S)
+        if isinstance(q_idx, np.ndarray) or isinstance(k_idx, np.ndarray) or np.isscalar(q_idx):
+            q, k = np.broadcast_arrays(np.clip(q_idx, 0, T - 1), np.clip(k_idx, 0, S - 1))
+            return inside & self.array[q, k]
+        import jax.numpy as jnp
+
+        table = jnp.asarray(self.array)
+        return inside & table[jnp.clip(q_idx, 0, T - 1), jnp.clip(k_idx, 0, S - 1)]
+
+    def _states(self, tiles):
+        a = np.zeros((tiles.nq * tiles.bq, tiles.nk * tiles.bkv), bool)
+        valid = np.zeros_like(a)
+        T, S = min(tiles.T, self.array.shape[0]), min(tiles.S, self.array.shape[1])
+        a[:T, :S] = self.array[:T, :S]
+        valid[:tiles.T, :tiles.S] = True
+        a = a.reshape(tiles.nq, tiles.bq, tiles.nk, tiles.bkv)
+        valid = valid.reshape(a.shape)
+        any_ = a.any(axis=(1, 3))
+        all_ = (a | ~valid).all(axis=(1, 3))
+        return tiles.states(all_, ~any_)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +343,12 @@ class And(Mask):
 
     def __call__(self, q_idx, k_idx):
         return self.a(q_idx, k_idx) & self.b(q_idx, k_idx)
+
+    def _states(self, tiles):
+        sa, sb = self.a._states(tiles), self.b._states(tiles)
+        out = np.minimum(sa, sb)  # EMPTY wins; FULL only if both are; else the partial one
+        both_partial = (sa == PARTIAL) & (sb == PARTIAL)  # could be empty or partial: look
+        return np.where(both_partial, tiles.exact(self, both_partial), out).astype(np.int8)
 
     @property
     def is_causal(self) -> bool:
@@ -144,6 +369,12 @@ class Or(Mask):
 
     def __call__(self, q_idx, k_idx):
         return self.a(q_idx, k_idx) | self.b(q_idx, k_idx)
+
+    def _states(self, tiles):
+        sa, sb = self.a._states(tiles), self.b._states(tiles)
+        out = np.maximum(sa, sb)  # FULL wins; EMPTY only if both are
+        both_partial = (sa == PARTIAL) & (sb == PARTIAL)  # could be full or partial: look
+        return np.where(both_partial, tiles.exact(self, both_partial), out).astype(np.int8)
 
     @property
     def is_causal(self) -> bool:

@@ -1,7 +1,6 @@
 """End to end through the ``glocal`` command: train a tiny model, generate from it."""
 
 import json
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np

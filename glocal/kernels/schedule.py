@@ -88,7 +88,7 @@ def segment_states(q_segment_ids: np.ndarray, kv_segment_ids: np.ndarray, block_
     row has a shared id in the tile, FULL if every row's tile is one single shared id."""
     q = np.atleast_2d(np.asarray(q_segment_ids))
     k = np.atleast_2d(np.asarray(kv_segment_ids))
-    (B, T), S = q.shape, k.shape[1]
+    T, S = q.shape[1], k.shape[1]
     nq, nk = -(-T // block_q), -(-S // block_kv)
     out = np.full((nq, nk), EMPTY, np.int8)
     for i in range(nq):

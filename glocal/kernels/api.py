@@ -6,6 +6,8 @@
 * ``"dot_product"`` ``jax.nn.dot_product_attention`` (XLA, or cuDNN on GPU for the masks it
   understands natively: causal and causal sliding windows without positions).
 * ``"reference"``  dense float32 at HIGHEST precision: the oracle for tests.
+* ``"blockwise"``  pure JAX over the mask's block schedule: only visited tiles are computed,
+  memory linear in T, its own FlashAttention-style gradient (``glocal.kernels.blockwise``).
 * ``"auto"``       the best available for the platform and the call (``"xla"`` for now; the
   block-sparse kernels register themselves here when they land).
 """
@@ -19,7 +21,7 @@ from glocal.kernels import masks as masks_lib
 from glocal.kernels.reference import (allowed_pairs, attention_reference, dense_attention,
                                       split_segments)
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise")
 
 
 def attention(
@@ -35,6 +37,7 @@ def attention(
     softcap: float | None = None,
     impl: str = "auto",
     return_lse: bool = False,
+    block_sizes: tuple[int, int] | None = None,
 ):
     """Masked multi-head attention with grouped kv heads.
 
@@ -50,6 +53,7 @@ def attention(
       softcap: if set, logits become ``softcap * tanh(logits / softcap)`` before masking.
       impl: one of ``IMPLEMENTATIONS``.
       return_lse: also return the log-sum-exp ``[B, T, H]`` (float32).
+      block_sizes: ``(block_q, block_kv)`` tiles for the block-sparse implementations.
 
     Returns:
       ``[B, T, H, E]`` in q's dtype (and the lse if asked). Fully masked rows are 0.
@@ -68,6 +72,15 @@ def attention(
             q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
             kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse,
         )
+    if impl == "blockwise":
+        if q_positions is not None or kv_positions is not None:
+            raise ValueError("impl='blockwise' follows a static block schedule; positions (cached "
+                             "decoding) need impl='xla' or 'auto'.")
+        from glocal.kernels.blockwise import attention_blockwise
+
+        return attention_blockwise(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale,
+                                   softcap=softcap, block_sizes=block_sizes or (128, 128),
+                                   return_lse=return_lse)
     if impl == "dot_product" and not return_lse:
         if softcap is not None:
             raise ValueError(

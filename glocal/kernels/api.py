@@ -8,6 +8,8 @@
 * ``"reference"``  dense float32 at HIGHEST precision: the oracle for tests.
 * ``"blockwise"``  pure JAX over the mask's block schedule: only visited tiles are computed,
   memory linear in T, its own FlashAttention-style gradient (``glocal.kernels.blockwise``).
+* ``"pallas_tpu"`` our Pallas TPU (Mosaic) kernels on the same schedule, forward, dQ and
+  dK/dV (``glocal.kernels.pallas_tpu``); interpret mode off-TPU (tests on CPU).
 * ``"auto"``       the best available for the platform and the call (``"xla"`` for now; the
   block-sparse kernels register themselves here when they land).
 """
@@ -21,7 +23,7 @@ from glocal.kernels import masks as masks_lib
 from glocal.kernels.reference import (allowed_pairs, attention_reference, dense_attention,
                                       split_segments)
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu")
 
 
 def attention(
@@ -72,15 +74,16 @@ def attention(
             q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
             kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse,
         )
-    if impl == "blockwise":
+    if impl in ("blockwise", "pallas_tpu"):
         if q_positions is not None or kv_positions is not None:
-            raise ValueError("impl='blockwise' follows a static block schedule; positions (cached "
-                             "decoding) need impl='xla' or 'auto'.")
-        from glocal.kernels.blockwise import attention_blockwise
-
-        return attention_blockwise(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale,
-                                   softcap=softcap, block_sizes=block_sizes or (128, 128),
-                                   return_lse=return_lse)
+            raise ValueError(f"impl={impl!r} follows a static block schedule; positions (cached "
+                             f"decoding) need impl='xla' or 'auto'.")
+        if impl == "blockwise":
+            from glocal.kernels.blockwise import attention_blockwise as kernel
+        else:
+            from glocal.kernels.pallas_tpu import attention_pallas_tpu as kernel
+        return kernel(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, softcap=softcap,
+                      block_sizes=block_sizes or (128, 128), return_lse=return_lse)
     if impl == "dot_product" and not return_lse:
         if softcap is not None:
             raise ValueError(

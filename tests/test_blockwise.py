@@ -80,7 +80,7 @@ def test_blockwise_bfloat16(case):
         assert rms(a, b) < BF16_RMS
 
 
-@pytest.mark.parametrize("impl", ["blockwise", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["blockwise", "pallas_tpu", "pallas_gpu"])
 def test_unscheduled_tiles_are_never_read(impl):
     """Poison every K/V row outside query tile 2's schedule with NaN: its outputs and
     gradients stay finite and equal the reference on clean inputs."""

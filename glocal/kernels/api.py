@@ -10,6 +10,8 @@
   memory linear in T, its own FlashAttention-style gradient (``glocal.kernels.blockwise``).
 * ``"pallas_tpu"`` our Pallas TPU (Mosaic) kernels on the same schedule, forward, dQ and
   dK/dV (``glocal.kernels.pallas_tpu``); interpret mode off-TPU (tests on CPU).
+* ``"pallas_gpu"`` our Pallas Triton kernels on the same schedule (``glocal.kernels.pallas_gpu``);
+  interpret mode off-GPU.
 * ``"auto"``       the best available for the platform and the call (``"xla"`` for now; the
   block-sparse kernels register themselves here when they land).
 """
@@ -23,7 +25,8 @@ from glocal.kernels import masks as masks_lib
 from glocal.kernels.reference import (allowed_pairs, attention_reference, dense_attention,
                                       split_segments)
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu", "pallas_gpu")
+_BLOCK_SPARSE = ("blockwise", "pallas_tpu", "pallas_gpu")
 
 
 def attention(
@@ -74,16 +77,19 @@ def attention(
             q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
             kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse,
         )
-    if impl in ("blockwise", "pallas_tpu"):
+    if impl in _BLOCK_SPARSE:
         if q_positions is not None or kv_positions is not None:
             raise ValueError(f"impl={impl!r} follows a static block schedule; positions (cached "
                              f"decoding) need impl='xla' or 'auto'.")
         if impl == "blockwise":
             from glocal.kernels.blockwise import attention_blockwise as kernel
-        else:
+        elif impl == "pallas_tpu":
             from glocal.kernels.pallas_tpu import attention_pallas_tpu as kernel
+        else:
+            from glocal.kernels.pallas_gpu import attention_pallas_gpu as kernel
+        default_blocks = (64, 64) if impl == "pallas_gpu" else (128, 128)
         return kernel(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, softcap=softcap,
-                      block_sizes=block_sizes or (128, 128), return_lse=return_lse)
+                      block_sizes=block_sizes or default_blocks, return_lse=return_lse)
     if impl == "dot_product" and not return_lse:
         if softcap is not None:
             raise ValueError(

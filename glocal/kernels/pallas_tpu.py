@@ -23,36 +23,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from glocal.kernels import masks as masks_lib
 from glocal.kernels.schedule import build_schedule
-
-NEG = float(jnp.finfo(jnp.float32).min)
-
-
-def supports(mask) -> bool:
-    def walk(m):
-        if isinstance(m, masks_lib.Explicit):
-            return False
-        return all(walk(c) for c in (getattr(m, "a", None), getattr(m, "b", None)) if c is not None)
-    return walk(mask)
-
-
-def _logits(q, k, qpos, kpos, qseg, kseg, full, cfg):
-    """Scaled (capped) float32 logits of one tile, masked to NEG; also the mask and tanh."""
-    mask, S, scale, softcap = cfg
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    th = None
-    if softcap is not None:
-        th = jnp.tanh(s / softcap)
-        s = softcap * th
-    allowed = (mask(qpos[:, None], kpos[None, :]) | full) & (kpos[None, :] < S) & (qseg[:, None] == kseg[None, :])
-    return jnp.where(allowed, s, NEG), allowed, th
-
-
-def _positions(i, j_tile, bq, bkv):
-    return (i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq,), 0),
-            j_tile * bkv + jax.lax.broadcasted_iota(jnp.int32, (bkv,), 0))
-
+from glocal.kernels.tiles import NEG, positions as _positions, supports, tile_logits as _logits
 
 # -- forward ----------------------------------------------------------------------------------
 def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,

@@ -1,6 +1,6 @@
-"""Our Pallas TPU kernels (forward, dQ, dK/dV) in interpret mode against the f32 reference,
-plus the TPU-semantics interpreter (out-of-bounds block indices, races, uninitialised
-scratch) on a tiny case. Tolerances as in test_blockwise.py."""
+"""Our Pallas kernels, TPU (Mosaic) and GPU (Triton), forward, dQ and dK/dV, in interpret
+mode against the f32 reference; plus the TPU-semantics interpreter (out-of-bounds block
+indices, races, uninitialised scratch) on a tiny case. Tolerances as in test_blockwise.py."""
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +14,10 @@ from tests.test_blockwise import CASES, F32_GRAD_TOL, F32_TOL, inputs, run
 KERNEL_CASES = [0, 1, 4, 5, 7, 8]  # causal, window, block-causal (GQA 4:1), chunk|global, T != S, cross
 
 
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("case", KERNEL_CASES)
 @pytest.mark.parametrize("extra", ["plain", "softcap+segments"])
-def test_pallas_tpu_matches_reference(case, extra):
+def test_pallas_matches_reference(impl, case, extra):
     mask, T, S, H, K, E, blocks = CASES[case]
     q, k, v = inputs(T, S, H, K, E, seed=case)
     kw = {}
@@ -24,7 +25,7 @@ def test_pallas_tpu_matches_reference(case, extra):
         r = np.random.default_rng(case)
         kw = {"softcap": 4.0, "segment_ids": (jnp.asarray(np.sort(r.integers(0, 3, (2, T)), 1)),
                                               jnp.asarray(np.sort(r.integers(0, 3, (2, S)), 1)))}
-    o1, l1, g1 = run("pallas_tpu", q, k, v, mask, blocks, **kw)
+    o1, l1, g1 = run(impl, q, k, v, mask, blocks, **kw)
     o2, l2, g2 = run("reference", q, k, v, mask, blocks, **kw)
     np.testing.assert_allclose(o1, o2, atol=F32_TOL)
     fin = np.isfinite(np.asarray(l2))
@@ -55,7 +56,8 @@ def test_pallas_tpu_under_the_tpu_semantics_interpreter():
         np.testing.assert_allclose(a, b, atol=F32_GRAD_TOL)
 
 
-def test_explicit_masks_are_refused_with_a_pointer():
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_explicit_masks_are_refused_with_a_pointer(impl):
     q, k, v = inputs(16, 16, 2, 1, 16)
     with pytest.raises(ValueError, match="impl='blockwise'"):
-        attention(q, k, v, mask=M.Explicit(np.eye(16, dtype=bool)), impl="pallas_tpu")
+        attention(q, k, v, mask=M.Explicit(np.eye(16, dtype=bool)), impl=impl)

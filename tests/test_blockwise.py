@@ -28,6 +28,7 @@ CASES = [  # (mask, T, S, H, K, E, blocks)
     (M.Causal(offset=40), 48, 88, 4, 2, 16, (16, 16)),  # T != S: queries are the last 48
     (M.Full(), 40, 72, 2, 1, 16, (16, 32)),  # cross-attention shape
     (M.Explicit(rng0.random((50, 60)) < 0.15), 50, 60, 2, 1, 16, (16, 16)),  # empty rows
+    (M.SlidingWindow(33), 64, 64, 2, 1, 128, (32, 32)),  # E = 128
 ]
 
 
@@ -111,3 +112,23 @@ def test_positions_are_rejected_with_a_clear_error():
     q, k, v = inputs(8, 8, 2, 1, 16)
     with pytest.raises(ValueError, match="static block schedule"):
         attention(q, k, v, mask=M.Causal(), impl="blockwise", q_positions=jnp.zeros((1, 8), jnp.int32))
+
+
+def test_models_select_the_implementation_by_config():
+    """A transformer with attention_impl='blockwise' gives the same logits (and gradients)
+    as the default path, with and without packed segments."""
+    import glocal.models as gm
+    from flax import nnx
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 48)))
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], 2, 0).repeat(16, 1))
+    for kw in ({}, {"segment_ids_BT": seg}):
+        outs = []
+        for impl in ("xla", "blockwise"):
+            model = gm.build("transformer", "tiny", attention_impl=impl, layer_pattern="gs", sliding_window=12)
+            logits = model(tokens, **kw)
+            grads = nnx.grad(lambda m: jnp.mean(m(tokens, **kw) ** 2))(model)
+            outs.append((logits, jax.tree.leaves(nnx.state(grads, nnx.Param))))
+        np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5)
+        for a, b in zip(outs[0][1], outs[1][1]):
+            np.testing.assert_allclose(a, b, atol=2e-5)

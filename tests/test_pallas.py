@@ -61,3 +61,32 @@ def test_explicit_masks_are_refused_with_a_pointer(impl):
     q, k, v = inputs(16, 16, 2, 1, 16)
     with pytest.raises(ValueError, match="impl='blockwise'"):
         attention(q, k, v, mask=M.Explicit(np.eye(16, dtype=bool)), impl=impl)
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_bfloat16(impl):
+    mask, T, S, H, K, E, blocks = CASES[1]
+    q, k, v = inputs(T, S, H, K, E, dtype=jnp.bfloat16, seed=3)
+    o1, _, g1 = run(impl, q, k, v, mask, blocks)
+    o2, _, g2 = run("reference", q, k, v, mask, blocks)
+    rms = lambda a, b: float(jnp.sqrt(jnp.mean((a.astype(jnp.float32) - b.astype(jnp.float32)) ** 2))
+                             / jnp.sqrt(jnp.mean(b.astype(jnp.float32) ** 2)))
+    assert o1.dtype == jnp.bfloat16 and rms(o1, o2) < 1e-2
+    assert all(rms(a, b) < 1e-2 for a, b in zip(g1, g2))
+
+
+@pytest.mark.parametrize("name", ["causal", "local"])
+def test_agrees_with_jax_splash_attention(name):
+    """JAX's splash attention (interpret mode) as a second oracle on the masks it has."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    T, H, E = 256, 2, 64
+    q, k, v = inputs(T, T, H, H, E, B=1)
+    ours_mask = M.Causal() if name == "causal" else M.SlidingWindow(64)
+    head = sa.CausalMask((T, T)) if name == "causal" else sa.LocalMask((T, T), window_size=(63, 0), offset=0)
+    kernel = sa.make_splash_mha_single_device(sa.MultiHeadMask([head] * H), interpret=True)
+    to_hte = lambda x: jnp.swapaxes(x[0], 0, 1)  # [1, T, H, E] -> [H, T, E]
+    theirs = kernel(to_hte(q) * E**-0.5, to_hte(k), to_hte(v))
+    for impl in ("blockwise", "pallas_tpu"):
+        ours = attention(q, k, v, mask=ours_mask, impl=impl)
+        np.testing.assert_allclose(to_hte(ours), theirs, atol=2e-5)

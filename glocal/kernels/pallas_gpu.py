@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from glocal.kernels.schedule import build_schedule
-from glocal.kernels.tiles import NEG, positions, supports, tile_logits
+from glocal.kernels.tiles import NEG, call_tiled, custom_flash, positions, tile_logits
 
 
 def _compiler_params(E):
@@ -186,50 +186,19 @@ def _backward(statics, res, dout):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, qs, ks, statics):
-    return _forward(q, k, v, qs, ks, statics)
+def _check(bq, bkv, E, interpret):
+    pow2 = lambda n: n & (n - 1) == 0
+    if not interpret and not (pow2(bq) and pow2(bkv) and pow2(E)):
+        raise ValueError(f"Triton needs power-of-two block sizes and head dim; got blocks "
+                         f"({bq}, {bkv}) and E={E}.")
 
 
-def _flash_fwd(q, k, v, qs, ks, statics):
-    out, lse = _forward(q, k, v, qs, ks, statics)
-    return (out, lse), (q, k, v, qs, ks, out, lse)
-
-
-def _flash_bwd(statics, res, cts):
-    dq, dk, dv = _backward(statics, res, cts[0])
-    return dq, dk, dv, np.zeros(res[3].shape, jax.dtypes.float0), np.zeros(res[4].shape, jax.dtypes.float0)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = custom_flash(_forward, _backward)
 
 
 def attention_pallas_gpu(q, k, v, *, mask, segment_ids=None, scale=None, softcap=None,
                          block_sizes=(64, 64), return_lse=False, interpret=None):
     """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
-    if not supports(mask):
-        raise ValueError("impl='pallas_gpu' needs a mask with an arithmetic predicate; Explicit "
-                         "masks run with impl='blockwise'.")
-    B, T, H, E = q.shape
-    S = k.shape[1]
-    bq, bkv = min(block_sizes[0], T), min(block_sizes[1], S)
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
-    if not interpret:
-        pow2 = lambda n: n & (n - 1) == 0
-        if not (pow2(bq) and pow2(bkv) and pow2(E)):
-            raise ValueError(f"Triton needs power-of-two block sizes and head dim; got blocks "
-                             f"({bq}, {bkv}) and E={E}.")
-    Tp, Sp = -(-T // bq) * bq, -(-S // bkv) * bkv
-    if segment_ids is None:
-        q_seg, kv_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-    else:
-        q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    heads_major = lambda x, n: jnp.swapaxes(pad(x, n), 1, 2)
-    statics = (mask, S, E**-0.5 if scale is None else float(scale), None if softcap is None else float(softcap),
-               bq, bkv, interpret)
-    out, lse = _flash(heads_major(q, Tp), heads_major(k, Sp), heads_major(v, Sp),
-                      pad(q_seg.astype(jnp.int32), Tp), pad(kv_seg.astype(jnp.int32), Sp), statics)
-    out = jnp.swapaxes(out, 1, 2)[:, :T]
-    return (out, jnp.swapaxes(lse, 1, 2)[:, :T]) if return_lse else out
+    return call_tiled(_flash, "pallas_gpu", "gpu", q, k, v, mask=mask, segment_ids=segment_ids,
+                      scale=scale, softcap=softcap, block_sizes=block_sizes, return_lse=return_lse,
+                      interpret=interpret, check=_check)

@@ -17,11 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from glocal.kernels.schedule import build_schedule
-from glocal.kernels.tiles import NEG, call_tiled, custom_flash, positions, tile_logits
+from glocal.kernels.tiles import NEG, call_tiled, custom_flash, positions, schedule_tables, tile_logits
 
 
 def _compiler_params(E):
@@ -61,17 +60,13 @@ def _fwd_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref,
     lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 
-def _tables(count, index, full):
-    return jnp.asarray(count), jnp.asarray(index), jnp.asarray(full.astype(np.int32))
-
-
 def _forward(q, k, v, qs, ks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
     G = H // K
     sch = build_schedule(mask, Tp, Sp, bq, bkv)
-    tables = _tables(sch.kv_count, sch.kv_index, sch.kv_full)
+    tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0))
     kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // G, 0, 0))
     out, lse = pl.pallas_call(
@@ -157,7 +152,7 @@ def _backward(statics, res, dout):
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     params = None if interpret else _compiler_params(E)
 
-    fwd_tables = _tables(sch.kv_count, sch.kv_index, sch.kv_full)
+    fwd_tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0))
     kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // G, 0, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
@@ -170,7 +165,7 @@ def _backward(statics, res, dout):
         interpret=interpret, compiler_params=params,
     )(*fwd_tables, q, k, v, qs, ks, dout, lse, delta)
 
-    bwd_tables = _tables(sch.q_count, sch.q_index, sch.q_full)
+    bwd_tables = schedule_tables(sch.q_count, sch.q_index, sch.q_full)
     heads = pl.BlockSpec((None, G, Tp, E), lambda b, kh, j: (b, kh, 0, 0))  # the G heads of kv head kh
     head_rows = pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0))
     kv_tile = pl.BlockSpec((None, None, bkv, E), lambda b, kh, j: (b, kh, j, 0))

@@ -19,12 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from glocal.kernels.schedule import build_schedule
-from glocal.kernels.tiles import NEG, call_tiled, custom_flash, positions as _positions, tile_logits as _logits
+from glocal.kernels.tiles import (NEG, call_tiled, custom_flash, positions as _positions, schedule_tables,
+                                 tile_logits as _logits)
 
 # -- forward ----------------------------------------------------------------------------------
 def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
@@ -88,8 +88,7 @@ def _forward(q, k, v, qs, ks, statics):
         kernel, grid_spec=grid, interpret=interpret,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-    )(jnp.asarray(sch.kv_count), jnp.asarray(sch.kv_index), jnp.asarray(sch.kv_full.astype(np.int32)),
-      q, k, v, qs, ks)
+    )(*schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full), q, k, v, qs, ks)
     return out, lse
 
 
@@ -164,7 +163,7 @@ def _backward(statics, res, dout):
     sch = build_schedule(mask, Tp, Sp, bq, bkv)
     cfg = (mask, S, scale, softcap)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    tables = (jnp.asarray(sch.kv_count), jnp.asarray(sch.kv_index), jnp.asarray(sch.kv_full.astype(np.int32)))
+    tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     W = sch.kv_index.shape[1]
     qspec, kvspec, qsspec, ksspec, lspec = _specs(sch, G, E, bq, bkv)
     dq = pl.pallas_call(
@@ -196,8 +195,7 @@ def _backward(statics, res, dout):
         interpret=interpret,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
-    )(jnp.asarray(sch.q_count), jnp.asarray(sch.q_index), jnp.asarray(sch.q_full.astype(np.int32)),
-      q, k, v, qs, ks, dout, lse, delta)
+    )(*schedule_tables(sch.q_count, sch.q_index, sch.q_full), q, k, v, qs, ks, dout, lse, delta)
     return dq, dk, dv
 
 

@@ -43,6 +43,11 @@ def positions(i, j_tile, bq, bkv):
             j_tile * bkv + jax.lax.broadcasted_iota(jnp.int32, (bkv,), 0))
 
 
+def schedule_tables(count, index, full):
+    """A schedule's (count, index, full) lists as device arrays for a kernel (flags as int32)."""
+    return jnp.asarray(count), jnp.asarray(index), jnp.asarray(full.astype(np.int32))
+
+
 def custom_flash(forward, backward):
     """``flash(q, k, v, q_seg, kv_seg, statics) -> (out, lse)`` differentiable in q, k, v.
 

@@ -9,6 +9,7 @@ import glocal
 import glocal.models as gm
 from glocal.generation import sample_logits
 from glocal.tokenizers import ByteTokenizer, get_tokenizer
+from tests.lm_checks import argmax_by_full_forwards
 
 
 @pytest.fixture(scope="module")
@@ -16,18 +17,6 @@ def model():
     # Sliding-window layers too, so generation crosses the ring buffers' wrap-around.
     return gm.build("transformer", "tiny", num_layers=2, layer_pattern="sg", sliding_window=5,
                     max_seq_len=64, seed=3)
-
-
-def argmax_by_full_forwards(model, prompt, n):
-    seq, out = list(prompt), []
-    fwd = jax.jit(lambda t: model(t))
-    for _ in range(n):
-        # Right-pad to one fixed length (one compile); causality makes position len-1 exact.
-        padded = jnp.zeros((1, 32), jnp.int32).at[0, : len(seq)].set(jnp.asarray(seq))
-        nxt = int(jnp.argmax(fwd(padded)[0, len(seq) - 1]))
-        out.append(nxt)
-        seq.append(nxt)
-    return out
 
 
 def test_greedy_equals_repeated_full_forwards_for_ragged_batch(model):

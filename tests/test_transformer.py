@@ -10,6 +10,7 @@ from flax import nnx
 
 import glocal.models as gm
 from glocal.configs import ConfigError
+from tests.lm_checks import assert_causal, assert_decode_matches
 
 RNG = np.random.default_rng(0)
 T = 40
@@ -33,57 +34,12 @@ def tokens(B, T_, vocab=256):
 
 @pytest.mark.parametrize("which", ["tiny", "windowed"])
 def test_causality_perturbation(which, request):
-    model = request.getfixturevalue(which)
-    f = jax.jit(lambda t: nnx.merge(*nnx.split(model))(t))
-    x = tokens(2, T)
-    base = f(x)
-    for i in (0, 17, T - 1):
-        y = f(x.at[:, i].set((x[:, i] + 1) % 256))
-        np.testing.assert_array_equal(y[:, :i], base[:, :i])  # strictly earlier outputs unchanged
-        assert np.abs(np.asarray(y[:, i:]) - np.asarray(base[:, i:])).max() > 1e-4
-
-
-def _decode_all(model, x, prompt_lengths):
-    """Prefill ragged prompts, then decode the rest of x one token at a time."""
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def prefill(state, toks, lengths, cache):
-        return nnx.merge(graphdef, state).prefill(toks, lengths, cache)
-
-    @jax.jit
-    def decode(state, tok, cache):
-        return nnx.merge(graphdef, state).decode(tok, cache)
-
-    B, T_ = x.shape
-    cache = model.init_cache(B, T_)
-    P = max(prompt_lengths)
-    lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    padded = jnp.where(jnp.arange(P)[None] < lengths[:, None], x[:, :P], 0)
-    logits, cache = prefill(state, padded, lengths, cache)
-    per_row = {b: {L - 1: logits[b]} for b, L in enumerate(prompt_lengths)}
-    for step in range(T_ - min(prompt_lengths)):
-        pos = np.minimum(np.asarray(prompt_lengths) + step, T_ - 1)
-        tok = x[jnp.arange(B), pos]
-        logits, cache = decode(state, tok, cache)
-        for b in range(B):
-            if prompt_lengths[b] + step < T_:
-                per_row[b][prompt_lengths[b] + step] = logits[b]
-    return per_row, cache
+    assert_causal(request.getfixturevalue(which), tokens(2, T), (0, 17, T - 1))
 
 
 @pytest.mark.parametrize("which", ["tiny", "windowed"])
 def test_decode_with_cache_equals_teacher_forcing_at_every_position(which, request):
-    model = request.getfixturevalue(which)
-    x = tokens(3, T)
-    want = model(x)
-    per_row, cache = _decode_all(model, x, [1, 9, 16])
-    for b, got in per_row.items():
-        for t, logits in got.items():
-            np.testing.assert_allclose(logits, want[b, t], rtol=2e-5, atol=2e-5, err_msg=f"row {b} pos {t}")
-        assert sorted(got) == list(range(min(got), T))
-    steps = T - 1  # every row decodes as often as the shortest prompt needs
-    np.testing.assert_array_equal(cache.length_B, [1 + steps, 9 + steps, 16 + steps])
+    assert_decode_matches(request.getfixturevalue(which), tokens(3, T), [1, 9, 16])
 
 
 def test_ring_buffer_memory_does_not_grow(windowed):

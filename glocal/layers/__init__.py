@@ -6,6 +6,7 @@
 from glocal.kernels.masks import Causal, Full, SlidingWindow
 from glocal.layers.attention import Attention
 from glocal.layers.cache import KVCache, RingKVCache
+from glocal.layers.cross import CrossAttention
 from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
 from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
@@ -13,6 +14,6 @@ from glocal.layers.params import param
 from glocal.layers.rope import RoPE, apply_rope
 
 __all__ = [
-    "Attention", "Causal", "Embed", "Full", "KVCache", "LayerNorm", "MLP", "RMSNorm",
+    "Attention", "Causal", "CrossAttention", "Embed", "Full", "KVCache", "LayerNorm", "MLP", "RMSNorm",
     "RingKVCache", "RoPE", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param",
 ]

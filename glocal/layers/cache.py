@@ -126,3 +126,19 @@ class LayerView:
     def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None) -> "LayerView":
         return dataclasses.replace(
             self, stack=self.stack.update(k_BTKE, v_BTKE, positions_BT, valid_BT, layer=self.layer))
+
+
+def stack_cache(cache: KVCache, n: int) -> KVCache:
+    """``n`` copies of an empty cache stacked on a leading ``layers`` axis (one per layer of
+    a scanned stack); read and written through ``LayerView``."""
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), cache)
+
+
+def clear_rows(cache: KVCache, rows_B) -> KVCache:
+    """Mark every slot of the rows where ``rows_B`` is true empty (works on stacked caches)."""
+    return dataclasses.replace(cache, pos_BS=jnp.where(rows_B[:, None], -1, cache.pos_BS))
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes held by every array leaf of a pytree (works on ``jax.eval_shape`` results)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))

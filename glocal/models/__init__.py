@@ -8,11 +8,15 @@ from glocal.models.registry import (
     build, build_from_config, config_class, get_config, list_models, list_presets, model_name, register,
     split_config_name,
 )
+from glocal.models.block_transformer import BlockTransformer, BlockTransformerCache, BlockTransformerConfig
+from glocal.models.fit import FIT, FITCache, FITConfig
 from glocal.models.transformer import Transformer, TransformerCache, TransformerConfig
 
 register("transformer", TransformerConfig, Transformer)
+register("fit", FITConfig, FIT)
+register("block", BlockTransformerConfig, BlockTransformer)
 
 __all__ = [
-    "Transformer", "TransformerCache", "TransformerConfig", "build", "build_from_config", "config_class",
+    "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "FIT", "FITCache", "FITConfig", "Transformer", "TransformerCache", "TransformerConfig", "build", "build_from_config", "config_class",
     "get_config", "list_models", "list_presets", "model_name", "register", "split_config_name",
 ]

@@ -72,3 +72,26 @@ def run_stack(
         carry, y = body(carry, jax.tree.map(lambda a: a[i], (state, xs)))
         ys.append(y)
     return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jax.numpy.stack(a), *ys))
+
+
+def run_cached_stack(stacked: nnx.Module, x: Any, caches: Any, call: Callable, *, scan: bool = True,
+                     remat: str = "none"):
+    """Run a stack whose layers each own one slice of stacked caches (decoding).
+
+    ``caches`` is a pytree of caches stacked over the layers (``KVCache`` leaves with a
+    leading ``layers`` axis); ``call(layer, x, views) -> (x, views)`` gets per-layer
+    ``LayerView``s. The stacks ride in the carry and each layer writes its slice in place
+    (scan outputs would copy the whole cache every step). Returns ``(x, caches)``.
+    """
+    from glocal.layers.cache import KVCache, LayerView
+
+    is_cache = lambda c: isinstance(c, KVCache)
+    n = jax.tree.leaves(nnx.state(stacked))[0].shape[0]
+
+    def apply(layer, carry, i):
+        x, stacks = carry
+        x, views = call(layer, x, jax.tree.map(lambda c: LayerView(c, i), stacks, is_leaf=is_cache))
+        return (x, jax.tree.map(lambda v: v.stack, views, is_leaf=lambda v: isinstance(v, LayerView))), None
+
+    (x, caches), _ = run_stack(stacked, (x, caches), jax.numpy.arange(n), apply, scan=scan, remat=remat)
+    return x, caches

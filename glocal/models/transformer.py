@@ -27,10 +27,10 @@ from glocal.configs.base import ConfigError, ModelConfig
 from glocal.kernels import IMPLEMENTATIONS
 from glocal.kernels.masks import Causal, Mask, SlidingWindow
 from glocal.layers import MLP, Attention, Embed, KVCache, RingKVCache, Unembed, make_norm
-from glocal.layers.cache import LayerView
+from glocal.layers.cache import tree_nbytes
 from glocal.layers.mlp import ACTIVATIONS
 from glocal.sharding import constrain
-from glocal.models.stack import REMAT_POLICIES, run_stack, stack_modules
+from glocal.models.stack import REMAT_POLICIES, run_cached_stack, run_stack, stack_modules
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -172,7 +172,7 @@ class TransformerCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.layers_P))
+        return tree_nbytes(self)
 
 
 class Transformer(nnx.Module):
@@ -199,16 +199,8 @@ class Transformer(nnx.Module):
                                  scan=cfg.scan_layers, remat=cfg.remat)
             return self.final_norm(x_BTD), None
 
-        # Decoding: the stacked caches ride in the carry and each unit writes its layer in
-        # place through a LayerView (scan outputs would copy the whole cache every step).
-        def apply(unit, carry, i):
-            x, caches = carry
-            x, views = unit(x, tuple(LayerView(c, i) for c in caches), **kw)
-            return (x, tuple(v.stack for v in views)), None
-
-        n_units = cfg.num_layers // len(cfg.layer_pattern)
-        (x_BTD, caches_P), _ = run_stack(self.units, (x_BTD, caches_P), jnp.arange(n_units), apply,
-                                         scan=cfg.scan_layers, remat=cfg.remat)
+        x_BTD, caches_P = run_cached_stack(self.units, x_BTD, caches_P, lambda unit, x, views: unit(x, views, **kw),
+                                           scan=cfg.scan_layers, remat=cfg.remat)
         return self.final_norm(x_BTD), caches_P
 
     def _logits(self, x_BTD):
@@ -266,6 +258,15 @@ class Transformer(nnx.Module):
                                          cfg.kv_heads, cfg.head_size, cfg.dtype)
             layers.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (n_units,) + a.shape), one))
         return TransformerCache(layers_P=tuple(layers), length_B=jnp.zeros((batch_size,), jnp.int32))
+
+    def cache_nbytes(self, batch_size: int, length: int) -> int:
+        """The cache size by formula: ``2 K E`` elements and one int32 position per slot, one
+        slot per token for global layers and per window token for window layers."""
+        cfg = self.config
+        item = jnp.dtype(cfg.dtype).itemsize
+        slots = sum(length if kind == "g" else min(cfg.sliding_window, length) for kind in cfg.layer_pattern)
+        slots *= cfg.num_layers // len(cfg.layer_pattern)
+        return batch_size * (slots * (2 * cfg.kv_heads * cfg.head_size * item + 4) + 4)
 
     def prefill(self, tokens_BT, lengths_B, cache: TransformerCache):
         """Consume right-padded prompts (``lengths_B`` real tokens each) after what the cache

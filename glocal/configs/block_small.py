@@ -1,0 +1,11 @@
+"""Small Block Transformer that trains on a 2-core CPU, matched to ``transformer_small``:
+the baseline's 4 layers split 1:1 into a 2-layer block decoder and a 2-layer token decoder
+(d=256, GQA 4:2, SwiGLU 768), blocks of 4 tokens, prefix 2; 3.28M non-embedding parameters
+(baseline 3.15M)."""
+
+CONFIG = dict(
+    vocab_size=384, block_size=4, prefix_len=2,
+    d_block=256, block_layers=2, block_heads=4, block_kv_heads=2, block_d_ff=768,
+    d_token=256, token_layers=2, token_heads=4, token_kv_heads=2, token_d_ff=768,
+    max_seq_len=512,
+)

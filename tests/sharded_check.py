@@ -1,6 +1,7 @@
 """Run by test_sharding.py in its own process: 8 fake CPU devices must be set before JAX
 starts. Trains the same tiny run on 1 device and on 8 devices under each rule table,
-restores a sharded checkpoint onto another mesh, and prints the comparison as JSON."""
+restores a sharded checkpoint onto another mesh, trains FIT and the Block Transformer
+on 1 vs 8 devices (fsdp_tp), and prints the comparison as JSON."""
 
 import json
 import os
@@ -43,6 +44,14 @@ def main(corpus: str, out: str) -> None:
     r_moved = train(None, out / "fsdp_tp", {"steps": "4", "mesh.data": "1", "mesh.fsdp": "8",
                                             "mesh.tensor": "1", "sharding": "fsdp"})
     result["moved"] = {"loss": loss(r_moved), "one_loss": loss(r_one)}
+    # The global-local models under the richest table (every parameter and activation
+    # name they use must map cleanly onto the mesh).
+    result["models"] = {}
+    for name in ("fit_tiny", "block_tiny"):
+        a = train(name, out / f"{name}_one", {**run, "mesh.data": "1"}, devices=jax.devices()[:1])
+        b = train(name, out / f"{name}_tp", {**run, "sharding": "fsdp_tp", **MESHES["fsdp_tp"]})
+        result["models"][name] = {"one": loss(a), "fsdp_tp": loss(b),
+                                  "param_rel_diff": rel(params(out / f"{name}_tp"), params(out / f"{name}_one"))}
     print("RESULT " + json.dumps(result))
 
 

@@ -48,6 +48,11 @@ def block_odd():
                     token_heads=2, token_kv_heads=1, max_seq_len=48, seed=4)
 
 
+@pytest.fixture(scope="module")
+def transformer():
+    return gm.build("transformer", "tiny", num_layers=2, layer_pattern="sg", sliding_window=6, max_seq_len=64)
+
+
 MODELS = ["fit", "fit_wide", "block", "block_odd"]
 
 
@@ -90,7 +95,7 @@ def test_generate_greedy_equals_repeated_full_forwards(which, request):
         assert g == argmax_by_full_forwards(model, p, 14)
 
 
-@pytest.mark.parametrize("which", MODELS)
+@pytest.mark.parametrize("which", MODELS + ["transformer"])
 def test_cache_size_equals_formula(which, request):
     model = request.getfixturevalue(which)
     sizes = {}
@@ -108,7 +113,7 @@ def test_cache_size_equals_formula(which, request):
                             for _, b in cfg.units)
         groups = lambda L: -(-L // cfg.group_size)
         assert sizes[24] - sizes[8] == per_group * (groups(24) - groups(8))
-    else:
+    elif which.startswith("block"):
         bc = cfg.block_config
         per_block = 3 * cfg.block_layers * (2 * bc.kv_heads * bc.head_size * 4 + 4)
         assert sizes[24] - sizes[8] == per_block * (-(-24 // cfg.block_size) - -(-8 // cfg.block_size))
@@ -214,3 +219,21 @@ def test_bfloat16_compute_tracks_float32(name):
     a, b = np.asarray(f32(x)), np.asarray(bf16(x))
     assert b.dtype == np.float32
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("name", ["fit_tiny", "block_tiny"])
+def test_trains_resumes_and_evaluates_through_the_trainer(name, tmp_path):
+    from glocal import checkpoint
+    from glocal.train.trainer import train
+    from tests.test_data import make_folder
+
+    corpus = make_folder(tmp_path / "corpus")
+    run = {"batch_size": "4", "seq_len": "32", "eval_batches": "2", "log_every": "1", "sample_tokens": "8",
+           "warmup_steps": "1", "checkpoint_every": "3", "data": str(corpus), "tensorboard": "false"}
+    first = train(name, tmp_path / "wd", {**run, "steps": "6"})
+    losses = [h["loss"] for h in first["history"]]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    again = train(None, tmp_path / "wd", {"steps": "7"})  # resume from step 6
+    assert again["step"] == 7
+    model, step = checkpoint.load_model(tmp_path / "wd")
+    assert step == 7 and type(model).__name__ == type(gm.build(*gm.split_config_name(name))).__name__

@@ -34,6 +34,13 @@ def sharded(tmp_path_factory):
     return json.loads(line[0][len("RESULT "):])
 
 
+@pytest.mark.parametrize("name", ["fit_tiny", "block_tiny"])
+def test_global_local_models_shard_like_one_device(sharded, name):
+    r = sharded["models"][name]
+    np.testing.assert_allclose(r["fsdp_tp"], r["one"], rtol=1e-5)
+    assert r["param_rel_diff"] < 1e-5
+
+
 @pytest.mark.parametrize("table", sorted(RULE_TABLES))
 def test_eight_device_step_equals_one_device(sharded, table):
     assert sharded["devices"] == 8

@@ -27,14 +27,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glocal.configs.base import ConfigError, ModelConfig
-from glocal.kernels import IMPLEMENTATIONS
 from glocal.kernels.masks import Causal
 from glocal.layers import Embed, KVCache, Unembed, make_norm
 from glocal.layers.cache import clear_rows, stack_cache, tree_nbytes
-from glocal.layers.mlp import ACTIVATIONS
 from glocal.layers.params import fan_in_init, param
-from glocal.models.stack import REMAT_POLICIES, run_cached_stack, run_stack, stack_modules
-from glocal.models.transformer import DTYPES, Block, TransformerConfig, check_tokens
+from glocal.models.stack import run_decoder_layers, stack_modules
+from glocal.models.transformer import Block, TransformerConfig, check_layer_choices, check_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +76,7 @@ class BlockTransformerConfig(ModelConfig):
             raise ConfigError(f"d_block={self.d_block} is not divisible by block_size={self.block_size}: "
                               f"a block vector concatenates block_size token embeddings of width "
                               f"d_block / block_size.")
-        for name, allowed in (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
-                              ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
-                              ("attention_impl", IMPLEMENTATIONS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        check_layer_choices(self)
         self.block_config, self.token_config  # width/head checks with clear messages
 
     @property
@@ -154,12 +148,7 @@ class BlockTransformer(nnx.Module):
     # -- pieces ------------------------------------------------------------------------------
     def _stack(self, stacked, x, positions, caches=None, valid=None):
         cfg = self.config
-        if caches is None:
-            x, _ = run_stack(stacked, x, None, lambda blk, h, _: (blk(h, positions_BT=positions)[0], None),
-                             scan=cfg.scan_layers, remat=cfg.remat)
-            return x, None
-        call = lambda blk, h, view: blk(h, positions_BT=positions, cache=view, valid_BT=valid)
-        return run_cached_stack(stacked, x, caches, call, scan=cfg.scan_layers, remat=cfg.remat)
+        return run_decoder_layers(stacked, x, positions, caches, valid, scan=cfg.scan_layers, remat=cfg.remat)
 
     def _embed_blocks(self, tokens_BNL):
         B, N, L = tokens_BNL.shape

@@ -39,15 +39,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glocal.configs.base import ConfigError, ModelConfig
-from glocal.kernels import IMPLEMENTATIONS
 from glocal.kernels.masks import Causal, ChunkCausal, Full
 from glocal.layers import Embed, KVCache, Unembed, make_norm
 from glocal.layers.cache import clear_rows, stack_cache, tree_nbytes
 from glocal.layers.cross import CrossAttention
-from glocal.layers.mlp import ACTIVATIONS
 from glocal.layers.params import param
-from glocal.models.stack import REMAT_POLICIES, run_cached_stack, run_stack, stack_modules
-from glocal.models.transformer import DTYPES, Block, TransformerConfig, check_tokens
+from glocal.models.stack import run_decoder_layers, stack_modules
+from glocal.models.transformer import Block, TransformerConfig, check_layer_choices, check_tokens
 
 
 def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
@@ -106,11 +104,7 @@ class FITConfig(ModelConfig):
             raise ConfigError(
                 f"max_seq_len={self.max_seq_len} is not a multiple of group_size={self.group_size}; "
                 f"use max_seq_len={lo or self.group_size} or {lo + self.group_size}.")
-        for name, allowed in (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
-                              ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
-                              ("attention_impl", IMPLEMENTATIONS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        check_layer_choices(self)
         self.local_config, self.global_config  # width/head checks with clear messages
         width = min(self.d_model, self.latent_width)
         if width % self.cross_heads:
@@ -215,12 +209,7 @@ class FIT(nnx.Module):
     # -- pieces ------------------------------------------------------------------------------
     def _stack(self, stacked, x, positions, caches=None, valid=None):
         cfg = self.config
-        if caches is None:
-            x, _ = run_stack(stacked, x, None, lambda blk, h, _: (blk(h, positions_BT=positions)[0], None),
-                             scan=cfg.scan_layers, remat=cfg.remat)
-            return x, None
-        call = lambda blk, h, view: blk(h, positions_BT=positions, cache=view, valid_BT=valid)
-        return run_cached_stack(stacked, x, caches, call, scan=cfg.scan_layers, remat=cfg.remat)
+        return run_decoder_layers(stacked, x, positions, caches, valid, scan=cfg.scan_layers, remat=cfg.remat)
 
     def _start_latents(self, *lead):
         return jnp.broadcast_to(self.latents_MD[...].astype(self.config.dtype), (*lead, *self.latents_MD.shape))

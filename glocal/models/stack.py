@@ -95,3 +95,16 @@ def run_cached_stack(stacked: nnx.Module, x: Any, caches: Any, call: Callable, *
 
     (x, caches), _ = run_stack(stacked, (x, caches), jax.numpy.arange(n), apply, scan=scan, remat=remat)
     return x, caches
+
+
+def run_decoder_layers(stacked: nnx.Module, x, positions, caches=None, valid=None, *, scan: bool = True,
+                       remat: str = "none"):
+    """Run stacked decoder layers (``transformer.Block``: ``block(x, positions_BT=, cache=,
+    valid_BT=) -> (x, cache)``) on ``x`` at ``positions``; with ``caches`` (stacked
+    ``KVCache``) they read and write their KV slices. Returns ``(x, caches)``."""
+    if caches is None:
+        x, _ = run_stack(stacked, x, None, lambda blk, h, _: (blk(h, positions_BT=positions)[0], None),
+                         scan=scan, remat=remat)
+        return x, None
+    call = lambda blk, h, view: blk(h, positions_BT=positions, cache=view, valid_BT=valid)
+    return run_cached_stack(stacked, x, caches, call, scan=scan, remat=remat)

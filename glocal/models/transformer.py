@@ -103,12 +103,7 @@ class TransformerConfig(ModelConfig):
                     f"max_seq_len={self.max_seq_len}: such a window is just global attention. "
                     f"Use sliding_window <= {self.max_seq_len} or layer_pattern='g'."
                 )
-        checks = (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
-                  ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
-                  ("attention_impl", IMPLEMENTATIONS))
-        for name, allowed in checks:
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        check_layer_choices(self)
 
     @property
     def kv_heads(self) -> int:
@@ -283,6 +278,15 @@ class Transformer(nnx.Module):
     def decode(self, tokens_B, cache: TransformerCache):
         """One new token per sequence -> next-token logits ``[B, V]`` and the updated cache."""
         return self.prefill(tokens_B[:, None], jnp.ones_like(cache.length_B), cache)
+
+
+def check_layer_choices(cfg) -> None:
+    """The layer options every family shares (activation, norm, dtypes, remat, attention)."""
+    for name, allowed in (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
+                          ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
+                          ("attention_impl", IMPLEMENTATIONS)):
+        if getattr(cfg, name) not in allowed:
+            raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}.")
 
 
 def check_tokens(tokens_BT, vocab_size: int) -> None:

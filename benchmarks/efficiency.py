@@ -113,11 +113,12 @@ def train_step_fn(model):
 
 
 def section_train(args):
-    print("\n## training step (forward + backward, batch 1): compiled temp memory and tokens/s")
+    print(f"\n## training step (forward + backward, batch 1, attention_impl={args.attention_impl}): "
+          f"compiled temp memory and tokens/s")
     for name in args.models:
         cells = []
         for L in args.train_lens:
-            model = build(name, args.preset, L + 1)
+            model = build(name, args.preset, L + 1, attention_impl=args.attention_impl)
             step, state = train_step_fn(model)
             x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (1, L + 1)), jnp.int32)
             compiled = step.lower(state, x).compile()
@@ -212,6 +213,8 @@ def main():
     p.add_argument("--preset", default="small")
     p.add_argument("--train-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--time-max-len", type=int, default=4096, help="time the train step up to this L")
+    p.add_argument("--attention-impl", default="xla",
+                   help="attention for the train section (xla = dense, as recorded; auto = the library default)")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])

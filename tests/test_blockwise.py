@@ -132,3 +132,25 @@ def test_models_select_the_implementation_by_config():
         np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5)
         for a, b in zip(outs[0][1], outs[1][1]):
             np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_auto_picks_blockwise_on_cpu_only_where_it_measured_faster():
+    from glocal.kernels import auto_impl
+
+    cpu = dict(platform="cpu")
+    assert auto_impl(M.Causal(), 1024, 1024, **cpu) == "xla"  # short: the dense path is faster
+    assert auto_impl(M.SlidingWindow(256), 1024, 1024, **cpu) == "xla"
+    assert auto_impl(M.Causal(), 2048, 2048, **cpu) == "blockwise"
+    assert auto_impl(M.SlidingWindow(256), 4096, 4096, **cpu) == "blockwise"
+    assert auto_impl(M.Full(), 4096, 4096, **cpu) == "xla"  # nothing to skip
+    assert auto_impl(M.SlidingWindow(256), 4096, 4096, positions=True, **cpu) == "xla"  # cached calls
+    assert auto_impl(M.SlidingWindow(256), 4096, 4096, platform="gpu") == "xla"  # kernels untried on hardware
+    # And what auto runs is right: a 2k window with GQA and a soft-cap against the oracle.
+    key = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(key[0], (1, 2048, 2, 16))
+    k, v = (jax.random.normal(kk, (1, 2048, 1, 16)) for kk in key[1:])
+    mask = M.SlidingWindow(200)
+    assert auto_impl(mask, 2048, 2048) == "blockwise"  # this machine is a CPU
+    got = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, softcap=20.0))(q, k, v)
+    want = attention(q, k, v, mask=mask, softcap=20.0, impl="reference")
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)

@@ -9,6 +9,14 @@ import numpy as np
 from flax import nnx
 
 
+def jit_forward(model, **kw):
+    """``tokens -> model(tokens, **kw)`` as one jitted program (eager calls of the grouped
+    models dispatch hundreds of small ops: ~1.5 s a call on 2 cores, vs one compile)."""
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, **kw))
+    return functools.partial(f, state)
+
+
 def decode_all(model, x, prompt_lengths):
     """Prefill ragged prompts, then decode the rest of ``x`` one token at a time.
 
@@ -42,7 +50,7 @@ def decode_all(model, x, prompt_lengths):
 
 def assert_decode_matches(model, x, prompt_lengths, tol=2e-5):
     """Logits from prefill + decode equal teacher-forced logits at every position."""
-    want = model(x)
+    want = jit_forward(model)(x)
     per_row, cache = decode_all(model, x, prompt_lengths)
     T_ = x.shape[1]
     for b, got in per_row.items():

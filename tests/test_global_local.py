@@ -12,7 +12,7 @@ import glocal
 import glocal.models as gm
 from glocal.configs import ConfigError
 from glocal.layers.cache import tree_nbytes
-from tests.lm_checks import argmax_by_full_forwards, assert_causal, assert_decode_matches
+from tests.lm_checks import argmax_by_full_forwards, assert_causal, assert_decode_matches, jit_forward
 
 RNG = np.random.default_rng(1)
 T = 40  # tiny presets: FIT groups of 8 (5 groups), blocks of 4 (10 blocks)
@@ -66,7 +66,7 @@ def test_fit_without_the_latent_shift_leaks_the_future(fit):
     """l2x lets a group's latents read the whole group; without the shift x2l hands those
     latents back to the same group's earlier tokens: the causality check must fail."""
     x = tokens(2, T)
-    f = jax.jit(lambda t: fit(t, shift=False))
+    f = jit_forward(fit, shift=False)
     i = 13  # inside group 1 (tokens 8..15)
     y, base = f(x.at[:, i].set((x[:, i] + 1) % 256)), f(x)
     leak = np.abs(np.asarray(y[:, :i]) - np.asarray(base[:, :i])).max(axis=(0, 2))
@@ -127,13 +127,14 @@ def test_fit_encoder_is_permutation_consistent_within_and_across_groups():
     enc = gm.build("fit", "tiny", causal=False, rope_theta=None, layer_spec="(1)1(1)1", seed=5)
     n = enc.config.group_size
     x = tokens(2, 4 * n)
-    base = enc(x)
+    f = jit_forward(enc)
+    base = f(x)
     perm = np.concatenate([RNG.permutation(n) + g * n for g in range(4)])  # within each group
-    np.testing.assert_allclose(enc(x[:, perm]), base[:, perm], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(x[:, perm]), base[:, perm], rtol=1e-5, atol=1e-5)
     groups = np.concatenate([np.arange(n) + g * n for g in (2, 0, 3, 1)])
-    np.testing.assert_allclose(enc(x[:, groups]), base[:, groups], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(f(x[:, groups]), base[:, groups], rtol=1e-5, atol=1e-5)
     # With RoPE inside groups the within-group symmetry is (rightly) broken.
-    rope = gm.build("fit", "tiny", causal=False, layer_spec="(1)1(1)1", seed=5)
+    rope = jit_forward(gm.build("fit", "tiny", causal=False, layer_spec="(1)1(1)1", seed=5))
     assert np.abs(np.asarray(rope(x[:, perm]) - rope(x)[:, perm])).max() > 1e-3
     with pytest.raises(ValueError, match="cannot decode"):
         enc.init_cache(1, 16)
@@ -153,8 +154,8 @@ def test_fit_with_only_local_layers_is_the_baseline_run_per_group():
     bs["units"]["blocks"][0] = fs["units"][0]["local"]
     nnx.update(base, bs)
     x = tokens(3, 24)
-    want = base(x.reshape(9, 8)).reshape(3, 24, -1)
-    np.testing.assert_allclose(fit(x), want, rtol=1e-5, atol=1e-5)
+    want = jit_forward(base)(x.reshape(9, 8)).reshape(3, 24, -1)
+    np.testing.assert_allclose(jit_forward(fit)(x), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["fit", "block", "transformer"])
@@ -216,24 +217,24 @@ def test_bfloat16_compute_tracks_float32(name):
     x = tokens(2, 32)
     f32 = gm.build(name, "tiny")
     bf16 = gm.build(name, "tiny", dtype="bfloat16")
-    a, b = np.asarray(f32(x)), np.asarray(bf16(x))
+    a, b = np.asarray(jit_forward(f32)(x)), np.asarray(jit_forward(bf16)(x))
     assert b.dtype == np.float32
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
 
 
 @pytest.mark.parametrize("name", ["fit_tiny", "block_tiny"])
-def test_trains_resumes_and_evaluates_through_the_trainer(name, tmp_path):
+def test_trains_and_evaluates_through_the_trainer(name, tmp_path):
     from glocal import checkpoint
     from glocal.train.trainer import train
     from tests.test_data import make_folder
 
     corpus = make_folder(tmp_path / "corpus")
-    run = {"batch_size": "4", "seq_len": "32", "eval_batches": "2", "log_every": "1", "sample_tokens": "8",
-           "warmup_steps": "1", "checkpoint_every": "3", "data": str(corpus), "tensorboard": "false"}
+    run = {"batch_size": "4", "seq_len": "32", "eval_batches": "2", "log_every": "1", "sample_tokens": "0",
+           "warmup_steps": "1", "checkpoint_every": "0", "data": str(corpus), "tensorboard": "false"}
     first = train(name, tmp_path / "wd", {**run, "steps": "6"})
     losses = [h["loss"] for h in first["history"]]
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
-    again = train(None, tmp_path / "wd", {"steps": "7"})  # resume from step 6
-    assert again["step"] == 7
+    assert np.isfinite(first["eval_loss"])
+    # (Resuming is model-agnostic trainer code, tested bitwise on the baseline.)
     model, step = checkpoint.load_model(tmp_path / "wd")
-    assert step == 7 and type(model).__name__ == type(gm.build(*gm.split_config_name(name))).__name__
+    assert step == 6 and type(model).__name__ == type(gm.build(*gm.split_config_name(name))).__name__

@@ -8,6 +8,10 @@ Dimension letters used in tensor names across the package (``x_BTD``, ``q_BTHE``
   L  layers (stacked/scanned)  G  groups / blocks            M  latents per group
   X  experts                   R  recursions                 P  layer-pattern slots
 
+A model file that needs more letters, or uses one differently, says so in its docstring
+(FIT: C token width, N tokens per group, R group rows; Block Transformer: N blocks, L tokens
+per block, R prefix vectors, X block rows).
+
 Logical parameter/activation axis names, mapped onto mesh axes by the rule tables of
 ``glocal.sharding`` (mesh axes, outermost first: ``data``, ``fsdp``, ``expert``, ``tensor``):
 

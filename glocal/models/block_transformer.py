@@ -9,6 +9,10 @@ decoder that writes each block from one context vector (global-to-local).
     outputs at r-1 .. r+L_B-2 predict x_j,0 .. x_j,L_B-1  (so the logits at position p are the
     output that predicts token p + 1, as for every LM here)
 
+Letters (beyond the package legend): N blocks, L tokens per block (L_B), R prefix vectors (r),
+D block width (D_B), T in ``_XST``/``_RT`` the token width (D_T), S = r + L_B - 1 token-decoder
+length, X = B*N block rows.
+
 Unlike the paper's training (which never predicts block 0), every position gets logits:
 block 0 is decoded from the start vector, so ``model(tokens_BT)`` is a drop-in LM. The token
 decoder never attends across blocks, so its KV cache holds at most ``r + L_B - 1`` entries

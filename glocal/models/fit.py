@@ -17,6 +17,9 @@ shifted (it is a residual stream initialised once per group from learned slot em
 local-only unit. ``causal=False`` is the bidirectional encoder: full attention inside groups
 and over all latents, and no shift.
 
+Letters (beyond the package legend): C token width, D latent width, G groups, N tokens per
+group (n), M latents per group (m), R = B*G group rows, U spec units.
+
 Positions: RoPE inside a group for tokens (0..n-1) and over the flat latent index for
 latents, so the number of groups is not baked into parameters. Which group a token is in
 reaches it only through the latents (as with FIT's per-group position table).

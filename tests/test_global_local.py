@@ -196,6 +196,10 @@ def test_inputs_are_checked(which, request):
         model(jnp.zeros((1, 65), jnp.int32))
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         model.init_cache(1, 128)
+    prefill = jax.jit(lambda t, n, c: model.prefill(t, n, c))
+    _, used = prefill(jnp.ones((1, 3), jnp.int32), jnp.asarray([3]), model.init_cache(1, 16))
+    with pytest.raises(ValueError, match="prefill needs an empty cache"):
+        model.prefill(jnp.ones((1, 3), jnp.int32), jnp.asarray([3]), used)
 
 
 @pytest.mark.parametrize("name", ["fit", "block"])

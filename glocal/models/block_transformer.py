@@ -36,7 +36,7 @@ from glocal.layers import Embed, KVCache, Unembed, make_norm
 from glocal.layers.cache import clear_rows, stack_cache, tree_nbytes
 from glocal.layers.params import fan_in_init, param
 from glocal.models.stack import run_decoder_layers, stack_modules
-from glocal.models.transformer import Block, TransformerConfig, check_layer_choices, check_tokens
+from glocal.models.transformer import Block, TransformerConfig, check_empty_cache, check_layer_choices, check_tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +252,7 @@ class BlockTransformer(nnx.Module):
         L, R = cfg.block_size, cfg.prefix_len
         B, T = tokens_BT.shape
         N = -(-T // L)
+        check_empty_cache(cache, "BlockTransformer")
         done_B = lengths_B // L  # finished blocks per row
         padded = jnp.pad(tokens_BT, ((0, 0), (0, (N + 1) * L - T)))
         e_BND = self._embed_blocks(padded[:, : N * L].reshape(B, N, L))

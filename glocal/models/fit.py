@@ -48,7 +48,7 @@ from glocal.layers.cache import clear_rows, stack_cache, tree_nbytes
 from glocal.layers.cross import CrossAttention
 from glocal.layers.params import param
 from glocal.models.stack import run_decoder_layers, stack_modules
-from glocal.models.transformer import Block, TransformerConfig, check_layer_choices, check_tokens
+from glocal.models.transformer import Block, TransformerConfig, check_empty_cache, check_layer_choices, check_tokens
 
 
 def parse_layer_spec(spec: str) -> list[tuple[int, int]]:
@@ -364,6 +364,7 @@ class FIT(nnx.Module):
         cfg = self.config
         n, M = cfg.group_size, cfg.num_latents
         B, T = tokens_BT.shape
+        check_empty_cache(cache, "FIT")
         done_B = lengths_B // n  # finished groups per row
         x_BTC, latents_U, glob = self.encode(tokens_BT, global_caches=cache.global_U, groups_done_B=done_B)
         last_B = jnp.maximum(lengths_B - 1, 0)

@@ -289,6 +289,15 @@ def check_layer_choices(cfg) -> None:
             raise ConfigError(f"{name}={getattr(cfg, name)!r} is not one of {allowed}.")
 
 
+def check_empty_cache(cache, model_name: str) -> None:
+    """Models whose prefill assumes a fresh cache reject a used one (when it is concrete)."""
+    if isinstance(cache.length_B, jax.core.Tracer):
+        return
+    if np.any(np.asarray(cache.length_B) != 0):
+        raise ValueError(f"{model_name}.prefill needs an empty cache (from init_cache); this one already "
+                         f"holds tokens. Continue a cached sequence with decode(), one token at a time.")
+
+
 def check_tokens(tokens_BT, vocab_size: int) -> None:
     """Reject out-of-range token ids when they are concrete (inside jit they are not)."""
     if isinstance(tokens_BT, jax.core.Tracer):

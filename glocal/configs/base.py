@@ -78,6 +78,19 @@ class ModelConfig:
     def validate(self) -> None:  # overridden per family
         pass
 
+    def require_positive(self, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+
+    def require_multiple(self, name: str, of: str) -> None:
+        """``name`` must be a multiple of field ``of``; the error names the two nearest values."""
+        value, unit = getattr(self, name), getattr(self, of)
+        if value % unit:
+            lo = value // unit * unit
+            raise ConfigError(f"{name}={value} is not a multiple of {of}={unit}; "
+                              f"use {name}={lo or unit} or {lo + unit}.")
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]

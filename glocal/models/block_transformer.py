@@ -67,15 +67,9 @@ class BlockTransformerConfig(ModelConfig):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        for name in ("vocab_size", "block_size", "prefix_len", "d_block", "block_layers", "d_token",
-                     "token_layers", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        if self.max_seq_len % self.block_size:
-            lo = self.max_seq_len // self.block_size * self.block_size
-            raise ConfigError(
-                f"max_seq_len={self.max_seq_len} is not a multiple of block_size={self.block_size}; "
-                f"use max_seq_len={lo or self.block_size} or {lo + self.block_size}.")
+        self.require_positive("vocab_size", "block_size", "prefix_len", "d_block", "block_layers", "d_token",
+                              "token_layers", "max_seq_len")
+        self.require_multiple("max_seq_len", "block_size")
         if self.d_block % self.block_size:
             raise ConfigError(f"d_block={self.d_block} is not divisible by block_size={self.block_size}: "
                               f"a block vector concatenates block_size token embeddings of width "

@@ -93,20 +93,14 @@ class FITConfig(ModelConfig):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "num_heads", "d_ff", "group_size", "num_latents",
-                     "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        self.require_positive("vocab_size", "d_model", "num_heads", "d_ff", "group_size", "num_latents",
+                              "max_seq_len")
         units = parse_layer_spec(self.layer_spec)
         if self.causal and units[-1][1]:
             raise ConfigError(f"layer_spec={self.layer_spec!r} ends with global layers, whose output "
                               f"would never reach the tokens in the language model; end with a "
                               f"local unit, e.g. '{self.layer_spec}(1)'.")
-        if self.max_seq_len % self.group_size:
-            lo = self.max_seq_len // self.group_size * self.group_size
-            raise ConfigError(
-                f"max_seq_len={self.max_seq_len} is not a multiple of group_size={self.group_size}; "
-                f"use max_seq_len={lo or self.group_size} or {lo + self.group_size}.")
+        self.require_multiple("max_seq_len", "group_size")
         check_layer_choices(self)
         self.local_config, self.global_config  # width/head checks with clear messages
         width = min(self.d_model, self.latent_width)

@@ -63,9 +63,7 @@ class TransformerConfig(ModelConfig):
     init_std: float = 0.02
 
     def validate(self) -> None:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        self.require_positive("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len")
         if self.head_dim is None and self.d_model % self.num_heads:
             divisors = [h for h in range(1, self.d_model + 1) if self.d_model % h == 0 and h <= 64]
             raise ConfigError(

@@ -66,14 +66,15 @@ def test_fit_without_the_latent_shift_leaks_the_future(fit):
     """l2x lets a group's latents read the whole group; without the shift x2l hands those
     latents back to the same group's earlier tokens: the causality check must fail."""
     x = tokens(2, T)
-    f = jit_forward(fit, shift=False)
+    no_shift = lambda m, t: m._logits(m._encode(t, shift=False)[0])
+    f = jit_forward(fit, fn=no_shift)
     i = 13  # inside group 1 (tokens 8..15)
     y, base = f(x.at[:, i].set((x[:, i] + 1) % 256)), f(x)
     leak = np.abs(np.asarray(y[:, :i]) - np.asarray(base[:, :i])).max(axis=(0, 2))
     assert leak[8:i].max() > 1e-3  # earlier tokens of the same group see token i
     assert leak[:8].max() == 0  # earlier groups still do not
     with pytest.raises(AssertionError, match="perturbing token 13"):
-        assert_causal(fit, x, (i,), fn=lambda m, t: m(t, shift=False))
+        assert_causal(fit, x, (i,), fn=no_shift)
 
 
 @pytest.mark.parametrize("which,prompts", [
@@ -109,13 +110,14 @@ def test_cache_size_equals_formula(which, request):
     # L/L_B block entries (Block Transformer), never one entry per token.
     cfg = model.config
     if which.startswith("fit"):
-        per_group = 3 * sum(b * cfg.num_latents * (2 * cfg.global_config.kv_heads * cfg.global_config.head_size * 4 + 4)
-                            for _, b in cfg.units)
+        K = cfg.latent_kv_heads or cfg.global_heads
+        E = cfg.latent_head_dim or cfg.latent_width // cfg.global_heads
+        per_group = 3 * sum(b * cfg.num_latents * (2 * K * E * 4 + 4) for _, b in cfg.units)
         groups = lambda L: -(-L // cfg.group_size)
         assert sizes[24] - sizes[8] == per_group * (groups(24) - groups(8))
     elif which.startswith("block"):
-        bc = cfg.block_config
-        per_block = 3 * cfg.block_layers * (2 * bc.kv_heads * bc.head_size * 4 + 4)
+        K, E = cfg.block_kv_heads or cfg.block_heads, cfg.d_block // cfg.block_heads
+        per_block = 3 * cfg.block_layers * (2 * K * E * 4 + 4)
         assert sizes[24] - sizes[8] == per_block * (-(-24 // cfg.block_size) - -(-8 // cfg.block_size))
 
 
@@ -151,7 +153,7 @@ def test_fit_with_only_local_layers_is_the_baseline_run_per_group():
     bs = nnx.state(base, nnx.Param)
     for key in ("embed", "head", "final_norm"):
         bs[key] = fs[key]
-    bs["units"]["blocks"][0] = fs["units"][0]["local"]
+    bs["decoder"] = fs["units"][0]["local"]
     nnx.update(base, bs)
     x = tokens(3, 24)
     want = jit_forward(base)(x.reshape(9, 8)).reshape(3, 24, -1)
@@ -176,10 +178,12 @@ def test_flops_model_matches_xla_cost_analysis(name):
     ("fit", dict(layer_spec="(2)2(2)2"), "ends with global layers"),
     ("fit", dict(layer_spec="2(2)"), "is not of the form"),
     ("fit", dict(layer_spec="(1)(1)"), "only the last unit may have no global layers"),
-    ("fit", dict(d_latent=30, latent_heads=4), "does not divide d_model=30"),
+    ("fit", dict(d_latent=30, latent_heads=4), "latent_heads=4 does not divide d_latent=30"),
     ("block", dict(max_seq_len=30), "max_seq_len=30 is not a multiple of block_size=4; use max_seq_len=28 or 32"),
     ("block", dict(d_block=30), "d_block=30 is not divisible by block_size=4"),
-    ("block", dict(token_heads=3), "num_heads=3 does not divide d_model=32"),
+    ("block", dict(token_heads=3), "token_heads=3 does not divide d_token=32"),
+    ("block", dict(block_heads=2, block_kv_heads=3), "block_kv_heads=3 does not divide block_heads=2"),
+    ("fit", dict(latent_head_dim=7, latent_heads=2), "latent_head_dim must be even for RoPE"),
     ("block", dict(block_sise=4), "Did you mean block_size"),
 ])
 def test_config_errors_explain_the_fix(name, overrides, message):

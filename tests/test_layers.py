@@ -51,7 +51,7 @@ def test_rope_matches_complex_rotation_and_is_relative():
 def test_mlp(activation):
     m = MLP(8, 12, activation=activation, rngs=nnx.Rngs(1))
     x = randn(2, 3, 8).astype(np.float64)
-    wi, wo = np.asarray(m.wi_DCF[...], np.float64), np.asarray(m.wo_FD[...], np.float64)
+    wi, wo = np.asarray(m.wi_DAI[...], np.float64), np.asarray(m.wo_ID[...], np.float64)
     if activation == "swiglu":
         g, u = x @ wi[:, 0], x @ wi[:, 1]
         h = g / (1 + np.exp(-g)) * u
@@ -131,7 +131,7 @@ def test_attention_layer_matches_manual_projections():
     layer = _attn(2)
     x = randn(2, 5, 16)
     pos = np.broadcast_to(np.arange(5), (2, 5))
-    qw, kw, vw, ow = (np.asarray(p[...], np.float64) for p in (layer.q_DHE, layer.k_DKE, layer.v_DKE, layer.o_HED))
+    qw, kw, vw, ow = (np.asarray(p, np.float64) for p in (*layer.qkv_kernels(), layer.o_HED[...]))
     q = rope_complex(np.einsum("btd,dhe->bthe", x, qw), pos)
     k = rope_complex(np.einsum("btd,dke->btke", x, kw), pos)
     v = np.einsum("btd,dke->btke", x, vw)
@@ -144,9 +144,10 @@ def test_gqa_with_all_kv_heads_equals_mha_and_grouping_equals_repeated_heads():
     gqa = _attn(2)
     mha = _attn(4)
     # Give the MHA layer each kv head repeated for its 2 query heads: outputs must agree.
-    mha.q_DHE[...], mha.o_HED[...] = gqa.q_DHE[...], gqa.o_HED[...]
-    mha.k_DKE[...] = jnp.repeat(gqa.k_DKE[...], 2, axis=1)
-    mha.v_DKE[...] = jnp.repeat(gqa.v_DKE[...], 2, axis=1)
+    q, k, v = gqa.qkv_kernels()
+    mha.set_qkv_kernels(q, jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1))
+    mha.o_HED[...] = gqa.o_HED[...]
+    np.testing.assert_array_equal(mha.qkv_kernels()[1], jnp.repeat(k, 2, axis=1))  # round trip
     np.testing.assert_allclose(gqa(jnp.asarray(x)), mha(jnp.asarray(x)), rtol=1e-5, atol=1e-5)
     # num_kv_heads == num_heads is plain multi-head attention (no grouping).
     assert mha.num_kv_heads == mha.num_heads
@@ -155,7 +156,7 @@ def test_gqa_with_all_kv_heads_equals_mha_and_grouping_equals_repeated_heads():
 def test_cross_attention_reads_other_stream():
     layer = Attention(16, 4, 2, mask=masks.Full(), kv_dim=12, rope_theta=None, rngs=nnx.Rngs(0))
     x, mem = randn(2, 3, 16), randn(2, 7, 12)
-    qw, kw, vw, ow = (np.asarray(p[...], np.float64) for p in (layer.q_DHE, layer.k_DKE, layer.v_DKE, layer.o_HED))
+    qw, kw, vw, ow = (np.asarray(p, np.float64) for p in (*layer.qkv_kernels(), layer.o_HED[...]))
     q, k, v = np.einsum("btd,dhe->bthe", x, qw), np.einsum("bsd,dke->bske", mem, kw), np.einsum("bsd,dke->bske", mem, vw)
     o = attention_loops(q, k, v, np.ones((2, 3, 7), bool))
     got = layer(jnp.asarray(x), kv_BSD=jnp.asarray(mem))

@@ -159,8 +159,8 @@ def test_weight_decay_mask_and_schedule():
     flat = lambda kinds: {jax.tree_util.keystr(p): bool(v.get_value()) for p, v in jax.tree_util.tree_flatten_with_path(
         optim.decay_mask(params, kinds), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]}
     m = flat(("norm", "bias"))
-    assert not m["['final_norm']['scale']"] and not m["['units']['blocks'][0]['attn_norm']['scale']"]
-    assert m["['embed']['table_VD']"] and m["['units']['blocks'][0]['mlp']['wo_FD']"]
+    assert not m["['final_norm']['scale']"] and not m["['decoder']['units']['layers'][0]['mixer_norm']['scale']"]
+    assert m["['embed']['table_VD']"] and m["['decoder']['units']['layers'][0]['ffn']['wo_ID']"]
     assert not flat(("norm", "embedding"))["['embed']['table_VD']"]
     cfg = TrainConfig().replace(steps=110, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1)
     sched = optim.schedule(cfg)

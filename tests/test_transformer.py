@@ -113,8 +113,8 @@ def test_parameters_carry_logical_axis_names(tiny):
     specs = {"/".join(map(str, k)): v.get_metadata()["out_sharding"]
              for k, v in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
     assert specs["embed/table_VD"] == ("vocab", "embed")
-    assert specs["units/blocks/0/attn/q_DHE"] == ("layers", "embed", "heads", "head_dim")
-    assert specs["units/blocks/0/mlp/wo_FD"] == ("layers", "mlp", "embed")
+    assert specs["decoder/units/layers/0/mixer/attn/qkv_DKAE"] == ("layers", "embed", "kv_heads", None, "head_dim")
+    assert specs["decoder/units/layers/0/ffn/wo_ID"] == ("layers", "mlp", "embed")
 
 
 @pytest.mark.parametrize("overrides,message", [

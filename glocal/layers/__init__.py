@@ -1,19 +1,23 @@
 """Reusable Flax NNX layers; each is importable on its own.
 
     from glocal.layers import Attention, RMSNorm, MLP, Embed, KVCache, RingKVCache
+    from glocal.layers import DecoderStack, LayerKind, LayerSpec   # the decoder skeleton
 """
 
 from glocal.kernels.masks import Causal, Full, SlidingWindow
 from glocal.layers.attention import Attention
-from glocal.layers.cache import KVCache, RingKVCache
+from glocal.layers.cache import Cache, KVCache, LayerView, RingKVCache
 from glocal.layers.cross import CrossAttention
 from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
 from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
 from glocal.layers.params import param
 from glocal.layers.rope import RoPE, apply_rope
+from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec, register_ffn, register_mixer
+from glocal.layers.decoder import DecoderLayer, DecoderStack  # noqa: E402 - registers the built-in kinds
 
 __all__ = [
-    "Attention", "Causal", "CrossAttention", "Embed", "Full", "KVCache", "LayerNorm", "MLP", "RMSNorm",
-    "RingKVCache", "RoPE", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param",
+    "FFNS", "MIXERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer", "DecoderStack", "Embed",
+    "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP", "RMSNorm", "RingKVCache", "RoPE",
+    "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn", "register_mixer",
 ]

@@ -6,7 +6,9 @@ The layer owns the projections and RoPE; the attention itself is
 
 Three ways to call it:
 * ``attn(x_BTD)``: self-attention over the sequence (training / teacher forcing);
-* ``attn(x_BTD, kv_BSD=memory)``: cross-attention, queries from x, keys/values from memory;
+* ``attn(x_BTD, kv_BSD=memory)``: cross-attention, queries from x, keys/values from memory
+  (a layer built with ``kv_dim=`` stores its query and key/value kernels apart; a
+  self-attention layer stores one fused ``qkv`` kernel);
 * ``attn(x_BTD, positions_BT=..., cache=c)``: attend to the cached tokens plus the new
   chunk, returning ``(y, updated_cache)`` (prefill and decode).
 The pieces (``project_q``, ``project_kv``, ``attend``, ``project_out``) are public so
@@ -25,7 +27,7 @@ from glocal.kernels.reference import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
 from glocal.sharding import constrain
-from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.params import as_dtype, fan_in_init, named_param, param
 from glocal.layers.rope import apply_rope
 
 
@@ -65,40 +67,75 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mask, self.rope_theta, self.softcap, self.impl = mask, rope_theta, softcap, impl
         self.dtype = as_dtype(dtype)
+        self.cross = kv_dim is not None
         kv_dim = d_model if kv_dim is None else kv_dim
         H, K, E = num_heads, num_kv_heads, head_dim
-        self.q_DHE = param(rngs, fan_in_init(d_model), (d_model, H, E), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_DKE = param(rngs, fan_in_init(kv_dim), (kv_dim, K, E), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.v_DKE = param(rngs, fan_in_init(kv_dim), (kv_dim, K, E), ("embed", "kv_heads", "head_dim"), param_dtype)
+        q = fan_in_init(d_model)(rngs.params(), (d_model, H, E), param_dtype)
+        k = fan_in_init(kv_dim)(rngs.params(), (kv_dim, K, E), param_dtype)
+        v = fan_in_init(kv_dim)(rngs.params(), (kv_dim, K, E), param_dtype)
+        # Fused storage: one matmul per projection input, no per-call concatenation (which
+        # would also reshard under tensor parallelism). Kernels are grouped by kv head
+        # (A = the G = H/K query heads that read kv head k, then k, then v), so sharding the
+        # kv-head axis hands each device whole groups: its query heads with their keys.
+        if self.cross:  # queries and keys/values come from different inputs
+            self.q_DHE = named_param(q, ("embed", "heads", "head_dim"))
+            self.kv_DKAE = named_param(jnp.stack([k, v], axis=2), ("embed", "kv_heads", None, "head_dim"))
+        else:
+            qkv = jnp.concatenate([q.reshape(d_model, K, H // K, E), k[:, :, None], v[:, :, None]], axis=2)
+            self.qkv_DKAE = named_param(qkv, ("embed", "kv_heads", None, "head_dim"))
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
         # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
-        self.q_norm = RMSNorm(E, dtype=dtype, rngs=rngs) if qk_norm else None
-        self.k_norm = RMSNorm(E, dtype=dtype, rngs=rngs) if qk_norm else None
+        norm = lambda: RMSNorm(E, axis="head_dim", dtype=dtype, rngs=rngs)
+        self.q_norm = norm() if qk_norm else None
+        self.k_norm = norm() if qk_norm else None
+
+    # -- kernels as separate q / k / v (checkpoint conversion, tests) ------------------------
+    def qkv_kernels(self):
+        """``(q [D, H, E], k [D_kv, K, E], v [D_kv, K, E])`` as stored (parameter dtype)."""
+        if self.cross:
+            kv = self.kv_DKAE[...]
+            return self.q_DHE[...], kv[:, :, 0], kv[:, :, 1]
+        w = self.qkv_DKAE[...]
+        G = self.num_heads // self.num_kv_heads
+        return w[:, :, :G].reshape(w.shape[0], self.num_heads, -1), w[:, :, G], w[:, :, G + 1]
+
+    def set_qkv_kernels(self, q_DHE, k_DKE, v_DKE) -> None:
+        """Store separate q / k / v kernels in this layer's (fused) layout."""
+        if self.cross:
+            self.q_DHE[...] = q_DHE
+            self.kv_DKAE[...] = jnp.stack([k_DKE, v_DKE], axis=2)
+            return
+        D, K = k_DKE.shape[:2]
+        q = jnp.reshape(q_DHE, (D, K, self.num_heads // K, -1))
+        self.qkv_DKAE[...] = jnp.concatenate([q, k_DKE[:, :, None], v_DKE[:, :, None]], axis=2)
 
     # -- pieces --------------------------------------------------------------------------
+    def _kernels(self):
+        """``(q [D, H, E], kv [D, K, 2, E])`` in the compute dtype, from either storage."""
+        if self.cross:
+            return self.q_DHE[...].astype(self.dtype), self.kv_DKAE[...].astype(self.dtype)
+        w = self.qkv_DKAE[...].astype(self.dtype)
+        G = self.num_heads // self.num_kv_heads
+        return w[:, :, :G].reshape(w.shape[0], self.num_heads, -1), w[:, :, G:]
+
     def project_q(self, x_BTD, positions_BT=None):
-        q_BTHE = _matmul(x_BTD.astype(self.dtype), self.q_DHE[...].astype(self.dtype))
+        q_BTHE = _matmul(x_BTD.astype(self.dtype), self._kernels()[0])
         return self._norm_rope(q_BTHE, self.q_norm, positions_BT)
 
     def project_kv(self, kv_BSD, positions_BS=None):
-        kv = kv_BSD.astype(self.dtype)
-        k_BSKE = _matmul(kv, self.k_DKE[...].astype(self.dtype))
-        v_BSKE = _matmul(kv, self.v_DKE[...].astype(self.dtype))
-        return self._norm_rope(k_BSKE, self.k_norm, positions_BS), v_BSKE
+        kv_BSKAE = _matmul(kv_BSD.astype(self.dtype), self._kernels()[1])
+        return self._norm_rope(kv_BSKAE[..., 0, :], self.k_norm, positions_BS), kv_BSKAE[..., 1, :]
 
     def project_qkv(self, x_BTD, positions_BT=None):
-        """Self-attention projections as one matmul against the concatenated kernels
-        (one large matmul runs faster than three small ones); same math as project_q/kv."""
-        H, K, E = self.num_heads, self.num_kv_heads, self.head_dim
-        D = x_BTD.shape[-1]
-        w = jnp.concatenate([self.q_DHE[...].reshape(D, H * E), self.k_DKE[...].reshape(D, K * E),
-                             self.v_DKE[...].reshape(D, K * E)], axis=1).astype(self.dtype)
-        qkv = _matmul(x_BTD.astype(self.dtype), w)
-        q_BTHE = qkv[..., : H * E].reshape(*qkv.shape[:2], H, E)
-        k_BTKE = qkv[..., H * E : (H + K) * E].reshape(*qkv.shape[:2], K, E)
-        v_BTKE = qkv[..., (H + K) * E :].reshape(*qkv.shape[:2], K, E)
+        """Self-attention projections as one matmul against the fused kernel."""
+        if self.cross:
+            return self.project_q(x_BTD, positions_BT), *self.project_kv(x_BTD, positions_BT)
+        B, T, _ = x_BTD.shape
+        G = self.num_heads // self.num_kv_heads
+        qkv_BTKAE = _matmul(x_BTD.astype(self.dtype), self.qkv_DKAE[...].astype(self.dtype))
+        q_BTHE = qkv_BTKAE[:, :, :, :G].reshape(B, T, self.num_heads, self.head_dim)
         return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
-                self._norm_rope(k_BTKE, self.k_norm, positions_BT), v_BTKE)
+                self._norm_rope(qkv_BTKAE[:, :, :, G], self.k_norm, positions_BT), qkv_BTKAE[:, :, :, G + 1])
 
     def _norm_rope(self, x_BTNE, norm, positions_BT):
         """Optional per-head qk-norm, then RoPE at ``positions_BT`` (if RoPE is on)."""
@@ -134,7 +171,7 @@ class Attention(nnx.Module):
         elif kv_positions_BS is None and self.rope_theta is not None:
             S = kv_BSD.shape[1]
             kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        # Names let remat policies choose what to keep (glocal.models.stack.REMAT_POLICIES).
+        # Names let remat policies choose what to keep (glocal.layers.stack.REMAT_POLICIES).
         if self_attn:
             q, k, v = self.project_qkv(x_BTD, positions_BT)
         else:
@@ -174,9 +211,9 @@ class Attention(nnx.Module):
         return self.project_out(o), cache
 
 
-def _matmul(x_BTD, w_D__):
+def _matmul(x_BTD, w):
     """``x [B, T, D] @ w [D, ...]`` as one flat 2-D matmul (fastest form on XLA:CPU)."""
     B, T, D = x_BTD.shape
-    out_shape = w_D__.shape[1:]
-    y = x_BTD.reshape(B * T, D) @ w_D__.reshape(D, -1)
+    out_shape = w.shape[1:]
+    y = x_BTD.reshape(B * T, D) @ w.reshape(D, -1)
     return y.reshape(B, T, *out_shape)

@@ -1,6 +1,12 @@
-"""Key/value caches as explicit pytrees (passed in, returned updated; never hidden state).
+"""Decoding caches as explicit pytrees (passed in, returned updated; never hidden state).
 
-Each slot stores one token's key and value plus the token's absolute position
+Every cache type derives from ``Cache``: a frozen dataclass registered as a pytree, so a
+stack of layers can hold one per layer with a leading ``layers`` axis (``stack_cache``) and
+each layer reads and writes its own slice through a ``LayerView``. A mixer that needs
+another kind of state (a recurrent state, a convolution window) defines its own ``Cache``
+subclass; the stack runner handles it unchanged.
+
+Key/value caches: each slot stores one token's key and value plus the token's absolute position
 (``-1`` = empty). Attention evaluates its mask on those positions, so a cache can hold
 tokens in any slot order:
 
@@ -18,9 +24,25 @@ import jax
 import jax.numpy as jnp
 
 
+class Cache:
+    """Base of every decoding cache (a frozen, pytree-registered dataclass).
+
+    Subclasses write new entries through methods that take a ``layer=`` index, so the same
+    method updates one layer of a cache stacked over layers in place (see ``LayerView``),
+    and implement ``clear_rows`` (forget everything a row holds).
+    """
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self)
+
+    def clear_rows(self, rows_B, layer=None) -> "Cache":
+        raise NotImplementedError(f"{type(self).__name__} does not implement clear_rows.")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(Cache):
     k_BKSE: jax.Array
     v_BKSE: jax.Array
     pos_BS: jax.Array  # int32 absolute position of each slot's token, -1 if empty
@@ -43,10 +65,6 @@ class KVCache:
     @property
     def size(self) -> int:
         return self.k_BKSE.shape[-2]  # also right for caches stacked over layers
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in (self.k_BKSE, self.v_BKSE, self.pos_BS))
 
     def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None, layer=None) -> "KVCache":
         """Write a chunk of new tokens (positions contiguous per row) into their slots.
@@ -86,6 +104,13 @@ class KVCache:
         )
 
 
+    def clear_rows(self, rows_B, layer=None) -> "KVCache":
+        """Mark every slot of the rows where ``rows_B`` is true empty."""
+        pos = self.pos_BS if layer is None else self.pos_BS[layer]
+        pos = jnp.where(rows_B[:, None], -1, pos)
+        return dataclasses.replace(self, pos_BS=pos if layer is None else self.pos_BS.at[layer].set(pos))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RingKVCache(KVCache):
@@ -101,42 +126,44 @@ class LayerView:
 
     A scan over layers carries the whole stack and hands each layer a view; writes go
     straight into the stacked buffers (in place), which a per-layer copy would not allow.
-    Quacks like a ``KVCache`` for ``glocal.layers.Attention``.
+    It quacks like the cache it views: array fields read as this layer's slice, and a
+    method call runs the stack's method with ``layer=`` this layer and returns a new view.
+    Works for every ``Cache`` subclass whose writing methods take ``layer=``.
     """
 
-    stack: KVCache
+    stack: Cache
     layer: jax.Array  # int32 scalar
 
-    @property
-    def k_BKSE(self):
-        return self.stack.k_BKSE[self.layer]
-
-    @property
-    def v_BKSE(self):
-        return self.stack.v_BKSE[self.layer]
-
-    @property
-    def pos_BS(self):
-        return self.stack.pos_BS[self.layer]
-
-    @property
-    def size(self) -> int:
-        return self.stack.size
-
-    def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None) -> "LayerView":
-        return dataclasses.replace(
-            self, stack=self.stack.update(k_BTKE, v_BTKE, positions_BT, valid_BT, layer=self.layer))
+    def __getattr__(self, name):
+        if name in ("stack", "layer"):  # not yet set (dataclass construction, unpickling)
+            raise AttributeError(name)
+        value = getattr(self.stack, name)
+        if isinstance(value, jax.Array):
+            return value[self.layer]
+        if callable(value):
+            def method(*args, **kwargs):
+                out = value(*args, layer=self.layer, **kwargs)
+                return LayerView(out, self.layer) if isinstance(out, type(self.stack)) else out
+            return method
+        return value  # static properties (sizes) are the same for every layer
 
 
-def stack_cache(cache: KVCache, n: int) -> KVCache:
+def stack_cache(cache: Cache, n: int) -> Cache:
     """``n`` copies of an empty cache stacked on a leading ``layers`` axis (one per layer of
     a scanned stack); read and written through ``LayerView``."""
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape), cache)
 
 
-def clear_rows(cache: KVCache, rows_B) -> KVCache:
-    """Mark every slot of the rows where ``rows_B`` is true empty (works on stacked caches)."""
-    return dataclasses.replace(cache, pos_BS=jnp.where(rows_B[:, None], -1, cache.pos_BS))
+def clear_rows(caches, rows_B):
+    """Forget what the rows where ``rows_B`` is true hold, in every ``Cache`` of a pytree
+    (stacked caches included: their per-layer leading axis broadcasts)."""
+    return jax.tree.map(lambda c: _clear_all_layers(c, rows_B), caches, is_leaf=lambda c: isinstance(c, Cache))
+
+
+def _clear_all_layers(cache: Cache, rows_B):
+    if not isinstance(cache, Cache):
+        return cache
+    return cache.clear_rows(rows_B)
 
 
 def tree_nbytes(tree) -> int:

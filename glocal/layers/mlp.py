@@ -1,4 +1,6 @@
-"""Feed-forward blocks: SwiGLU (gated) and GELU (plain two-layer)."""
+"""Feed-forward blocks: SwiGLU / GeGLU (gated) and GELU / ReLU (plain two-layer).
+
+Letters: I hidden width, A the fused input projections (gate and up: A = 2; plain: A = 1)."""
 
 from __future__ import annotations
 
@@ -23,24 +25,24 @@ class MLP(nnx.Module):
         self.dtype = as_dtype(dtype)
         self.gated = activation in ("swiglu", "geglu")
         n_in = 2 if self.gated else 1
-        # Gate and up projections share one kernel [D, 2, F]: one matmul instead of two.
-        self.wi_DCF = param(rngs, fan_in_init(d_model), (d_model, n_in, d_ff),
+        # Gate and up projections share one kernel [D, 2, I]: one matmul instead of two.
+        self.wi_DAI = param(rngs, fan_in_init(d_model), (d_model, n_in, d_ff),
                             ("embed", None, "mlp"), param_dtype)
-        self.wo_FD = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ("mlp", "embed"), param_dtype)
+        self.wo_ID = param(rngs, fan_in_init(d_ff), (d_ff, d_model), ("mlp", "embed"), param_dtype)
 
     def __call__(self, x_BTD):
         B, T, D = x_BTD.shape
-        C, F = self.wi_DCF.shape[1:]
+        A, I = self.wi_DAI.shape[1:]  # noqa: E741 - I is the legend's FFN width
         # Flattened 2-D matmuls: XLA:CPU runs these faster than the equivalent 4-D einsum.
-        x_ND = x_BTD.astype(self.dtype).reshape(B * T, D)
-        h_BTCF = (x_ND @ self.wi_DCF[...].astype(self.dtype).reshape(D, C * F)).reshape(B, T, C, F)
+        flat = x_BTD.astype(self.dtype).reshape(B * T, D)  # [(B T), D]
+        h_BTAI = (flat @ self.wi_DAI[...].astype(self.dtype).reshape(D, A * I)).reshape(B, T, A, I)
         if self.activation == "swiglu":
-            h_BTF = jax.nn.silu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+            h_BTI = jax.nn.silu(h_BTAI[:, :, 0]) * h_BTAI[:, :, 1]
         elif self.activation == "geglu":
-            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0]) * h_BTCF[:, :, 1]
+            h_BTI = jax.nn.gelu(h_BTAI[:, :, 0]) * h_BTAI[:, :, 1]
         elif self.activation == "gelu":
-            h_BTF = jax.nn.gelu(h_BTCF[:, :, 0])
+            h_BTI = jax.nn.gelu(h_BTAI[:, :, 0])
         else:
-            h_BTF = jax.nn.relu(h_BTCF[:, :, 0])
-        h_BTF = constrain(h_BTF, ("batch", None, "mlp_act"))  # tensor parallel: hidden split
-        return (h_BTF.reshape(B * T, F) @ self.wo_FD[...].astype(self.dtype)).reshape(B, T, D)
+            h_BTI = jax.nn.relu(h_BTAI[:, :, 0])
+        h_BTI = constrain(h_BTI, ("batch", None, "mlp_act"))  # tensor parallel: hidden split
+        return (h_BTI.reshape(B * T, I) @ self.wo_ID[...].astype(self.dtype)).reshape(B, T, D)

@@ -11,11 +11,13 @@ from glocal.layers.params import as_dtype, param
 class RMSNorm(nnx.Module):
     """``x / rms(x) * scale`` over the last axis (no mean subtraction, no bias)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=None, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, eps: float = 1e-6, axis: str = "embed", dtype=None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        # ``axis`` is the logical name of the normalised dimension: "embed" for the model
+        # width, "head_dim" for per-head qk-norm (whose scale must not shard like a width).
         self.eps = eps
         self.dtype = as_dtype(dtype)
-        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), ("embed",), param_dtype)
+        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), (axis,), param_dtype)
 
     def __call__(self, x_BTD):
         x = x_BTD.astype(jnp.float32)

@@ -30,8 +30,15 @@ def param(
     """A parameter of ``shape`` initialised by ``init`` with logical ``axes`` (one per dim)."""
     if len(axes) != len(shape):
         raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}.")
-    value = constrain(init(rngs.params(), tuple(shape), dtype), axes)
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    return named_param(init(rngs.params(), tuple(shape), dtype), axes)
+
+
+def named_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """Wrap an initialised array as a parameter with logical ``axes`` (for kernels built
+    from several draws, e.g. a fused projection)."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"param of shape {value.shape} needs {value.ndim} axis names, got {axes}.")
+    return nnx.Param(constrain(value, axes), out_sharding=tuple(axes), eager_sharding=False)
 
 
 def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:

@@ -1,9 +1,11 @@
-"""Model families, registered by name.
+"""Model families, registered by name; every one follows the contract in
+``glocal.models.base`` (read it first).
 
     model = glocal.models.build("transformer", preset="tiny", d_model=128)
     logits_BTV = model(tokens_BT)
 """
 
+from glocal.models.base import DecoderConfig, LanguageModel, ModelBase, ModelCache
 from glocal.models.registry import (
     build, build_from_config, config_class, get_config, list_models, list_presets, model_name, register,
     split_config_name,
@@ -17,6 +19,8 @@ register("fit", FITConfig, FIT)
 register("block", BlockTransformerConfig, BlockTransformer)
 
 __all__ = [
-    "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "FIT", "FITCache", "FITConfig", "Transformer", "TransformerCache", "TransformerConfig", "build", "build_from_config", "config_class",
-    "get_config", "list_models", "list_presets", "model_name", "register", "split_config_name",
+    "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "DecoderConfig", "FIT", "FITCache",
+    "FITConfig", "LanguageModel", "ModelBase", "ModelCache", "Transformer", "TransformerCache",
+    "TransformerConfig", "build", "build_from_config", "config_class", "get_config", "list_models",
+    "list_presets", "model_name", "register", "split_config_name",
 ]

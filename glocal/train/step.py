@@ -16,7 +16,13 @@ import optax
 
 
 def model_outputs(model, batch) -> tuple[jax.Array, dict[str, Any]]:
-    out = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+    """Logits and aux losses. Packed documents' positions and segment ids go only to models
+    that keep documents apart (``packed_documents``, see ``glocal.models.base``); the others
+    see plain windows, and the loss mask still skips cross-document targets."""
+    if getattr(model, "packed_documents", False):
+        out = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+    else:
+        out = model(batch["inputs"])
     return out if isinstance(out, tuple) else (out, {})
 
 

@@ -1,8 +1,9 @@
 """Stacked layers: build N identical modules as one with a leading ``layers`` axis, and run
 them with ``lax.scan`` (compile time flat in depth) or a Python loop (same parameters).
 
-Every model family uses these two helpers, so remat policies and scan behave the same
-across the zoo.
+Every model family runs its layers through these helpers (via
+``glocal.layers.decoder.DecoderStack``), so remat policies and scan behave the same across
+the zoo.
 """
 
 from __future__ import annotations
@@ -78,14 +79,15 @@ def run_cached_stack(stacked: nnx.Module, x: Any, caches: Any, call: Callable, *
                      remat: str = "none"):
     """Run a stack whose layers each own one slice of stacked caches (decoding).
 
-    ``caches`` is a pytree of caches stacked over the layers (``KVCache`` leaves with a
-    leading ``layers`` axis); ``call(layer, x, views) -> (x, views)`` gets per-layer
-    ``LayerView``s. The stacks ride in the carry and each layer writes its slice in place
-    (scan outputs would copy the whole cache every step). Returns ``(x, caches)``.
+    ``caches`` is a pytree of caches stacked over the layers (``glocal.layers.Cache``
+    leaves of any kind with a leading ``layers`` axis); ``call(layer, x, views) -> (x,
+    views)`` gets per-layer ``LayerView``s. The stacks ride in the carry and each layer
+    writes its slice in place (scan outputs would copy the whole cache every step).
+    Returns ``(x, caches)``.
     """
-    from glocal.layers.cache import KVCache, LayerView
+    from glocal.layers.cache import Cache, LayerView
 
-    is_cache = lambda c: isinstance(c, KVCache)
+    is_cache = lambda c: isinstance(c, Cache)
     n = jax.tree.leaves(nnx.state(stacked))[0].shape[0]
 
     def apply(layer, carry, i):
@@ -95,16 +97,3 @@ def run_cached_stack(stacked: nnx.Module, x: Any, caches: Any, call: Callable, *
 
     (x, caches), _ = run_stack(stacked, (x, caches), jax.numpy.arange(n), apply, scan=scan, remat=remat)
     return x, caches
-
-
-def run_decoder_layers(stacked: nnx.Module, x, positions, caches=None, valid=None, *, scan: bool = True,
-                       remat: str = "none"):
-    """Run stacked decoder layers (``transformer.Block``: ``block(x, positions_BT=, cache=,
-    valid_BT=) -> (x, cache)``) on ``x`` at ``positions``; with ``caches`` (stacked
-    ``KVCache``) they read and write their KV slices. Returns ``(x, caches)``."""
-    if caches is None:
-        x, _ = run_stack(stacked, x, None, lambda blk, h, _: (blk(h, positions_BT=positions)[0], None),
-                         scan=scan, remat=remat)
-        return x, None
-    call = lambda blk, h, view: blk(h, positions_BT=positions, cache=view, valid_BT=valid)
-    return run_cached_stack(stacked, x, caches, call, scan=scan, remat=remat)

@@ -1,0 +1,115 @@
+"""The decoder skeleton every family builds on.
+
+    DecoderLayer:  x + mixer(norm(x))  then  x + ffn(norm(x))
+    DecoderStack:  a unit of layers (one per ``LayerKind`` of ``pattern``) repeated
+                   ``repeats`` times, stacked on a ``layers`` axis and run with ``lax.scan``
+                   (compile time flat in depth) or a loop; remat by named policy
+
+A stack owns its layers' caches: ``init_cache`` gives, per pattern slot P, that slot's
+mixer cache stacked over the repeats (any ``Cache`` pytree: KV, ring, recurrent state), and
+a cached call reads and writes them in place. The baseline is one stack; FIT's local and
+global stacks and the Block Transformer's two decoders are stacks of their own shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glocal.layers import ffn as _ffn, mixers as _mixers  # noqa: F401 - register the built-in kinds
+from glocal.layers.cache import stack_cache
+from glocal.layers.norms import make_norm
+from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec
+from glocal.layers.stack import run_cached_stack, run_stack, stack_modules
+from glocal.sharding import constrain
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm decoder layer of ``kind`` (mixer + FFN)."""
+
+    def __init__(self, spec: LayerSpec, kind: LayerKind, *, rngs: nnx.Rngs):
+        kind.check()
+        norm = lambda: make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, dtype=spec.dtype, rngs=rngs)
+        self.mixer_norm = norm()
+        self.mixer = MIXERS[kind.mixer](spec, mask=kind.mask, rngs=rngs)
+        self.ffn_norm = norm()
+        self.ffn = FFNS[kind.ffn](spec, rngs=rngs)
+
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):
+        """``(x_BTD, cache, aux)``: aux holds the FFN's auxiliary losses (empty for dense)."""
+        a_BTD, cache = self.mixer(self.mixer_norm(x_BTD), positions_BT=positions_BT,
+                                  segment_ids_BT=segment_ids_BT, cache=cache, valid_BT=valid_BT)
+        x_BTD = x_BTD + a_BTD
+        out = self.ffn(self.ffn_norm(x_BTD))
+        y_BTD, aux = out if isinstance(out, tuple) else (out, {})
+        x_BTD = x_BTD + y_BTD
+        return constrain(x_BTD, ("batch", None, None)), cache, aux
+
+
+class _Unit(nnx.Module):
+    """One repeat of the pattern: the module that is stacked and scanned."""
+
+    def __init__(self, spec: LayerSpec, pattern: tuple[LayerKind, ...], *, rngs: nnx.Rngs):
+        self.layers = nnx.List([DecoderLayer(spec, kind, rngs=rngs) for kind in pattern])
+
+    def __call__(self, x_BTD, caches_P, **kw):
+        new_caches, aux = [], {}
+        for p, layer in enumerate(self.layers):
+            x_BTD, c, a = layer(x_BTD, cache=None if caches_P is None else caches_P[p], **kw)
+            new_caches.append(c)
+            aux = _add_aux(aux, a)
+        return x_BTD, (None if caches_P is None else tuple(new_caches)), aux
+
+
+class DecoderStack(nnx.Module):
+    """``repeats`` x ``pattern`` decoder layers of shape ``spec``."""
+
+    def __init__(self, spec: LayerSpec, pattern: Sequence[LayerKind], repeats: int, *, scan: bool = True,
+                 remat: str = "none", rngs: nnx.Rngs):
+        self.pattern, self.repeats, self.scan, self.remat = tuple(pattern), repeats, scan, remat
+        self.units = stack_modules(lambda r: _Unit(spec, self.pattern, rngs=r), repeats, rngs)
+
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, caches=None, valid_BT=None):
+        """``(x_BTD, caches, aux)``. With ``caches`` (from ``init_cache``) each layer attends to
+        what its cache holds and stores the new positions where ``valid_BT``."""
+        kw = dict(positions_BT=positions_BT, segment_ids_BT=segment_ids_BT, valid_BT=valid_BT)
+        if caches is None:
+            def body(unit, x, _):
+                x, _, aux = unit(x, None, **kw)
+                return x, aux
+            x_BTD, aux_L = run_stack(self.units, x_BTD, None, body, scan=self.scan, remat=self.remat)
+            # Per-layer losses add up; a weight is the same in every layer.
+            return x_BTD, None, {k: (jnp.sum(loss_L, axis=0), weight_L[0]) for k, (loss_L, weight_L) in aux_L.items()}
+
+        def call(unit, x, views):
+            x, views, _ = unit(x, views, **kw)
+            return x, views
+        x_BTD, caches = run_cached_stack(self.units, x_BTD, caches, call, scan=self.scan, remat=self.remat)
+        return x_BTD, caches, {}
+
+    # -- caches and costs ---------------------------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int) -> tuple:
+        """Per pattern slot, its mixer's empty cache stacked over the repeats."""
+        return tuple(stack_cache(layer.mixer.init_cache(batch_size, max_len), self.repeats)
+                     for layer in self.units.layers)
+
+    def cache_nbytes(self, batch_size: int, length: int) -> int:
+        return self.repeats * sum(layer.mixer.cache_nbytes(batch_size, length) for layer in self.units.layers)
+
+    def flops_per_row(self, seq_len: int) -> float:
+        """Forward FLOPs per position for sequences of ``seq_len``: 2 per parameter (every
+        parameter multiplies once per position; norm scales included, as a small
+        overcount) plus each mixer's score FLOPs."""
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        return 2.0 * n + self.repeats * sum(layer.mixer.score_flops(seq_len) for layer in self.units.layers)
+
+
+def _add_aux(a: dict, b: dict) -> dict:
+    """Merge ``{name: (loss, weight)}`` of two layers: losses add, the weight is kept."""
+    out = dict(a)
+    for name, (loss, weight) in b.items():
+        out[name] = (out[name][0] + loss, weight) if name in out else (loss, weight)
+    return out

@@ -13,11 +13,11 @@ from glocal.layers.mlp import MLP
 from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
 from glocal.layers.params import param
 from glocal.layers.rope import RoPE, apply_rope
-from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec, register_ffn, register_mixer
+from glocal.layers.spec import FFNS, MIXER_LETTERS, MIXERS, LayerKind, LayerSpec, register_ffn, register_mixer
 from glocal.layers.decoder import DecoderLayer, DecoderStack  # noqa: E402 - registers the built-in kinds
 
 __all__ = [
-    "FFNS", "MIXERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer", "DecoderStack", "Embed",
+    "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer", "DecoderStack", "Embed",
     "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP", "RMSNorm", "RingKVCache", "RoPE",
     "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn", "register_mixer",
 ]

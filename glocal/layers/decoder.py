@@ -60,7 +60,7 @@ class _Unit(nnx.Module):
         for p, layer in enumerate(self.layers):
             x_BTD, c, a = layer(x_BTD, cache=None if caches_P is None else caches_P[p], **kw)
             new_caches.append(c)
-            aux = _add_aux(aux, a)
+            aux = merge_aux(aux, a)
         return x_BTD, (None if caches_P is None else tuple(new_caches)), aux
 
 
@@ -107,9 +107,10 @@ class DecoderStack(nnx.Module):
         return 2.0 * n + self.repeats * sum(layer.mixer.score_flops(seq_len) for layer in self.units.layers)
 
 
-def _add_aux(a: dict, b: dict) -> dict:
-    """Merge ``{name: (loss, weight)}`` of two layers: losses add, the weight is kept."""
+def merge_aux(a: dict, *others: dict) -> dict:
+    """Merge ``{name: (loss, weight)}`` of several layers: losses add, the weight is kept."""
     out = dict(a)
-    for name, (loss, weight) in b.items():
-        out[name] = (out[name][0] + loss, weight) if name in out else (loss, weight)
+    for b in others:
+        for name, (loss, weight) in b.items():
+            out[name] = (out[name][0] + loss, weight) if name in out else (loss, weight)
     return out

@@ -51,7 +51,7 @@ class AttentionMixer(nnx.Module):
         return 4 * self.attn.num_heads * self.attn.head_dim * mean_visible_keys(self.mask, seq_len)
 
 
-@register_mixer("global")
+@register_mixer("global", letter="g")
 class GlobalAttention(AttentionMixer):
     """Causal attention over every earlier position (or ``mask`` if given)."""
 
@@ -59,7 +59,7 @@ class GlobalAttention(AttentionMixer):
         super().__init__(spec, Causal() if mask is None else mask, rngs=rngs)
 
 
-@register_mixer("window")
+@register_mixer("window", letter="s")
 class WindowAttention(AttentionMixer):
     """Causal sliding window of ``spec.sliding_window`` tokens, the query included."""
 

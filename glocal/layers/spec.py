@@ -7,7 +7,7 @@ attention and short convolutions plug in the same way) and owns its decoding cac
 *FFN* transforms each position (a dense MLP; mixture-of-experts plugs in the same way).
 Adding a kind is one class and one registration::
 
-    @register_mixer("my_mixer")
+    @register_mixer("my_mixer", letter="m")  # letter: usable in layer_pattern="mmg"
     class MyMixer(nnx.Module):
         def __init__(self, spec: LayerSpec, *, mask: Mask | None, rngs: nnx.Rngs): ...
         def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None,
@@ -35,11 +35,26 @@ from glocal.kernels.masks import Mask
 
 MIXERS: dict[str, Callable] = {}
 FFNS: dict[str, Callable] = {}
+MIXER_LETTERS: dict[str, str] = {}  # one-letter names for layer patterns ("sssg")
 
 
-def register_mixer(name: str):
-    """Class decorator: make a mixer available as ``LayerKind(mixer=name)``."""
+def register_mixer(name: str, letter: str | None = None):
+    """Class decorator: make a mixer available as ``LayerKind(mixer=name)`` and, with a
+    ``letter``, in layer-pattern strings such as the baseline's ``layer_pattern``."""
+    if letter is not None:
+        if len(letter) != 1 or MIXER_LETTERS.get(letter, name) != name:
+            raise ValueError(f"mixer letter {letter!r} must be one character not used by another mixer "
+                             f"(taken: {MIXER_LETTERS}).")
+        MIXER_LETTERS[letter] = name
     return _register(MIXERS, "mixer", name)
+
+
+def unregister(name: str) -> None:
+    """Remove a mixer or FFN kind (tests that register toy kinds clean up with this)."""
+    MIXERS.pop(name, None)
+    FFNS.pop(name, None)
+    for letter in [k for k, v in MIXER_LETTERS.items() if v == name]:
+        del MIXER_LETTERS[letter]
 
 
 def register_ffn(name: str):

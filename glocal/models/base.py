@@ -58,8 +58,9 @@ from glocal.configs.base import ConfigError, ModelConfig
 from glocal.kernels import IMPLEMENTATIONS
 from glocal.layers import Embed, Unembed, make_norm
 from glocal.layers.cache import tree_nbytes
+from glocal.layers.decoder import merge_aux
 from glocal.layers.mlp import ACTIVATIONS
-from glocal.layers.spec import LayerSpec
+from glocal.layers.spec import FFNS, LayerSpec
 from glocal.layers.stack import REMAT_POLICIES
 from glocal.sharding import constrain
 
@@ -93,6 +94,7 @@ class DecoderConfig(ModelConfig):
 
     vocab_size: int = 384
     max_seq_len: int = 256
+    ffn: str = "mlp"  # FFN kind of every layer (glocal.layers.FFNS)
     mlp: str = "swiglu"  # dense FFN activation: swiglu | geglu | gelu | relu
     norm: str = "rms"  # rms | layer
     norm_eps: float = 1e-6
@@ -115,6 +117,8 @@ class DecoderConfig(ModelConfig):
                               ("attention_impl", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.ffn not in FFNS:
+            raise ConfigError(f"ffn={self.ffn!r} is not a registered FFN kind; choose one of {sorted(FFNS)}.")
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
@@ -210,6 +214,14 @@ class ModelBase(nnx.Module):
         logits_BTV = constrain(logits_BTV, ("batch", None, "vocab_act"))
         cap = self.config.logit_softcap
         return logits_BTV if cap is None else cap * jnp.tanh(logits_BTV / cap)
+
+    @staticmethod
+    def _output(logits_BTV, *auxes: dict):
+        """``logits``, or ``(logits, aux)`` when any stack reported auxiliary losses."""
+        aux = {}
+        for a in auxes:
+            aux = merge_aux(aux, a)
+        return (logits_BTV, aux) if aux else logits_BTV
 
     def _head_flops(self) -> float:
         """Forward FLOPs per token of the final norm and the output matmul."""

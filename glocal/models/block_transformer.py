@@ -74,13 +74,13 @@ class BlockTransformerConfig(DecoderConfig):
     def block_decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_block, num_heads=self.block_heads, num_kv_heads=self.block_kv_heads,
                           head_dim=self.block_head_dim, d_ff=self.block_d_ff)
-        return DecoderStack(spec, [LayerKind("global")], self.block_layers, scan=self.scan_layers,
+        return DecoderStack(spec, [LayerKind("global", self.ffn)], self.block_layers, scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
     def token_decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_token, num_heads=self.token_heads, num_kv_heads=self.token_kv_heads,
                           head_dim=self.token_head_dim, d_ff=self.token_d_ff)
-        return DecoderStack(spec, [LayerKind("global")], self.token_layers, scan=self.scan_layers,
+        return DecoderStack(spec, [LayerKind("global", self.ffn)], self.token_layers, scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
 
@@ -142,16 +142,17 @@ class BlockTransformer(ModelBase):
         # T-1) may start a new block, so run T // N + 1 blocks. Padding is exact (causal).
         G = T // N + 1
         tokens_BGN = jnp.pad(tokens_BT, ((0, 0), (0, G * N - T))).reshape(B, G, N)
-        c_BGC, _, _ = self.block_decoder(self._embed_blocks(tokens_BGN), positions_BT=self._positions(B, G))
+        c_BGC, _, block_aux = self.block_decoder(self._embed_blocks(tokens_BGN), positions_BT=self._positions(B, G))
         c_BGC = self.block_norm(c_BGC)
         start_BGC = jnp.broadcast_to(self.start_C[...].astype(c_BGC.dtype), (B, 1, C))
         ctx_BGC = jnp.concatenate([start_BGC, c_BGC[:, :-1]], axis=1)  # c_{j-1} decodes block j
         prefix_JQD = self._prefix(ctx_BGC).reshape(B * G, Q, D)
         inputs_JND = self.embed(tokens_BGN[:, :, :-1].reshape(B * G, N - 1))
         seq_JTD = jnp.concatenate([prefix_JQD, inputs_JND.astype(prefix_JQD.dtype)], axis=1)
-        h_JTD, _, _ = self.token_decoder(seq_JTD, positions_BT=self._positions(B * G, Q + N - 1))
+        h_JTD, _, token_aux = self.token_decoder(seq_JTD, positions_BT=self._positions(B * G, Q + N - 1))
         logits = self._logits(h_JTD[:, Q - 1:])  # [(B G), N, V]: prediction of each token
-        return logits.reshape(B, G * N, -1)[:, 1 : T + 1]  # position p predicts token p + 1
+        logits_BTV = logits.reshape(B, G * N, -1)[:, 1 : T + 1]  # position p predicts token p + 1
+        return self._output(logits_BTV, block_aux, token_aux)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3x the forward's matmul FLOPs): the block decoder, its

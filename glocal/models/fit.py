@@ -47,6 +47,7 @@ from glocal.configs.base import ConfigError
 from glocal.kernels.masks import Causal, ChunkCausal, Full
 from glocal.layers import DecoderStack, LayerKind
 from glocal.layers.cache import clear_rows
+from glocal.layers.decoder import merge_aux
 from glocal.layers.cross import CrossAttention
 from glocal.layers.params import param
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
@@ -127,7 +128,7 @@ class FITConfig(DecoderConfig):
         """Decoder layers on one group of tokens (causal inside it; full for the encoder)."""
         spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, d_ff=self.d_ff)
-        kind = LayerKind("global", mask=Causal() if self.causal else Full())
+        kind = LayerKind("global", self.ffn, mask=Causal() if self.causal else Full())
         return DecoderStack(spec, [kind], n_layers, scan=self.scan_layers, remat=self.remat, rngs=rngs)
 
     def global_stack(self, n_layers: int, rngs: nnx.Rngs) -> DecoderStack:
@@ -136,7 +137,7 @@ class FITConfig(DecoderConfig):
         d_ff = self.d_ff_latent if self.d_ff_latent is not None else self.d_ff * C // self.d_model
         spec = self.layer(d_model=C, num_heads=self.global_heads, num_kv_heads=self.latent_kv_heads,
                           head_dim=self.latent_head_dim, d_ff=d_ff)
-        kind = LayerKind("global", mask=ChunkCausal(self.num_latents) if self.causal else Full())
+        kind = LayerKind("global", self.ffn, mask=ChunkCausal(self.num_latents) if self.causal else Full())
         return DecoderStack(spec, [kind], n_layers, scan=self.scan_layers, remat=self.remat, rngs=rngs)
 
 
@@ -204,19 +205,20 @@ class FIT(ModelBase):
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
         """Logits ``[B, T, V]`` for every position, any ``T <= max_seq_len``."""
         self._check_inputs(tokens_BT, positions_BT, segment_ids_BT)
-        x_BTD, _, _ = self._encode(tokens_BT)
-        return self._logits(x_BTD)
+        x_BTD, _, _, aux = self._encode(tokens_BT)
+        return self._output(self._logits(x_BTD), aux)
 
     def encode(self, tokens_BT):
         """Token states ``[B, T, D]`` (before the final norm) and the latents after each
         global stack (``[B, G, M, C]`` per unit with globals)."""
         self._check_inputs(tokens_BT)
-        x_BTD, latents_U, _ = self._encode(tokens_BT)
+        x_BTD, latents_U, _, _ = self._encode(tokens_BT)
         return x_BTD, latents_U
 
     def _encode(self, tokens_BT, *, global_caches=None, groups_done_B=None, shift: bool = True):
-        """``encode`` that can also store the latents of each row's first ``groups_done_B``
-        groups in ``global_caches`` (prefill). ``shift=False`` drops the latent shift (only
+        """``encode`` (plus the global caches and the stacks' auxiliary losses) that can also
+        store the latents of each row's first ``groups_done_B`` groups in ``global_caches``
+        (prefill). ``shift=False`` drops the latent shift (only
         for the test that shows the shift is what makes the model causal)."""
         cfg = self.config
         B, T = tokens_BT.shape
@@ -229,16 +231,18 @@ class FIT(ModelBase):
         z_BGMC = self._start_latents(B, G)
         pos_BL = self._positions(B, G * M)  # L = G*M latent positions
         valid_BL = None if groups_done_B is None else pos_BL < (groups_done_B * M)[:, None]
-        latents_U, caches_U = [], []
+        latents_U, caches_U, auxes = [], [], []
         for i, unit in enumerate(self.units):
-            x_JND, _, _ = unit.local(x_JND, positions_BT=pos_JN)
+            x_JND, _, aux = unit.local(x_JND, positions_BT=pos_JN)
+            auxes.append(aux)
             if unit.global_ is None:
                 continue
             C = z_BGMC.shape[-1]
             z_JMC = unit.l2x(z_BGMC.reshape(B * G, M, C), x_JND)
             caches = None if global_caches is None else global_caches[i]
-            z_BLC, caches, _ = unit.global_(z_JMC.reshape(B, G * M, C), positions_BT=pos_BL, caches=caches,
-                                            valid_BT=valid_BL)
+            z_BLC, caches, aux = unit.global_(z_JMC.reshape(B, G * M, C), positions_BT=pos_BL, caches=caches,
+                                              valid_BT=valid_BL)
+            auxes.append(aux)
             caches_U.append(caches)
             z_BGMC = z_BLC.reshape(B, G, M, C)
             latents_U.append(z_BGMC)
@@ -246,7 +250,7 @@ class FIT(ModelBase):
                 src_BGMC = self._shift(z_BGMC) if shift else z_BGMC
                 x_JND = unit.x2l(x_JND, src_BGMC.reshape(B * G, M, C))
         x_BTD = x_JND.reshape(B, G * N, D)[:, :T]
-        return x_BTD, latents_U, caches_U
+        return x_BTD, latents_U, caches_U, merge_aux({}, *auxes) if auxes else {}
 
     # -- cost model ---------------------------------------------------------------------------
     def flops_per_token(self, seq_len: int) -> float:
@@ -327,7 +331,7 @@ class FIT(ModelBase):
         self._check_inputs(tokens_BT)
         self._check_fresh(cache)
         done_B = lengths_B // N  # finished groups per row
-        x_BTD, latents_U, glob = self._encode(tokens_BT, global_caches=cache.global_U, groups_done_B=done_B)
+        x_BTD, latents_U, glob, _ = self._encode(tokens_BT, global_caches=cache.global_U, groups_done_B=done_B)
         last_B = jnp.maximum(lengths_B - 1, 0)
         logits_BV = self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
 

@@ -5,7 +5,7 @@
 Pre-norm, RoPE, grouped-query attention, SwiGLU. Layers follow ``layer_pattern``: one
 character per layer of a repeating unit, ``g`` = global causal attention, ``s`` = causal
 sliding window of ``sliding_window`` tokens (``"sssg"`` = three local layers per global
-one). The unit is stacked ``num_layers / len(layer_pattern)`` times and scanned
+one); any mixer registered with a letter (``glocal.layers.register_mixer``) can appear. The unit is stacked ``num_layers / len(layer_pattern)`` times and scanned
 (``glocal.layers.DecoderStack``); each layer's cache follows its mask (a ring buffer of
 ``sliding_window`` slots for ``s`` layers). Packed documents are kept apart with
 ``segment_ids_BT``.
@@ -21,10 +21,8 @@ from flax import nnx
 
 from glocal.configs.base import ConfigError
 from glocal.layers import DecoderStack, LayerKind
+from glocal.layers.spec import MIXER_LETTERS
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
-
-# Layer-pattern letters -> mixer kinds (glocal.layers.MIXERS).
-LAYER_LETTERS = {"g": "global", "s": "window"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +40,18 @@ class TransformerConfig(DecoderConfig):
         super().validate()
         self.require_positive("d_model", "num_layers", "d_ff")
         self.require_heads("d_model", "num_heads", "num_kv_heads", "head_dim")
-        if not self.layer_pattern or set(self.layer_pattern) - set(LAYER_LETTERS):
+        if not self.layer_pattern or set(self.layer_pattern) - set(MIXER_LETTERS):
+            known = ", ".join(f"'{c}' ({name})" for c, name in sorted(MIXER_LETTERS.items()))
             raise ConfigError(
-                f"layer_pattern={self.layer_pattern!r} may only contain 'g' (global attention) "
-                f"and 's' (sliding window), e.g. 'g' or 'sssg'."
+                f"layer_pattern={self.layer_pattern!r} may only contain {known}, one letter per layer, "
+                f"e.g. 'g' or 'sssg'."
             )
         if self.num_layers % len(self.layer_pattern):
             raise ConfigError(
                 f"num_layers={self.num_layers} is not a multiple of len(layer_pattern)="
                 f"{len(self.layer_pattern)} ({self.layer_pattern!r}); the pattern repeats whole."
             )
-        if "s" in self.layer_pattern:
+        if "window" in self.mixers:
             if self.sliding_window is None or self.sliding_window < 1:
                 raise ConfigError(
                     f"layer_pattern={self.layer_pattern!r} has sliding-window layers; set "
@@ -66,6 +65,10 @@ class TransformerConfig(DecoderConfig):
                 )
 
     @property
+    def mixers(self) -> list[str]:
+        return [MIXER_LETTERS[c] for c in self.layer_pattern]
+
+    @property
     def kv_heads(self) -> int:
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
@@ -76,7 +79,7 @@ class TransformerConfig(DecoderConfig):
     def decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, d_ff=self.d_ff, sliding_window=self.sliding_window)
-        pattern = [LayerKind(LAYER_LETTERS[c]) for c in self.layer_pattern]
+        pattern = [LayerKind(mixer, self.ffn) for mixer in self.mixers]
         return DecoderStack(spec, pattern, self.num_layers // len(pattern), scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
@@ -107,8 +110,7 @@ class Transformer(ModelBase):
         B, T = tokens_BT.shape
         positions_BT = self._positions(B, T) if positions_BT is None else positions_BT
         x_BTD, _, aux = self.decoder(self.embed(tokens_BT), positions_BT=positions_BT, segment_ids_BT=segment_ids_BT)
-        logits_BTV = self._logits(x_BTD)
-        return (logits_BTV, aux) if aux else logits_BTV
+        return self._output(self._logits(x_BTD), aux)
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward; matmuls only).

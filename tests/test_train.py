@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import glocal.models as gm
+from glocal.models import registry
 from glocal import checkpoint
 from glocal.configs.base import ConfigError
 from glocal.sharding import ShardingError
@@ -302,15 +303,15 @@ def test_models_with_untrained_state_train_and_evaluate():
         def __call__(self, tokens, positions_BT=None, segment_ids_BT=None):
             return self.head(self.embed(tokens)) + self.prior_V[...]
 
-    gm.register("toy_buffer_test", ToyConfig, Toy)
-    s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
-    params = s.init_params()
-    assert not any("prior_V" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-    rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
-    with jax.set_mesh(s.mesh):
-        total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
-    direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
-    lse = jax.nn.logsumexp(direct, -1)
-    nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
-    np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)
-    assert float(count) == 16
+    with registry.registered("toy_buffer_test", ToyConfig, Toy):
+        s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
+        params = s.init_params()
+        assert not any("prior_V" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
+        with jax.set_mesh(s.mesh):
+            total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
+        direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
+        lse = jax.nn.logsumexp(direct, -1)
+        nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
+        np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)
+        assert float(count) == 16

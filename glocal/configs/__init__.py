@@ -1,4 +1,7 @@
-"""Config dataclass machinery and presets (``<family>_<preset>.py`` files defining ``CONFIG``)."""
+"""Config dataclass machinery and presets (``<family>_<preset>.py`` files defining ``FAMILY``
+and ``CONFIG``)."""
+
+FAMILY = "__init_"
 
 from glocal.configs.base import ConfigError, ModelConfig, parse_overrides
 

@@ -1,15 +1,18 @@
 """Build any model by name: ``build("transformer", preset="tiny", d_model=128)``.
 
 A family registers ``(config class, model class)``; presets are Python files
-``glocal/configs/<family>_<preset>.py`` defining ``CONFIG`` (a dict of field values).
+``glocal/configs/<family>_<preset>.py`` defining ``FAMILY`` (the family's exact name) and
+``CONFIG`` (a dict of field values). Presets are found by ``FAMILY``, not by file-name
+prefix, so a family ``transformer_moe`` and the presets of ``transformer`` never mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import pkgutil
-from typing import Any
+from typing import Any, Iterator
 
 from flax import nnx
 
@@ -23,15 +26,47 @@ def register(name: str, config_class: type[ModelConfig], model_class: type[nnx.M
     _REGISTRY[name] = (config_class, model_class)
 
 
+def unregister(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ConfigError(f"cannot unregister {name!r}: it is not registered ({list_models()}).")
+    del _REGISTRY[name]
+
+
+@contextlib.contextmanager
+def registered(name: str, config_class: type[ModelConfig], model_class: type[nnx.Module]) -> Iterator[None]:
+    """``register`` for the duration of a ``with`` block (tests); what was there before returns."""
+    previous = _REGISTRY.get(name)
+    register(name, config_class, model_class)
+    try:
+        yield
+    finally:
+        if previous is None:
+            unregister(name)
+        else:
+            _REGISTRY[name] = previous
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def list_presets(name: str) -> list[str]:
-    prefix = f"{name}_"
-    return sorted(m.name[len(prefix):] for m in pkgutil.iter_modules(configs_pkg.__path__)
-                  if m.name.startswith(prefix))
+def _preset_files() -> dict[str, tuple[str, str]]:
+    """``{module name: (family, preset)}`` for every preset file in glocal/configs."""
+    out = {}
+    for info in pkgutil.iter_modules(configs_pkg.__path__):
+        module = importlib.import_module(f"{configs_pkg.__name__}.{info.name}")
+        if not hasattr(module, "CONFIG"):
+            continue  # machinery (base.py), not a preset
+        family = getattr(module, "FAMILY", None)
+        if not isinstance(family, str) or not info.name.startswith(f"{family}_"):
+            raise ConfigError(f"preset file glocal/configs/{info.name}.py must define FAMILY, the exact name "
+                              f"of its model family, and be named <FAMILY>_<preset>.py (got FAMILY={family!r}).")
+        out[info.name] = (family, info.name[len(family) + 1:])
+    return out
 
+
+def list_presets(name: str) -> list[str]:
+    return sorted(preset for family, preset in _preset_files().values() if family == name)
 
 def _family(name: str):
     if name not in _REGISTRY:
@@ -76,10 +111,11 @@ def build(name: str, preset: str = "tiny", *, seed: int = 0, rngs: nnx.Rngs | No
 
 
 def split_config_name(config_name: str) -> tuple[str, str]:
-    """``"transformer_small"`` -> ``("transformer", "small")`` (model names may contain '_')."""
-    for name in sorted(_REGISTRY, key=len, reverse=True):
-        if config_name.startswith(name + "_"):
-            return name, config_name[len(name) + 1:]
+    """``"transformer_small"`` -> ``("transformer", "small")``: the preset file of that name
+    says its family (model names may contain '_')."""
+    family, preset = _preset_files().get(config_name, (None, None))
+    if family in _REGISTRY:
+        return family, preset
     options = [f"{n}_{p}" for n in list_models() for p in list_presets(n)]
     close = difflib.get_close_matches(config_name, options, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

@@ -1,0 +1,70 @@
+"""The model registry: presets belong to the family their file names (FAMILY), so a family
+whose name extends another's (``transformer_toy``) neither steals nor loses presets, and
+temporary registrations clean up."""
+
+import dataclasses
+import sys
+
+import pytest
+
+import glocal.models as gm
+from glocal import configs as configs_pkg
+from glocal.configs.base import ConfigError, ModelConfig
+from glocal.models import registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(ModelConfig):
+    d_model: int = 8
+
+
+class Toy:
+    def __init__(self, cfg, *, rngs):
+        self.config = cfg
+
+
+@pytest.fixture
+def preset_dir(tmp_path, monkeypatch):
+    """An extra folder of preset files, searched as part of glocal/configs."""
+    monkeypatch.setattr(configs_pkg, "__path__", [*configs_pkg.__path__, str(tmp_path)])
+    yield tmp_path
+    for name, module in list(sys.modules.items()):  # forget the imported toy presets
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def test_a_family_whose_name_extends_another_keeps_its_own_presets(preset_dir):
+    (preset_dir / "transformer_toy_tiny.py").write_text('FAMILY = "transformer_toy"\nCONFIG = dict(d_model=4)\n')
+    before = gm.list_presets("transformer")
+    with registry.registered("transformer_toy", ToyConfig, Toy):
+        assert gm.list_presets("transformer") == before == ["base", "bench", "small", "tiny"]
+        assert gm.list_presets("transformer_toy") == ["tiny"]
+        assert gm.split_config_name("transformer_toy_tiny") == ("transformer_toy", "tiny")
+        assert gm.split_config_name("transformer_tiny") == ("transformer", "tiny")
+        assert gm.get_config("transformer_toy", "tiny") == ToyConfig(d_model=4)
+        with pytest.raises(ConfigError, match="unknown preset 'small'"):
+            gm.get_config("transformer_toy", "small")
+    assert "transformer_toy" not in gm.list_models()
+    with pytest.raises(ConfigError, match="unknown config 'transformer_toy_tiny'"):
+        gm.split_config_name("transformer_toy_tiny")  # its family is no longer registered
+
+
+def test_a_family_without_preset_files_has_no_presets():
+    with registry.registered("transformer_toy", ToyConfig, Toy):
+        assert gm.list_presets("transformer_toy") == []
+        assert gm.split_config_name("transformer_small") == ("transformer", "small")
+
+
+def test_a_preset_file_must_name_its_family(preset_dir):
+    (preset_dir / "nofamily_tiny.py").write_text("CONFIG = dict(d_model=4)\n")
+    with pytest.raises(ConfigError, match="nofamily_tiny.py must define FAMILY"):
+        gm.list_presets("transformer")
+
+
+def test_registered_restores_what_was_there_and_unregister_checks_the_name():
+    original = registry._REGISTRY["fit"]
+    with registry.registered("fit", ToyConfig, Toy):
+        assert gm.config_class("fit") is ToyConfig
+    assert registry._REGISTRY["fit"] == original
+    with pytest.raises(ConfigError, match="cannot unregister 'nope'"):
+        registry.unregister("nope")

@@ -9,8 +9,9 @@ import pytest
 
 import glocal.models as gm
 from glocal import configs as configs_pkg
-from glocal.configs.base import ConfigError, ModelConfig
+from glocal.configs.base import Config, ConfigError, ModelConfig
 from glocal.models import registry
+from glocal.train.config import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,3 +69,14 @@ def test_registered_restores_what_was_there_and_unregister_checks_the_name():
     assert registry._REGISTRY["fit"] == original
     with pytest.raises(ConfigError, match="cannot unregister 'nope'"):
         registry.unregister("nope")
+
+
+def test_the_training_config_is_a_config_but_not_a_model_config():
+    assert issubclass(TrainConfig, Config) and not issubclass(TrainConfig, ModelConfig)
+    with pytest.raises(ConfigError, match="must derive from glocal.configs.base.ModelConfig"):
+        gm.register("train_as_model", TrainConfig, Toy)
+    assert "train_as_model" not in gm.list_models()
+    tcfg = TrainConfig().replace(steps="7", mesh_data="2")  # the shared machinery still works
+    assert TrainConfig.from_dict(tcfg.to_dict()) == tcfg and tcfg.steps == 7
+    with pytest.raises(ConfigError, match="Did you mean steps"):
+        tcfg.replace(stpes=3)

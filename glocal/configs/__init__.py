@@ -3,6 +3,6 @@ and ``CONFIG``)."""
 
 FAMILY = "__init_"
 
-from glocal.configs.base import ConfigError, ModelConfig, parse_overrides
+from glocal.configs.base import Config, ConfigError, ModelConfig, parse_overrides
 
-__all__ = ["ConfigError", "ModelConfig", "parse_overrides"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "parse_overrides"]

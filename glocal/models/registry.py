@@ -23,6 +23,9 @@ _REGISTRY: dict[str, tuple[type[ModelConfig], type[nnx.Module]]] = {}
 
 
 def register(name: str, config_class: type[ModelConfig], model_class: type[nnx.Module]) -> None:
+    if not (isinstance(config_class, type) and issubclass(config_class, ModelConfig)):
+        raise ConfigError(f"model {name!r}: its config class {config_class!r} must derive from "
+                          f"glocal.configs.base.ModelConfig.")
     _REGISTRY[name] = (config_class, model_class)
 
 

@@ -63,13 +63,6 @@ def read_model_file(workdir) -> dict:
         raise WorkdirError(f"{path} is corrupt ({e}); restore it from a backup.") from None
 
 
-def latest_step(workdir) -> int | None:
-    if not (pathlib.Path(workdir) / "checkpoints").exists():
-        return None
-    with _manager(pathlib.Path(workdir)) as mngr:
-        return mngr.latest_step()
-
-
 def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
     """The workdir's model with the parameters of ``step`` (default: the latest)."""
     workdir = pathlib.Path(workdir)

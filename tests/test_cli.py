@@ -9,6 +9,7 @@ import pytest
 import glocal.models as gm
 from glocal import checkpoint
 from glocal.cli import main
+from tests.test_train import saved_steps
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def test_train_writes_metrics_config_and_checkpoint(trained):
     assert len(evals) == 1 and abs(evals[0]["eval_bpb"] - evals[0]["eval_loss"] / np.log(2)) < 1e-9
     record = json.loads((trained / "model.json").read_text())
     assert record["model"] == "transformer" and record["config"]["d_model"] == 32
-    assert checkpoint.latest_step(trained) == 4
+    assert saved_steps(trained)[-1] == 4
 
 
 def test_loaded_model_equals_trained_and_differs_from_init(trained):

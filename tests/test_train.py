@@ -33,6 +33,11 @@ def corpus(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("corpus"))
 
 
+def saved_steps(workdir) -> list[int]:
+    """The checkpoint steps on disk (a step is a folder named by its number)."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
             if "loss" in r}
@@ -55,7 +60,7 @@ def preempted(tmp_path_factory, corpus):
 
     first = train("transformer_tiny", wd, {**RUN, "steps": "8", "data": str(corpus)}, hooks=[preempt])
     assert first["stopped"] and first["step"] == 5
-    assert checkpoint.latest_step(wd) == 5
+    assert saved_steps(wd)[-1] == 5
     second = train(None, wd, {})  # resume: config from the workdir
     return wd, second
 
@@ -88,7 +93,7 @@ def test_finished_run_continues_with_more_steps(straight, tmp_path, corpus, caps
     out = train(None, wd, {})
     assert "already trained to step 8" in capsys.readouterr().out and out["step"] == 8
     out = train("transformer_tiny", wd, {**MODEL, "steps": "10"})
-    assert out["step"] == 10 and checkpoint.latest_step(wd) == 10
+    assert out["step"] == 10 and saved_steps(wd)[-1] == 10
     assert sorted(losses(wd)) == list(range(1, 11))
 
 
@@ -96,7 +101,7 @@ def test_finished_run_continues_with_more_steps(straight, tmp_path, corpus, caps
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(preempted, tmp_path, capsys):
     wd = tmp_path / "broken"
     shutil.copytree(preempted[0], wd)
-    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [5, 6, 8]  # keep_last=3 of 3, 5 (preemption), 6, 8
+    assert saved_steps(wd) == [5, 6, 8]  # keep_last=3 of 3, 5 (preemption), 6, 8
     for f in (wd / "checkpoints" / "8" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
             f.write_bytes(b"garbage")
@@ -105,7 +110,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(preempted, tmp_path, c
     assert "checkpoint step 8 could not be restored" in printed
     assert "resumed from checkpoint step 6" in printed
     assert (wd / "corrupt_checkpoints" / "8" / "params").is_dir()  # moved, not deleted
-    assert out["step"] == 9 and checkpoint.latest_step(wd) == 9
+    assert out["step"] == 9 and saved_steps(wd)[-1] == 9
 
 
 def _setup(accum, **extra):
@@ -271,7 +276,7 @@ def test_keep_policy_last_n_plus_every_k(tmp_path, corpus):
     wd = tmp_path / "keep"
     train("transformer_tiny", wd, {**RUN, "steps": "9", "data": str(corpus), "checkpoint_every": "1",
                                    "keep_last": "2", "keep_every": "4", "eval_batches": "1"})
-    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    kept = saved_steps(wd)
     assert kept == [4, 8, 9]  # last two (8, 9) plus every 4th (4, 8); nothing else
 
 

@@ -11,9 +11,9 @@ from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
 from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
 from glocal.layers.params import param
-from glocal.layers.rope import RoPE, apply_rope
+from glocal.layers.rope import apply_rope
 
 __all__ = [
     "Attention", "Causal", "CrossAttention", "Embed", "Full", "KVCache", "LayerNorm", "MLP", "RMSNorm",
-    "RingKVCache", "RoPE", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param",
+    "RingKVCache", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param",
 ]

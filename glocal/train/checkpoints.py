@@ -73,9 +73,6 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         return target
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

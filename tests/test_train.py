@@ -14,7 +14,7 @@ import pytest
 
 import glocal.models as gm
 from glocal.models import registry
-from glocal import checkpoint
+from glocal import workdir as workdirs
 from glocal.configs.base import ConfigError
 from glocal.sharding import ShardingError
 from glocal.train import data, optim
@@ -66,7 +66,7 @@ def preempted(tmp_path_factory, corpus):
 
 
 def params_of(workdir, step=None):
-    model, _ = checkpoint.load_model(workdir, step)
+    model, _ = workdirs.load_model(workdir, step)
     from flax import nnx
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import glocal
 import glocal.models as gm
-from glocal import checkpoint as workdirs
+from glocal import workdir as workdirs
 from glocal import sharding as shd
 from glocal.configs.base import ConfigError
 from glocal.tokenizers import get_tokenizer

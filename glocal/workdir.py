@@ -1,4 +1,5 @@
-"""Workdirs: where a model's config and its checkpoints live.
+"""Workdirs: the model record (which model a workdir holds) and loading a trained model.
+Saving and restoring the full training state is ``glocal.train.checkpoints``.
 
     DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state

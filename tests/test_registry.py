@@ -45,8 +45,10 @@ def test_a_family_whose_name_extends_another_keeps_its_own_presets(preset_dir):
         assert gm.get_config("transformer_toy", "tiny") == ToyConfig(d_model=4)
         with pytest.raises(ConfigError, match="unknown preset 'small'"):
             gm.get_config("transformer_toy", "small")
+        with pytest.raises(ConfigError, match=r"unknown preset 'small' for model 'transformer_toy'; available: \['tiny'\]"):
+            gm.split_config_name("transformer_toy_small")  # the longest family that matches
     assert "transformer_toy" not in gm.list_models()
-    with pytest.raises(ConfigError, match="unknown config 'transformer_toy_tiny'"):
+    with pytest.raises(ConfigError, match="unknown preset 'toy_tiny' for model 'transformer'"):
         gm.split_config_name("transformer_toy_tiny")  # its family is no longer registered
 
 
@@ -54,6 +56,8 @@ def test_a_family_without_preset_files_has_no_presets():
     with registry.registered("transformer_toy", ToyConfig, Toy):
         assert gm.list_presets("transformer_toy") == []
         assert gm.split_config_name("transformer_small") == ("transformer", "small")
+    with pytest.raises(ConfigError, match="unknown config 'nomodel_tiny'.*Available: .*'fit_tiny'"):
+        gm.split_config_name("nomodel_tiny")
 
 
 def test_a_preset_file_must_name_its_family(preset_dir):

@@ -86,14 +86,17 @@ def config_class(name: str) -> type[ModelConfig]:
 def get_config(name: str, preset: str = "tiny", **overrides: Any) -> ModelConfig:
     """The preset's config with ``overrides`` applied (strings are coerced to field types)."""
     config_class, _ = _family(name)
-    presets = list_presets(name)
-    if preset not in presets:
-        raise ConfigError(f"unknown preset {preset!r} for model {name!r}; available: {presets}.")
+    if preset not in list_presets(name):
+        raise _unknown_preset(name, preset)
     module = importlib.import_module(f"glocal.configs.{name}_{preset}")
     values = dict(module.CONFIG)
     values.update(overrides)
     base = config_class()
     return base.replace(**values)
+
+
+def _unknown_preset(name: str, preset: str) -> ConfigError:
+    return ConfigError(f"unknown preset {preset!r} for model {name!r}; available: {list_presets(name)}.")
 
 
 def build_from_config(config: ModelConfig, *, seed: int = 0, rngs: nnx.Rngs | None = None) -> nnx.Module:
@@ -119,6 +122,9 @@ def split_config_name(config_name: str) -> tuple[str, str]:
     family, preset = _preset_files().get(config_name, (None, None))
     if family in _REGISTRY:
         return family, preset
+    for name in sorted(_REGISTRY, key=len, reverse=True):  # a known family, an unknown preset
+        if config_name.startswith(f"{name}_"):
+            raise _unknown_preset(name, config_name[len(name) + 1:])
     options = [f"{n}_{p}" for n in list_models() for p in list_presets(n)]
     close = difflib.get_close_matches(config_name, options, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""

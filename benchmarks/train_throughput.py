@@ -27,7 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import machine, matmul_peak_flops, median, time_fn  # noqa: E402
 
 import glocal.models as gm  # noqa: E402
-from glocal.train.trainer import next_token_loss  # noqa: E402
+from glocal.train.step import loss_terms  # noqa: E402
 
 
 def main():
@@ -62,12 +62,17 @@ def main():
     opt_state = tx.init(params)
 
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(lambda p: next_token_loss(nnx.merge(graphdef, p), batch))(params)
+        # The trainer's loss (glocal.train.step): token-mean cross-entropy, no z-loss.
+        loss_of = lambda p: loss_terms(nnx.merge(graphdef, p), batch, args.batch * args.seq, 0.0)[0]
+        loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    batch = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq + 1)), jnp.int32)
+    ones = jnp.ones((args.batch, args.seq), jnp.int32)  # one document per row, every token counted
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": jnp.cumsum(ones, 1) - 1,
+             "segment_ids": ones, "loss_mask": ones.astype(jnp.float32)}
     state = {"p": params, "o": opt_state}
 
     def run():

@@ -33,7 +33,7 @@ def _plot(args) -> int:
 def _generate(args) -> int:
     import glocal
     import glocal.models as gm
-    from glocal import checkpoint
+    from glocal import workdir as workdirs
     from glocal.configs.base import parse_overrides
     from glocal.tokenizers import get_tokenizer
 
@@ -41,8 +41,8 @@ def _generate(args) -> int:
     if args.workdir:
         if overrides:
             raise SystemExit("key=value overrides only apply to an untrained --config model.")
-        model, step = checkpoint.load_model(args.workdir, args.step)
-        tokenizer = get_tokenizer(checkpoint.read_model_file(args.workdir).get("tokenizer"))
+        model, step = workdirs.load_model(args.workdir, args.step)
+        tokenizer = get_tokenizer(workdirs.read_model_file(args.workdir).get("tokenizer"))
         print(f"# loaded {args.workdir} at step {step}", file=sys.stderr)
     else:
         name, preset = gm.split_config_name(args.config)
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from glocal.checkpoint import WorkdirError
+    from glocal.workdir import WorkdirError
     from glocal.configs.base import ConfigError
     from glocal.sharding import ShardingError
     from glocal.train.data import DataError

@@ -12,8 +12,11 @@ Mesh axes, outermost first: ``data`` (replicas), ``fsdp`` (parameter shards), ``
 (MoE experts; dense models use it as more data parallelism), ``tensor`` (within a layer;
 innermost so it lands on the fastest links).
 
-A logical name whose mesh axes do not divide the dimension is left unsharded rather than
-failing (e.g. a 259-entry vocabulary on tensor=2); ``describe_dropped`` lists such cases.
+Every table lists every logical name (``LOGICAL_NAMES``); a name a table does not list is a
+``ShardingError``, never a silent fallback to replication. A logical name whose mesh axes
+do not divide the dimension is left unsharded rather than failing (e.g. a 259-entry
+vocabulary on tensor=2); ``describe_dropped`` lists such cases. ``expert`` (MoE expert
+weights) maps to the ``expert`` mesh axis under fsdp and fsdp_tp.
 """
 
 from __future__ import annotations
@@ -30,22 +33,44 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
+
+class ShardingError(ValueError):
+    """A mesh that does not fit the devices, an unknown rule table or logical axis name."""
+
+
+# Every logical name the package uses, with its mesh axes under each table (None =
+# replicated). A name missing here is an error (ShardingError), not silently replicated, so
+# a typo or a new name cannot quietly turn sharding off: a new name needs a row.
 # Activation names end in "_act" where they differ from the parameter name of the same
 # dimension: FSDP shards the *parameter* embed dim but activations keep it whole.
-_BATCH = (("batch", BATCH_AXES),)
-_TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"),
-       ("heads_act", "tensor"), ("kv_heads_act", "tensor"), ("mlp_act", "tensor"), ("vocab_act", "tensor"))
-RULE_TABLES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
-    "dp": _BATCH,
-    "fsdp": _BATCH + (("embed", "fsdp"),),
-    "fsdp_tp": _BATCH + (("embed", "fsdp"),) + _TP,
+# dp replicates every parameter, experts included (pure data parallel); the expert mesh
+# axis then only splits the batch.
+_TABLE_NAMES = ("dp", "fsdp", "fsdp_tp")
+_RULE_ROWS: dict[str, tuple] = {
+    # parameters            dp          fsdp        fsdp_tp
+    "embed":               (None,       "fsdp",     "fsdp"),
+    "heads":               (None,       None,       "tensor"),
+    "kv_heads":            (None,       None,       "tensor"),
+    "head_dim":            (None,       None,       None),
+    "mlp":                 (None,       None,       "tensor"),
+    "vocab":               (None,       None,       "tensor"),
+    "layers":              (None,       None,       None),  # the scanned layer axis
+    "expert":              (None,       "expert",   "expert"),  # MoE expert weights
+    "norm":                (None,       None,       None),  # normalisation scales (small)
+    # activations
+    "batch":               (BATCH_AXES, BATCH_AXES, BATCH_AXES),
+    "heads_act":           (None,       None,       "tensor"),
+    "kv_heads_act":        (None,       None,       "tensor"),
+    "mlp_act":             (None,       None,       "tensor"),
+    "vocab_act":           (None,       None,       "tensor"),
+}
+LOGICAL_NAMES = tuple(_RULE_ROWS)
+Rules = tuple[tuple[str, "str | tuple[str, ...] | None"], ...]
+RULE_TABLES: dict[str, Rules] = {
+    table: tuple((name, row[i]) for name, row in _RULE_ROWS.items()) for i, table in enumerate(_TABLE_NAMES)
 }
 
 _RULES: contextvars.ContextVar = contextvars.ContextVar("glocal_rules", default=None)
-
-
-class ShardingError(ValueError):
-    """A mesh that does not fit the devices, or an unknown rule table."""
 
 
 def mesh_shape(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
@@ -86,20 +111,35 @@ def rule_table(name: str):
     return RULE_TABLES[name]
 
 
+def mesh_axes_of(name: str | None, rules) -> tuple[str, ...]:
+    """The mesh axes logical ``name`` maps to under ``rules`` (``()``: replicated).
+
+    ``None`` (a positional None in a parameter's names) means unsharded. A name the table
+    does not list is an error: a silent fallback would replicate a tensor meant to be split.
+    """
+    if name is None:
+        return ()
+    table = dict(rules)
+    if name not in table:
+        which = next((f"{k!r}" for k, v in RULE_TABLES.items() if tuple(v) == tuple(rules)), "(custom)")
+        raise ShardingError(f"logical axis name {name!r} is not in sharding rule table {which}, which knows "
+                            f"{sorted(table)}; use one of those, or add a row for it to "
+                            f"glocal.sharding._RULE_ROWS (None to replicate).")
+    target = table[name]
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules) -> P:
     """The PartitionSpec for a tensor with logical axis ``names``.
 
     Mesh axes of size 1, axes already used by an earlier dimension, and axes that do not
     divide the dimension are dropped, so every spec is valid for every mesh.
     """
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for name, dim in zip(names, shape):
-        target = table.get(name) if name is not None else None
-        axes = (target,) if isinstance(target, str) else tuple(target or ())
         kept = []
-        for a in axes:
+        for a in mesh_axes_of(name, rules):
             size = mesh.shape[a]
             if size == 1 or a in used or dim % (math.prod(mesh.shape[k] for k in kept) * size):
                 continue
@@ -125,12 +165,10 @@ def describe_dropped(tree, mesh: Mesh, rules) -> list[str]:
     from flax import nnx
 
     out = []
-    table = dict(rules)
     for path, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
         names = v.get_metadata().get("out_sharding") or ()
         spec = logical_to_spec(names, v.shape, mesh, rules)
-        wanted = {a for n in names if n in table
-                  for a in ((table[n],) if isinstance(table[n], str) else table[n]) if mesh.shape[a] > 1}
+        wanted = {a for n in names for a in mesh_axes_of(n, rules) if mesh.shape[a] > 1}
         got = {a for s in spec if s for a in ((s,) if isinstance(s, str) else s)}
         if wanted - got:
             out.append(f"{jax.tree_util.keystr(path)} {tuple(v.shape)}: unsharded over {sorted(wanted - got)}")

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from glocal import checkpoint  # noqa: E402
+from glocal import workdir as workdirs  # noqa: E402
 from glocal.train.trainer import train  # noqa: E402
 
 MESHES = {"dp": {"mesh.data": "8"}, "fsdp": {"mesh.data": "2", "mesh.fsdp": "4"},
@@ -29,7 +29,7 @@ def main(corpus: str, out: str) -> None:
            "sample_tokens": "0", "warmup_steps": "1", "checkpoint_every": "0", "data": corpus,
            "tensorboard": "false"}
     loss = lambda r: [h["loss"] for h in r["history"]]
-    params = lambda wd: [np.asarray(x) for x in jax.tree.leaves(nnx.state(checkpoint.load_model(wd)[0], nnx.Param))]
+    params = lambda wd: [np.asarray(x) for x in jax.tree.leaves(nnx.state(workdirs.load_model(wd)[0], nnx.Param))]
     rel = lambda a, b: max(float(np.linalg.norm(x - y) / (np.linalg.norm(y) + 1e-12)) for x, y in zip(a, b))
     one = train("transformer_tiny", out / "one", {**run, "mesh.data": "1"}, devices=jax.devices()[:1])
     p_one = params(out / "one")

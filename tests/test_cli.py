@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import glocal.models as gm
-from glocal import checkpoint
+from glocal import workdir as workdirs
 from glocal.cli import main
+from tests.test_train import saved_steps
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,11 @@ def test_train_writes_metrics_config_and_checkpoint(trained):
     assert len(evals) == 1 and abs(evals[0]["eval_bpb"] - evals[0]["eval_loss"] / np.log(2)) < 1e-9
     record = json.loads((trained / "model.json").read_text())
     assert record["model"] == "transformer" and record["config"]["d_model"] == 32
-    assert checkpoint.latest_step(trained) == 4
+    assert saved_steps(trained)[-1] == 4
 
 
 def test_loaded_model_equals_trained_and_differs_from_init(trained):
-    model, step = checkpoint.load_model(trained)
+    model, step = workdirs.load_model(trained)
     assert step == 4
     fresh = gm.build("transformer", "tiny", d_model=32, num_heads=2, num_kv_heads=1)
     x = jnp.arange(16)[None]
@@ -74,8 +75,8 @@ def test_corrupt_checkpoint_gives_clear_error(trained, tmp_path):
     for f in (broken / "checkpoints" / "4" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
             f.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.WorkdirError, match="could not be read.*partial or corrupt"):
-        checkpoint.load_model(broken)
+    with pytest.raises(workdirs.WorkdirError, match="could not be read.*partial or corrupt"):
+        workdirs.load_model(broken)
     (broken / "model.json").write_text("{not json")
-    with pytest.raises(checkpoint.WorkdirError, match="model.json is corrupt"):
-        checkpoint.load_model(broken)
+    with pytest.raises(workdirs.WorkdirError, match="model.json is corrupt"):
+        workdirs.load_model(broken)

@@ -232,7 +232,7 @@ def test_bfloat16_compute_tracks_float32(name):
 
 @pytest.mark.parametrize("name", ["fit_tiny", "block_tiny"])
 def test_trains_and_evaluates_through_the_trainer(name, tmp_path):
-    from glocal import checkpoint
+    from glocal import workdir as workdirs
     from glocal.train.trainer import train
     from tests.test_data import make_folder
 
@@ -244,5 +244,5 @@ def test_trains_and_evaluates_through_the_trainer(name, tmp_path):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert np.isfinite(first["eval_loss"])
     # (Resuming is model-agnostic trainer code, tested bitwise on the baseline.)
-    model, step = checkpoint.load_model(tmp_path / "wd")
+    model, step = workdirs.load_model(tmp_path / "wd")
     assert step == 6 and type(model).__name__ == type(gm.build(*gm.split_config_name(name))).__name__

@@ -15,8 +15,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
-from glocal.sharding import RULE_TABLES, ShardingError, logical_to_spec, make_mesh, mesh_shape
+import glocal.models as gm
+from glocal.sharding import (LOGICAL_NAMES, MESH_AXES, RULE_TABLES, ShardingError, logical_to_spec, make_mesh,
+                             mesh_shape, variable_shardings)
+from glocal.train.config import TrainConfig
+from glocal.train.optim import make_optimizer
+from glocal.train.trainer import _opt_shardings
 from tests.test_data import make_folder
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -77,3 +84,58 @@ def test_logical_to_spec_skips_axes_that_do_not_divide():
     assert spec(("batch", None), (8, 5)) == (("data", "fsdp"), None)
     assert spec(("batch", None), (2, 5)) == ("data", None)  # fsdp would not divide 2 / 2
     assert spec(("layers", "embed", "heads", "head_dim"), (2, 64, 4, 16)) == (None, "fsdp", "tensor", None)
+
+
+class FakeMesh:  # logical_to_spec only reads axis sizes
+    shape = {"data": 2, "fsdp": 4, "expert": 2, "tensor": 2}
+
+
+def test_unknown_logical_name_is_an_error():
+    for rules in RULE_TABLES.values():
+        with pytest.raises(ShardingError, match="'embd' is not in sharding rule table"):
+            logical_to_spec(("embd", "mlp"), (64, 256), FakeMesh, rules)
+    # positional None stays allowed: an unsharded dimension
+    assert tuple(logical_to_spec((None, "mlp"), (64, 256), FakeMesh, RULE_TABLES["fsdp_tp"])) == (None, "tensor")
+
+
+def test_every_table_lists_every_name_and_experts_use_the_expert_axis():
+    for name, rules in RULE_TABLES.items():
+        assert [n for n, _ in rules] == list(LOGICAL_NAMES), name
+        for _, target in rules:
+            targets = (target,) if isinstance(target, str) else target or ()
+            assert set(targets) <= set(MESH_AXES)
+    for name in ("fsdp", "fsdp_tp"):
+        assert tuple(logical_to_spec(("expert", "embed", "mlp"), (4, 64, 256), FakeMesh,
+                                     RULE_TABLES[name]))[0] == "expert"
+
+
+def _abstract_params(family):
+    model = nnx.eval_shape(lambda: gm.build(family, "tiny"))
+    return nnx.split(model, nnx.Param, ...)[1]
+
+
+@pytest.mark.parametrize("family", gm.list_models())
+def test_every_parameter_name_of_every_model_resolves_under_every_table(family):
+    variables = jax.tree.leaves(_abstract_params(family), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    names = {n for v in variables for n in v.get_metadata().get("out_sharding") or ()}
+    assert names - {None} <= set(LOGICAL_NAMES), names
+    for rules in RULE_TABLES.values():
+        for v in variables:  # raises ShardingError on a name the table does not list
+            logical_to_spec(v.get_metadata().get("out_sharding") or (), v.shape, FakeMesh, rules)
+
+
+def test_adam_state_takes_exactly_its_parameters_sharding():
+    mesh = AbstractMesh((2, 2, 1, 2), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    params = _abstract_params("transformer")
+    param_sh = variable_shardings(params, mesh, RULE_TABLES["fsdp_tp"])
+    tx = make_optimizer(TrainConfig(weight_decay=0.1, grad_clip=1.0), params)  # clipping + masked decay
+    opt_sh = _opt_shardings(jax.eval_shape(tx.init, params), param_sh, mesh)
+    want = [s.spec for s in jax.tree.leaves(param_sh)]
+    assert any(spec != P(*[None] * len(spec)) for spec in want)  # the check is not vacuous
+    adam = opt_sh[1][0]
+    for moment in (adam.mu, adam.nu):
+        assert [s.spec for s in jax.tree.leaves(moment)] == want
+    rest = [(jax.tree_util.keystr(path), s) for path, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]
+            if not jax.tree_util.keystr(path).startswith(("[1][0].mu", "[1][0].nu"))]
+    assert [k for k, _ in rest] == ["[1][0].count", "[1][2].count"]  # Adam's and the schedule's
+    assert all(isinstance(s, NamedSharding) and s.spec == P() for _, s in rest)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import glocal.models as gm
-from glocal import checkpoint
+from glocal.models import registry
+from glocal import workdir as workdirs
 from glocal.configs.base import ConfigError
 from glocal.sharding import ShardingError
 from glocal.train import data, optim
@@ -30,6 +31,11 @@ RUN = {"batch_size": "4", "seq_len": "32", "eval_batches": "2", "log_every": "1"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_folder(tmp_path_factory.mktemp("corpus"))
+
+
+def saved_steps(workdir) -> list[int]:
+    """The checkpoint steps on disk (a step is a folder named by its number)."""
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def losses(workdir):
@@ -54,13 +60,13 @@ def preempted(tmp_path_factory, corpus):
 
     first = train("transformer_tiny", wd, {**RUN, "steps": "8", "data": str(corpus)}, hooks=[preempt])
     assert first["stopped"] and first["step"] == 5
-    assert checkpoint.latest_step(wd) == 5
+    assert saved_steps(wd)[-1] == 5
     second = train(None, wd, {})  # resume: config from the workdir
     return wd, second
 
 
 def params_of(workdir, step=None):
-    model, _ = checkpoint.load_model(workdir, step)
+    model, _ = workdirs.load_model(workdir, step)
     from flax import nnx
     return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
@@ -87,7 +93,7 @@ def test_finished_run_continues_with_more_steps(straight, tmp_path, corpus, caps
     out = train(None, wd, {})
     assert "already trained to step 8" in capsys.readouterr().out and out["step"] == 8
     out = train("transformer_tiny", wd, {**MODEL, "steps": "10"})
-    assert out["step"] == 10 and checkpoint.latest_step(wd) == 10
+    assert out["step"] == 10 and saved_steps(wd)[-1] == 10
     assert sorted(losses(wd)) == list(range(1, 11))
 
 
@@ -95,7 +101,7 @@ def test_finished_run_continues_with_more_steps(straight, tmp_path, corpus, caps
 def test_corrupt_latest_checkpoint_falls_back_and_is_kept(preempted, tmp_path, capsys):
     wd = tmp_path / "broken"
     shutil.copytree(preempted[0], wd)
-    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [5, 6, 8]  # keep_last=3 of 3, 5 (preemption), 6, 8
+    assert saved_steps(wd) == [5, 6, 8]  # keep_last=3 of 3, 5 (preemption), 6, 8
     for f in (wd / "checkpoints" / "8" / "params").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "ocdbt" in str(f):
             f.write_bytes(b"garbage")
@@ -104,7 +110,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(preempted, tmp_path, c
     assert "checkpoint step 8 could not be restored" in printed
     assert "resumed from checkpoint step 6" in printed
     assert (wd / "corrupt_checkpoints" / "8" / "params").is_dir()  # moved, not deleted
-    assert out["step"] == 9 and checkpoint.latest_step(wd) == 9
+    assert out["step"] == 9 and saved_steps(wd)[-1] == 9
 
 
 def _setup(accum, **extra):
@@ -270,7 +276,7 @@ def test_keep_policy_last_n_plus_every_k(tmp_path, corpus):
     wd = tmp_path / "keep"
     train("transformer_tiny", wd, {**RUN, "steps": "9", "data": str(corpus), "checkpoint_every": "1",
                                    "keep_last": "2", "keep_every": "4", "eval_batches": "1"})
-    kept = sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit())
+    kept = saved_steps(wd)
     assert kept == [4, 8, 9]  # last two (8, 9) plus every 4th (4, 8); nothing else
 
 
@@ -302,15 +308,15 @@ def test_models_with_untrained_state_train_and_evaluate():
         def __call__(self, tokens, positions_BT=None, segment_ids_BT=None):
             return self.head(self.embed(tokens)) + self.prior_V[...]
 
-    gm.register("toy_buffer_test", ToyConfig, Toy)
-    s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
-    params = s.init_params()
-    assert not any("prior_V" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-    rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
-    with jax.set_mesh(s.mesh):
-        total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
-    direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
-    lse = jax.nn.logsumexp(direct, -1)
-    nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
-    np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)
-    assert float(count) == 16
+    with registry.registered("toy_buffer_test", ToyConfig, Toy):
+        s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
+        params = s.init_params()
+        assert not any("prior_V" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+        rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
+        with jax.set_mesh(s.mesh):
+            total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
+        direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
+        lse = jax.nn.logsumexp(direct, -1)
+        nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
+        np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)
+        assert float(count) == 16

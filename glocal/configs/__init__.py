@@ -1,5 +1,8 @@
-"""Config dataclass machinery and presets (``<family>_<preset>.py`` files defining ``CONFIG``)."""
+"""Config dataclass machinery and presets (``<family>_<preset>.py`` files defining ``FAMILY``
+and ``CONFIG``)."""
 
-from glocal.configs.base import ConfigError, ModelConfig, parse_overrides
+FAMILY = "__init_"
 
-__all__ = ["ConfigError", "ModelConfig", "parse_overrides"]
+from glocal.configs.base import Config, ConfigError, ModelConfig, parse_overrides
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "parse_overrides"]

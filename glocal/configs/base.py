@@ -1,8 +1,10 @@
-"""Config machinery shared by every model family.
+"""Config machinery shared by the model configs and the training config.
 
-A family's config is a frozen dataclass deriving from ``ModelConfig``; it gets
-``key=value`` overrides with type coercion, a suggestion for misspelt keys, JSON
-round-trips, and a ``validate()`` hook whose errors say what is wrong and how to fix it.
+``Config`` is a frozen dataclass base with ``key=value`` overrides and type coercion, a
+suggestion for misspelt keys, JSON round-trips, and a ``validate()`` hook whose errors say
+what is wrong and how to fix it. A model family's config derives from ``ModelConfig``
+(the registry maps config classes to models); ``glocal.train.config.TrainConfig`` derives
+from ``Config`` directly, so a training config is never mistaken for a model config.
 """
 
 from __future__ import annotations
@@ -69,13 +71,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Base of all model configs. Subclasses add fields and extend ``validate``."""
+class Config:
+    """Base of every glocal config. Subclasses add fields and extend ``validate``."""
 
     def __post_init__(self):
         self.validate()
 
-    def validate(self) -> None:  # overridden per family
+    def validate(self) -> None:  # overridden by each config class
         pass
 
     def require_positive(self, *names: str) -> None:
@@ -125,6 +127,11 @@ class ModelConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Config):
+    """Base of all model configs. Subclasses add fields and extend ``validate``."""
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:

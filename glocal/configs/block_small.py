@@ -3,6 +3,8 @@ the baseline's 4 layers split 1:1 into a 2-layer block decoder and a 2-layer tok
 (d=256, GQA 4:2, SwiGLU 768), blocks of 4 tokens, prefix 2; 3.28M non-embedding parameters
 (baseline 3.15M)."""
 
+FAMILY = "block"
+
 CONFIG = dict(
     vocab_size=384, block_size=4, prefix_len=2,
     d_block=256, block_layers=2, block_heads=4, block_kv_heads=2, block_d_ff=768,

@@ -5,6 +5,8 @@ parameters (baseline 3.15M). At equal training tokens (450 x 16 x 256) groups of
 2.139 bits-per-byte, groups of 32 2.191 and groups of 32 with 16 latents 2.400 at step 300
 (benchmarks/RESULTS.md)."""
 
+FAMILY = "fit"
+
 CONFIG = dict(
     vocab_size=384, d_model=256, num_heads=4, num_kv_heads=2, d_ff=768, group_size=64, num_latents=8,
     layer_spec="(1)1(1)", max_seq_len=512,

@@ -8,6 +8,8 @@ model (d=384, 6 layers) processes ~2.6x fewer tokens per second there and ended 
 bits-per-byte in the same time: at this budget, tokens seen matter more than width.
 """
 
+FAMILY = "transformer"
+
 CONFIG = dict(
     vocab_size=384, d_model=256, num_layers=4, num_heads=4, num_kv_heads=2, d_ff=768,
     max_seq_len=512,

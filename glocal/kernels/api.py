@@ -2,10 +2,12 @@
 
 ``attention(q, k, v, mask=...)`` is what every glocal layer calls; ``impl`` picks how:
 
-* ``"xla"``        dense einsum in the compute dtype (float32 logits/softmax); any mask.
+* ``"xla"``        dense einsum in the compute dtype (float32 logits/softmax); any mask
+  (``glocal.kernels.dense``).
 * ``"dot_product"`` ``jax.nn.dot_product_attention`` (XLA, or cuDNN on GPU for the masks it
   understands natively: causal and causal sliding windows without positions).
-* ``"reference"``  dense float32 at HIGHEST precision: the oracle for tests.
+* ``"reference"``  dense float32 at HIGHEST precision: the oracle for tests
+  (``glocal.kernels.reference``).
 * ``"blockwise"``  pure JAX over the mask's block schedule: only visited tiles are computed,
   memory linear in T, its own FlashAttention-style gradient (``glocal.kernels.blockwise``).
 * ``"pallas_tpu"`` our Pallas TPU (Mosaic) kernels on the same schedule, forward, dQ and
@@ -23,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from glocal.kernels import masks as masks_lib
-from glocal.kernels.reference import (allowed_pairs, attention_reference, dense_attention,
-                                      split_segments)
+from glocal.kernels.dense import allowed_pairs, dense_attention, split_segments
+from glocal.kernels.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu", "pallas_gpu")
 _BLOCK_SPARSE = ("blockwise", "pallas_tpu", "pallas_gpu")

@@ -59,7 +59,7 @@ def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_
         lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 
-def _specs(sch, G, E, bq, bkv):
+def _specs(G, E, bq, bkv):
     """BlockSpecs over q/o [B,H,T,E], k/v [B,K,S,E], segments [B,T,1]/[B,1,S] for the
     (B, H, nq, W) grid; index maps get the three prefetched schedule tables last."""
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i, j, cnt, idx, full: (b, h, i, 0))
@@ -77,7 +77,7 @@ def _forward(q, k, v, qs, ks, statics):
     G = H // K
     sch = build_schedule(mask, Tp, k.shape[2], bq, bkv)
     W = sch.kv_index.shape[1]
-    qspec, kvspec, qsspec, ksspec, lspec = _specs(sch, G, E, bq, bkv)
+    qspec, kvspec, qsspec, ksspec, lspec = _specs(G, E, bq, bkv)
     kernel = functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv, W=W)
     grid = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(B, H, Tp // bq, W),
@@ -165,7 +165,7 @@ def _backward(statics, res, dout):
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     W = sch.kv_index.shape[1]
-    qspec, kvspec, qsspec, ksspec, lspec = _specs(sch, G, E, bq, bkv)
+    qspec, kvspec, qsspec, ksspec, lspec = _specs(G, E, bq, bkv)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, bq=bq, bkv=bkv, W=W),
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -12,12 +12,13 @@ from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
 from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
 from glocal.layers.params import param
-from glocal.layers.rope import RoPE, apply_rope
+from glocal.layers.rope import apply_rope
 from glocal.layers.spec import FFNS, MIXER_LETTERS, MIXERS, LayerKind, LayerSpec, register_ffn, register_mixer
 from glocal.layers.decoder import DecoderLayer, DecoderStack  # noqa: E402 - registers the built-in kinds
 
 __all__ = [
-    "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer", "DecoderStack", "Embed",
-    "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP", "RMSNorm", "RingKVCache", "RoPE",
-    "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn", "register_mixer",
+    "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer",
+    "DecoderStack", "Embed", "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP",
+    "RMSNorm", "RingKVCache", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn",
+    "register_mixer",
 ]

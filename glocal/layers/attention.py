@@ -23,7 +23,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from glocal import kernels
 from glocal.kernels import masks as masks_lib
-from glocal.kernels.reference import allowed_pairs, dense_attention
+from glocal.kernels.dense import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
 from glocal.sharding import constrain

@@ -9,7 +9,6 @@ dimension is split in halves ``(x1, x2)`` and pair ``(x1[i], x2[i])`` is rotated
 from __future__ import annotations
 
 import jax.numpy as jnp
-from flax import nnx
 
 
 def rope_angles(positions_BT, head_dim: int, theta: float = 10_000.0):
@@ -31,13 +30,3 @@ def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0):
     x1, x2 = x[..., : E // 2], x[..., E // 2 :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x_BTHE.dtype)
-
-
-class RoPE(nnx.Module):
-    """Module form of ``apply_rope`` (no parameters) for configs that pass layers around."""
-
-    def __init__(self, theta: float = 10_000.0):
-        self.theta = theta
-
-    def __call__(self, x_BTHE, positions_BT):
-        return apply_rope(x_BTHE, positions_BT, theta=self.theta)

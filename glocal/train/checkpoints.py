@@ -1,4 +1,5 @@
-"""Training checkpoints: everything a run needs to continue bit for bit.
+"""Training checkpoints: everything a run needs to continue bit for bit (loading only the
+trained model for use is ``glocal.workdir.load_model``).
 
     DIR/checkpoints/<step>/params     model parameters (nnx.Param state; what `generate` loads)
     DIR/checkpoints/<step>/opt_state  optimizer state
@@ -72,9 +73,6 @@ class TrainCheckpointer:
         self.manager.close()  # it caches the step list
         self.manager = ocp.CheckpointManager(self.directory, options=self.options)
         return target
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from glocal.configs.base import ConfigError, ModelConfig
+from glocal.configs.base import Config, ConfigError
 from glocal.sharding import MESH_AXES, RULE_TABLES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -16,7 +16,7 @@ NO_DECAY_KINDS = ("norm", "bias", "embedding")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig(ModelConfig):
+class TrainConfig(Config):
     # length and batch
     steps: int = 450
     batch_size: int = 16  # global sequences per optimizer step

@@ -8,7 +8,7 @@ import pathlib
 import jax
 
 import glocal.models as gm
-from glocal import checkpoint as workdirs
+from glocal import workdir as workdirs
 from glocal import sharding as shd
 from glocal.tokenizers import get_tokenizer
 from glocal.train import data

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import glocal
 import glocal.models as gm
-from glocal import checkpoint as workdirs
+from glocal import workdir as workdirs
 from glocal import sharding as shd
 from glocal.configs.base import ConfigError
 from glocal.tokenizers import get_tokenizer
@@ -93,19 +93,13 @@ class Setup:
 
 
 def _opt_shardings(abstract_opt, param_sh, mesh):
-    """Optimizer leaves that mirror a parameter (Adam's mu/nu) take its sharding; the rest
-    (step counts) are replicated. Matched by tree path suffix and shape."""
-    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_sh)[0]}
+    """Optimizer state that mirrors the parameters (Adam's mu and nu: subtrees with exactly
+    the params' tree structure) takes the parameter shardings; the rest (step counts) is
+    replicated. Matched by structure, so no leaf can pick up another parameter's sharding."""
+    params_def = jax.tree_util.tree_structure(param_sh)  # a sharding per parameter, same tree
+    mirrors = lambda x: jax.tree_util.tree_structure(x) == params_def
     replicated = NamedSharding(mesh, P())
-
-    def one(path, leaf):
-        key = jax.tree_util.keystr(path)
-        for ppath, sh in by_path.items():
-            if key.endswith(ppath) and len(sh.spec) <= leaf.ndim:
-                return sh
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, abstract_opt)
+    return jax.tree.map(lambda x: param_sh if mirrors(x) else replicated, abstract_opt, is_leaf=mirrors)
 
 
 def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:

@@ -1,4 +1,5 @@
-"""Workdirs: where a model's config and its checkpoints live.
+"""Workdirs: the model record (which model a workdir holds) and loading a trained model.
+Saving and restoring the full training state is ``glocal.train.checkpoints``.
 
     DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
@@ -61,13 +62,6 @@ def read_model_file(workdir) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WorkdirError(f"{path} is corrupt ({e}); restore it from a backup.") from None
-
-
-def latest_step(workdir) -> int | None:
-    if not (pathlib.Path(workdir) / "checkpoints").exists():
-        return None
-    with _manager(pathlib.Path(workdir)) as mngr:
-        return mngr.latest_step()
 
 
 def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:

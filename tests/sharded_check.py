@@ -1,7 +1,8 @@
-"""Run by test_sharding.py in its own process: 8 fake CPU devices must be set before JAX
-starts. Trains the same tiny run on 1 device and on 8 devices under each rule table,
-restores a sharded checkpoint onto another mesh, trains FIT and the Block Transformer
-on 1 vs 8 devices (fsdp_tp), and prints the comparison as JSON."""
+"""Run once per test session (the ``sharded`` fixture of tests/conftest.py) in its own
+process: 8 fake CPU devices must be set before JAX starts. Trains the same tiny run on 1
+device and on 8 devices under each rule table, restores a sharded checkpoint onto another
+mesh, trains the ``tiny`` preset of every registered model family on 1 vs 8 devices
+(fsdp_tp), and prints the comparison as JSON."""
 
 import json
 import os
@@ -16,6 +17,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import glocal.models as gm  # noqa: E402
 from glocal import workdir as workdirs  # noqa: E402
 from glocal.train.trainer import train  # noqa: E402
 
@@ -44,10 +46,14 @@ def main(corpus: str, out: str) -> None:
     r_moved = train(None, out / "fsdp_tp", {"steps": "4", "mesh.data": "1", "mesh.fsdp": "8",
                                             "mesh.tensor": "1", "sharding": "fsdp"})
     result["moved"] = {"loss": loss(r_moved), "one_loss": loss(r_one)}
-    # The global-local models under the richest table (every parameter and activation
-    # name they use must map cleanly onto the mesh).
+    # Every family's tiny preset under the richest table (every parameter and activation
+    # name it uses must map cleanly onto the mesh).
     result["models"] = {}
-    for name in ("fit_tiny", "block_tiny"):
+    for name in (f"{family}_tiny" for family in gm.list_models()):
+        if name == "transformer_tiny":  # trained above under every table (3 steps)
+            result["models"][name] = {"one": result["one"], "fsdp_tp": result["fsdp_tp"]["loss"],
+                                      "param_rel_diff": result["fsdp_tp"]["param_rel_diff"]}
+            continue
         short = {**run, "steps": "2"}  # the losses are the comparison
         a = train(name, out / f"{name}_one", {**short, "mesh.data": "1"}, devices=jax.devices()[:1])
         b = train(name, out / f"{name}_tp", {**short, "sharding": "fsdp_tp", **MESHES["fsdp_tp"]})

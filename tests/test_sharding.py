@@ -1,16 +1,11 @@
 """Sharded training on 8 fake CPU devices equals one device, for every rule table.
 
 The fake devices must exist before JAX starts, so the comparison runs in a subprocess
-(tests/sharded_check.py) and reports JSON. Tolerance: float32 reductions run in a
+(tests/sharded_check.py, the session fixture ``sharded`` in tests/conftest.py, also read by
+tests/test_conformance.py) and reports JSON. Tolerance: float32 reductions run in a
 different order when split across devices, so losses agree to 1e-5 relative and the
 parameters after 3 AdamW steps to 1e-5 relative L2 per tensor (measured: ~5e-8).
 """
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -24,21 +19,6 @@ from glocal.sharding import (LOGICAL_NAMES, MESH_AXES, RULE_TABLES, ShardingErro
 from glocal.train.config import TrainConfig
 from glocal.train.optim import make_optimizer
 from glocal.train.trainer import _opt_shardings
-from tests.test_data import make_folder
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    corpus = make_folder(tmp_path_factory.mktemp("corpus"))
-    out = tmp_path_factory.mktemp("sharded")
-    env = {**os.environ, "GLOCAL_JAX_CACHE": os.environ.get("GLOCAL_JAX_CACHE", str(ROOT / ".jax_cache"))}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_check.py"), str(corpus), str(out)],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    return json.loads(line[0][len("RESULT "):])
 
 
 @pytest.mark.parametrize("name", ["fit_tiny", "block_tiny"])

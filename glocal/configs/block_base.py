@@ -1,5 +1,5 @@
 """~121M non-embedding Block Transformer for accelerators, the zoo's analogue of the paper's
-block_main_b4_85 (ARCHITECTURES.md 3.4): the 12 layers of ``transformer_base`` split 1:1 into
+block_main_b4_85 (blocks of 4, block:token layers 1:1): the 12 layers of ``transformer_base`` split 1:1 into
 6 block-decoder and 6 token-decoder layers at d=768 (12 heads, SwiGLU 3328), blocks of 4,
 prefix 2, context 2048."""
 

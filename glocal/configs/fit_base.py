@@ -1,4 +1,4 @@
-"""~113M non-embedding FIT for accelerators (ARCHITECTURES.md 2.6): L=2048 in 32 groups of
+"""~113M non-embedding FIT for accelerators (the paper's language-model shape): L=2048 in 32 groups of
 64 tokens, 8 latents per group (256 global latents), c = d = 768, 12 heads, spec
 (2)2(2)2(2)2(2) = 8 local + 6 global layers + 6 cross-attentions, SwiGLU 2048 (pairs with
 ``transformer_base``, 120M non-embedding)."""

@@ -1,5 +1,5 @@
 """Small FIT that trains on a 2-core CPU, matched to ``transformer_small`` (d=256, GQA 4:2,
-SwiGLU 768): groups of 64 tokens with 8 latents each (ARCHITECTURES.md 2.6's n and m), spec
+SwiGLU 768): groups of 64 tokens with 8 latents each (the paper's n and m), spec
 (1)1(1) = 2 local layers, 1 global layer, l2x + x2l cross-attention; 2.95M non-embedding
 parameters (baseline 3.15M). At equal training tokens (450 x 16 x 256) groups of 64 reached
 2.139 bits-per-byte, groups of 32 2.191 and groups of 32 with 16 latents 2.400 at step 300

@@ -191,8 +191,9 @@ def _positive(name: str, value: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BlockDiagonal(Mask):
-    """Full attention inside each block of ``size`` tokens, none across (FIT local groups,
-    encoder form): query ``q`` sees key ``k`` iff ``q // size == k // size``."""
+    """Full attention inside each block of ``size`` tokens, none across (what FIT's
+    encoder-form local layers compute, though FIT runs each group as its own row with
+    ``Full()`` instead): query ``q`` sees key ``k`` iff ``q // size == k // size``."""
 
     size: int
 
@@ -210,8 +211,10 @@ class BlockDiagonal(Mask):
 
 @dataclasses.dataclass(frozen=True)
 class BlockCausal(Mask):
-    """Causal inside each block of ``size`` tokens and blind across blocks (Block
-    Transformer's token decoder; FIT's local layers): ``q // size == k // size and k <= q``."""
+    """Causal inside each block of ``size`` tokens and blind across blocks (what FIT's local
+    layers and the Block Transformer's token decoder compute over a flat sequence; both
+    models instead run each group or block as its own row with ``Causal()``):
+    ``q // size == k // size and k <= q``."""
 
     size: int
 

@@ -1,24 +1,31 @@
 """glocal: efficient transformer architectures in JAX/Flax NNX.
 
-Dimension letters used in tensor names across the package (``x_BTD``, ``q_BTHE``):
+Dimension letters for tensor names across the whole zoo (``x_BTD``, ``q_BTHE``, ``z_BGMC``).
+A file may add letters it needs (its docstring says so); none gives these another meaning.
 
-  B  batch                     T  tokens (query length)      S  key/value length
-  D  model width               H  query heads                K  key/value heads
-  E  head dimension            F  feed-forward width         V  vocabulary
-  L  layers (stacked/scanned)  G  groups / blocks            M  latents per group
-  X  experts                   R  recursions                 P  layer-pattern slots
-
-A model file that needs more letters, or uses one differently, says so in its docstring
-(FIT: C token width, N tokens per group, R group rows; Block Transformer: N blocks, L tokens
-per block, R prefix vectors, X block rows).
+  B  batch                            T  tokens, the query length
+  S  key/value length, cache slots    V  vocabulary
+  D  model width (the token stream)   C  coarse width: FIT latents, Block Transformer blocks
+  H  query heads                      K  key/value heads
+  E  head dimension                   I  FFN hidden width
+  F  feature dimension (linear-attention query/key features)
+  A  projections fused into one matmul (gate + up of a gated MLP; q heads + k + v per kv head)
+  L  layers (a stacked / scanned axis)   P  layer-pattern slots (layers in a repeating unit)
+  G  groups (FIT) or blocks (Block Transformer)
+  N  tokens per group or block        M  latents per group (FIT)
+  Q  prefix vectors per block (Block Transformer)
+  J  rows of a batch flattened with its groups or blocks (B*G)
+  U  units of a FIT layer spec        X  experts
+  R  recursions                       W  convolution width (short convolutions)
 
 Logical parameter/activation axis names, mapped onto mesh axes by the rule tables of
-``glocal.sharding`` (mesh axes, outermost first: ``data``, ``fsdp``, ``expert``, ``tensor``):
+``glocal.sharding`` (mesh axes, outermost first: ``data``, ``fsdp``, ``expert``, ``tensor``);
+a name the table does not list is an error:
 
-  ``batch``, ``embed`` (D), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E), ``mlp`` (F),
-  ``vocab`` (V), ``layers`` (stacked layer axis), ``expert`` (X); activations use
-  ``heads_act``, ``kv_heads_act``, ``mlp_act``, ``vocab_act`` (FSDP shards a parameter's
-  ``embed`` dimension but never an activation's).
+  ``batch``, ``embed`` (D, C), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E), ``mlp`` (I),
+  ``vocab`` (V), ``layers`` (L), ``expert`` (X), ``norm``; activations use ``heads_act``,
+  ``kv_heads_act``, ``mlp_act``, ``vocab_act`` (FSDP shards a parameter's ``embed``
+  dimension but never an activation's).
 """
 
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ def _bucket(n: int, minimum: int = 8) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "out_len", "temperature", "top_k"))
-def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stops_N, key, top_p, *,
+def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stop_ids, key, top_p, *,
                       cache_len, out_len, temperature, top_k):
     model = nnx.merge(graphdef, state)
     B = tokens_BP.shape[0]
@@ -50,24 +50,24 @@ def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stops_N, k
     logits_BV, cache = model.prefill(tokens_BP, lengths_B, cache)
     key, sub = jax.random.split(key)
     tok_B = sample(logits_BV, sub)
-    out_BN = jnp.zeros((B, out_len), jnp.int32).at[:, 0].set(tok_B)
-    done_B = jnp.isin(tok_B, stops_N)
+    out_BT = jnp.zeros((B, out_len), jnp.int32).at[:, 0].set(tok_B)
+    done_B = jnp.isin(tok_B, stop_ids)
 
     def cond(s):
         step, _, _, _, done_B, _ = s
         return (step < max_new) & ~jnp.all(done_B)
 
     def body(s):
-        step, tok_B, cache, out_BN, done_B, key = s
+        step, tok_B, cache, out_BT, done_B, key = s
         logits_BV, cache = model.decode(tok_B, cache)
         key, sub = jax.random.split(key)
         tok_B = jnp.where(done_B, 0, sample(logits_BV, sub))
-        out_BN = jax.lax.dynamic_update_slice(out_BN, tok_B[:, None], (0, step))
-        return step + 1, tok_B, cache, out_BN, done_B | jnp.isin(tok_B, stops_N), key
+        out_BT = jax.lax.dynamic_update_slice(out_BT, tok_B[:, None], (0, step))
+        return step + 1, tok_B, cache, out_BT, done_B | jnp.isin(tok_B, stop_ids), key
 
-    state0 = (jnp.int32(1), tok_B, cache, out_BN, done_B, key)
-    _, _, _, out_BN, _, _ = jax.lax.while_loop(cond, body, state0)
-    return out_BN
+    state0 = (jnp.int32(1), tok_B, cache, out_BT, done_B, key)
+    _, _, _, out_BT, _, _ = jax.lax.while_loop(cond, body, state0)
+    return out_BT
 
 
 def generate(
@@ -123,18 +123,18 @@ def generate(
     for i, p in enumerate(prompts):
         tokens_BP[i, : len(p)] = p
     stops = [] if stop_tokens is None else ([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens))
-    stops_N = np.asarray(stops + [-1], np.int32)  # -1 never matches: keeps the array non-empty
+    stop_ids = np.asarray(stops + [-1], np.int32)  # -1 never matches: keeps the array non-empty
     graphdef, state = nnx.split(model)
-    out_BN = _generate_program(
+    out_BT = _generate_program(
         graphdef, state, jnp.asarray(tokens_BP), jnp.asarray([len(p) for p in prompts], jnp.int32),
-        jnp.int32(max_new_tokens), jnp.asarray(stops_N), jax.random.key(seed),
+        jnp.int32(max_new_tokens), jnp.asarray(stop_ids), jax.random.key(seed),
         None if top_p is None else jnp.float32(top_p),
         cache_len=cache_len, out_len=out_len, temperature=float(temperature),
         top_k=None if top_k is None else int(top_k),
     )
-    out_BN = np.asarray(out_BN)[:, :max_new_tokens]
+    out_BT = np.asarray(out_BT)[:, :max_new_tokens]
     results = []
-    for row in out_BN.tolist():
+    for row in out_BT.tolist():
         cut = next((j for j, t in enumerate(row) if t in stops), len(row))
         results.append(row[:cut])
     return results

@@ -8,6 +8,9 @@ Conventions shared by every implementation in ``glocal.kernels``:
 * The scale (default ``E ** -0.5``) is applied inside; the optional soft-cap
   ``c * tanh(logits / c)`` is applied before the mask.
 * A fully masked query row returns output 0 and log-sum-exp ``-inf``.
+
+Letters added here (beyond the package legend): Y query heads per kv head (H / K), Z the
+query rows folded with them (Y * T).
 """
 
 from __future__ import annotations
@@ -77,25 +80,25 @@ def dense_attention(
     K = k_BSKE.shape[1 if kv_heads_major else 2]
     if H % K:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}).")
-    G = H // K
+    Y = H // K
     scale = E**-0.5 if scale is None else scale
-    # Fold the query heads that share a kv head into the row axis (X = G*T): every
+    # Fold the query heads that share a kv head into the row axis (Z = Y*T): every
     # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
     # than a 5-D einsum with two free axes.
-    q_BKXE = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    q_BKZE = q_BTHE.reshape(B, T, K, Y, E).transpose(0, 2, 3, 1, 4).reshape(B, K, Y * T, E)
     k_BKSE, v_BKSE = (k_BSKE, v_BSKE) if kv_heads_major else (
         jnp.swapaxes(k_BSKE, 1, 2), jnp.swapaxes(v_BSKE, 1, 2))
-    statics = (float(scale), None if softcap is None else float(softcap), G, precision, rows_nonempty)
+    statics = (float(scale), None if softcap is None else float(softcap), Y, precision, rows_nonempty)
     if custom_grad and not return_lse:
-        out_BKXE = _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics)
+        out_BKZE = _core(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics)
     else:
-        p_BKXS, _, lse_BKGT = _probs(q_BKXE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
-        out_BKXE = _weighted_values(p_BKXS, v_BKSE, precision)
-    out_BTHE = (out_BKXE.reshape(B, K, G, T, -1).transpose(0, 3, 1, 2, 4)
+        p_BKZS, _, lse_BKYT = _probs(q_BKZE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
+        out_BKZE = _weighted_values(p_BKZS, v_BKSE, precision)
+    out_BTHE = (out_BKZE.reshape(B, K, Y, T, -1).transpose(0, 3, 1, 2, 4)
                 .reshape(B, T, H, -1).astype(q_BTHE.dtype))
     if not return_lse:
         return out_BTHE
-    return out_BTHE, jnp.moveaxis(lse_BKGT.reshape(B, H, T), 1, 2)
+    return out_BTHE, jnp.moveaxis(lse_BKYT.reshape(B, H, T), 1, 2)
 
 
 # -- dense attention with a FlashAttention-style backward ------------------------------------
@@ -104,64 +107,64 @@ def dense_attention(
 # and P is recomputed from the logits rather than stored, so nothing [T, S]-sized is saved.
 
 
-def _probs(q_BKXE, k_BKSE, allowed_BTS, statics, with_lse=False):
-    """Softmax probabilities ``[B, K, X, S]`` (float32), tanh of the capped logits (for the
-    backward) and, if asked, the log-sum-exp ``[B, K, G, T]`` (-inf on fully masked rows)."""
-    scale, softcap, G, precision, rows_nonempty = statics
-    B, K, X, _ = q_BKXE.shape
-    T, S = X // G, k_BKSE.shape[2]
-    s_BKXS = jnp.einsum("bkxe,bkse->bkxs", q_BKXE, k_BKSE, precision=precision,
+def _probs(q_BKZE, k_BKSE, allowed_BTS, statics, with_lse=False):
+    """Softmax probabilities ``[B, K, Z, S]`` (float32), tanh of the capped logits (for the
+    backward) and, if asked, the log-sum-exp ``[B, K, Y, T]`` (-inf on fully masked rows)."""
+    scale, softcap, Y, precision, rows_nonempty = statics
+    B, K, Z, _ = q_BKZE.shape
+    T, S = Z // Y, k_BKSE.shape[2]
+    s_BKZS = jnp.einsum("bkxe,bkse->bkxs", q_BKZE, k_BKSE, precision=precision,
                         preferred_element_type=jnp.float32) * scale
-    tanh_BKXS = None
+    tanh_BKZS = None
     if softcap is not None:
-        tanh_BKXS = jnp.tanh(s_BKXS / softcap)
-        s_BKXS = softcap * tanh_BKXS
+        tanh_BKZS = jnp.tanh(s_BKZS / softcap)
+        s_BKZS = softcap * tanh_BKZS
     allowed_B11TS = allowed_BTS[:, None, None, :, :]
-    s_BKGTS = jnp.where(allowed_B11TS, s_BKXS.reshape(B, K, G, T, S), jnp.finfo(jnp.float32).min)
-    max_BKGT1 = jnp.max(s_BKGTS, axis=-1, keepdims=True)
-    p_BKGTS = jnp.exp(s_BKGTS - max_BKGT1)
-    sum_BKGT1 = jnp.sum(p_BKGTS, axis=-1, keepdims=True)
-    p_BKGTS = p_BKGTS / sum_BKGT1
+    s_BKYTS = jnp.where(allowed_B11TS, s_BKZS.reshape(B, K, Y, T, S), jnp.finfo(jnp.float32).min)
+    max_BKYT1 = jnp.max(s_BKYTS, axis=-1, keepdims=True)
+    p_BKYTS = jnp.exp(s_BKYTS - max_BKYT1)
+    sum_BKYT1 = jnp.sum(p_BKYTS, axis=-1, keepdims=True)
+    p_BKYTS = p_BKYTS / sum_BKYT1
     any_B11T1 = jnp.any(allowed_B11TS, axis=-1, keepdims=True)
     if not rows_nonempty:  # a fully masked row would come out uniform: zero it
-        p_BKGTS = jnp.where(any_B11T1, p_BKGTS, 0.0)
-    lse_BKGT = None
+        p_BKYTS = jnp.where(any_B11T1, p_BKYTS, 0.0)
+    lse_BKYT = None
     if with_lse:
-        lse_BKGT = jnp.where(any_B11T1, max_BKGT1 + jnp.log(sum_BKGT1), -jnp.inf)[..., 0]
-    return p_BKGTS.reshape(B, K, X, S), tanh_BKXS, lse_BKGT
+        lse_BKYT = jnp.where(any_B11T1, max_BKYT1 + jnp.log(sum_BKYT1), -jnp.inf)[..., 0]
+    return p_BKYTS.reshape(B, K, Z, S), tanh_BKZS, lse_BKYT
 
 
-def _weighted_values(p_BKXS, v_BKSE, precision):
-    return jnp.einsum("bkxs,bkse->bkxe", p_BKXS.astype(v_BKSE.dtype), v_BKSE,
+def _weighted_values(p_BKZS, v_BKSE, precision):
+    return jnp.einsum("bkxs,bkse->bkxe", p_BKZS.astype(v_BKSE.dtype), v_BKSE,
                       precision=precision, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _core(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
-    return _core_fwd(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
+def _core(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    return _core_fwd(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
 
 
-def _core_fwd(q_BKXE, k_BKSE, v_BKSE, allowed_BTS, statics):
-    p_BKXS, _, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
-    out_BKXE = _weighted_values(p_BKXS, v_BKSE, statics[3]).astype(q_BKXE.dtype)
-    return out_BKXE, (q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE)
+def _core_fwd(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    p_BKZS, _, _ = _probs(q_BKZE, k_BKSE, allowed_BTS, statics)
+    out_BKZE = _weighted_values(p_BKZS, v_BKSE, statics[3]).astype(q_BKZE.dtype)
+    return out_BKZE, (q_BKZE, k_BKSE, v_BKSE, allowed_BTS, out_BKZE)
 
 
-def _core_bwd(statics, residuals, dout_BKXE):
+def _core_bwd(statics, residuals, dout_BKZE):
     scale, softcap, _, precision, _ = statics
-    q_BKXE, k_BKSE, v_BKSE, allowed_BTS, out_BKXE = residuals
-    p_BKXS, tanh_BKXS, _ = _probs(q_BKXE, k_BKSE, allowed_BTS, statics)
+    q_BKZE, k_BKSE, v_BKSE, allowed_BTS, out_BKZE = residuals
+    p_BKZS, tanh_BKZS, _ = _probs(q_BKZE, k_BKSE, allowed_BTS, statics)
     mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
-    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKXS.astype(dout_BKXE.dtype), dout_BKXE)
-    dp_BKXS = mm("bkxe,bkse->bkxs", dout_BKXE, v_BKSE)
-    d_BKX1 = jnp.sum(dout_BKXE.astype(jnp.float32) * out_BKXE.astype(jnp.float32), axis=-1, keepdims=True)
-    ds_BKXS = p_BKXS * (dp_BKXS - d_BKX1)
+    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKZS.astype(dout_BKZE.dtype), dout_BKZE)
+    dp_BKZS = mm("bkxe,bkse->bkxs", dout_BKZE, v_BKSE)
+    d_BKZ1 = jnp.sum(dout_BKZE.astype(jnp.float32) * out_BKZE.astype(jnp.float32), axis=-1, keepdims=True)
+    ds_BKZS = p_BKZS * (dp_BKZS - d_BKZ1)
     if softcap is not None:
-        ds_BKXS = ds_BKXS * (1.0 - tanh_BKXS * tanh_BKXS)
-    ds_BKXS = (ds_BKXS * scale).astype(q_BKXE.dtype)
-    dq_BKXE = mm("bkxs,bkse->bkxe", ds_BKXS, k_BKSE)
-    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKXS, q_BKXE)
-    return (dq_BKXE.astype(q_BKXE.dtype), dk_BKSE.astype(k_BKSE.dtype),
+        ds_BKZS = ds_BKZS * (1.0 - tanh_BKZS * tanh_BKZS)
+    ds_BKZS = (ds_BKZS * scale).astype(q_BKZE.dtype)
+    dq_BKZE = mm("bkxs,bkse->bkxe", ds_BKZS, k_BKSE)
+    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKZS, q_BKZE)
+    return (dq_BKZE.astype(q_BKZE.dtype), dk_BKSE.astype(k_BKSE.dtype),
             dv_BKSE.astype(v_BKSE.dtype), None)
 
 

@@ -137,13 +137,14 @@ class Attention(nnx.Module):
         return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
                 self._norm_rope(qkv_BTKAE[:, :, :, G], self.k_norm, positions_BT), qkv_BTKAE[:, :, :, G + 1])
 
-    def _norm_rope(self, x_BTNE, norm, positions_BT):
-        """Optional per-head qk-norm, then RoPE at ``positions_BT`` (if RoPE is on)."""
+    def _norm_rope(self, x_BTHE, norm, positions_BT):
+        """Optional per-head qk-norm, then RoPE at ``positions_BT`` (if RoPE is on); for
+        queries (H heads) and keys (K heads) alike."""
         if norm is not None:
-            x_BTNE = norm(x_BTNE)
+            x_BTHE = norm(x_BTHE)
         if self.rope_theta is not None and positions_BT is not None:
-            x_BTNE = apply_rope(x_BTNE, positions_BT, theta=self.rope_theta)
-        return x_BTNE
+            x_BTHE = apply_rope(x_BTHE, positions_BT, theta=self.rope_theta)
+        return x_BTHE
 
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
                q_positions=None, kv_positions=None):

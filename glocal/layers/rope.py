@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 
 def rope_angles(positions_BT, head_dim: int, theta: float = 10_000.0):
-    """``[B, T, E/2]`` rotation angles in float32."""
+    """``[B, T, E/2]`` rotation angles in float32 (one per rotated pair)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
@@ -24,8 +24,8 @@ def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0):
     if positions_BT.ndim == 1:
         positions_BT = positions_BT[None]
     E = x_BTHE.shape[-1]
-    angles_BT1F = rope_angles(positions_BT, E, theta)[:, :, None, :]
-    sin, cos = jnp.sin(angles_BT1F), jnp.cos(angles_BT1F)
+    angles = rope_angles(positions_BT, E, theta)[:, :, None, :]  # [B, T, 1, E/2]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
     x = x_BTHE.astype(jnp.float32)
     x1, x2 = x[..., : E // 2], x[..., E // 2 :]
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

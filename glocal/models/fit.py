@@ -229,8 +229,8 @@ class FIT(ModelBase):
         x_JND = self.embed(tokens_BT).reshape(B * G, N, D)  # J = B*G group rows
         pos_JN = self._positions(B * G, N)
         z_BGMC = self._start_latents(B, G)
-        pos_BL = self._positions(B, G * M)  # L = G*M latent positions
-        valid_BL = None if groups_done_B is None else pos_BL < (groups_done_B * M)[:, None]
+        lat_pos = self._positions(B, G * M)  # [B, G*M]: latents in group-major order
+        lat_valid = None if groups_done_B is None else lat_pos < (groups_done_B * M)[:, None]
         latents_U, caches_U, auxes = [], [], []
         for i, unit in enumerate(self.units):
             x_JND, _, aux = unit.local(x_JND, positions_BT=pos_JN)
@@ -240,11 +240,11 @@ class FIT(ModelBase):
             C = z_BGMC.shape[-1]
             z_JMC = unit.l2x(z_BGMC.reshape(B * G, M, C), x_JND)
             caches = None if global_caches is None else global_caches[i]
-            z_BLC, caches, aux = unit.global_(z_JMC.reshape(B, G * M, C), positions_BT=pos_BL, caches=caches,
-                                              valid_BT=valid_BL)
+            z_flat, caches, aux = unit.global_(z_JMC.reshape(B, G * M, C), positions_BT=lat_pos, caches=caches,
+                                               valid_BT=lat_valid)
             auxes.append(aux)
             caches_U.append(caches)
-            z_BGMC = z_BLC.reshape(B, G, M, C)
+            z_BGMC = z_flat.reshape(B, G, M, C)
             latents_U.append(z_BGMC)
             if unit.x2l is not None:
                 src_BGMC = self._shift(z_BGMC) if shift else z_BGMC

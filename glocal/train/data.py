@@ -232,7 +232,7 @@ class Windows:
 
 
 class _MakeBatch(grain.transforms.Map):
-    """Global batch of window indices -> this host's rows, shaped ``[A, b_local, T]``."""
+    """Global batch of window indices -> this host's rows, shaped ``[grad_accum, b_local, T]``."""
 
     def __init__(self, windows: Windows, grad_accum: int, host: int, num_hosts: int):
         self.windows, self.accum, self.host, self.num_hosts = windows, grad_accum, host, num_hosts

@@ -58,7 +58,7 @@ def make_train_step(merge, tx: optax.GradientTransformation, z_loss: float = 0.0
     """``step(params, opt_state, batch) -> (params, opt_state, metrics)``; ``merge(params)``
     rebuilds the model (graph + parameters + any non-trained state).
 
-    ``batch`` arrays are ``[A, b, T]``: A microbatches scanned with gradients summed (each
+    ``batch`` arrays are ``[grad_accum, b, T]``: microbatches scanned with gradients summed (each
     term already divided by the global token count).
     """
 

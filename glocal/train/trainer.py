@@ -90,6 +90,7 @@ class Setup:
     eval_step: Callable
     flops_per_token: float
     n_params: int
+    packed_documents: bool  # does the model keep packed documents apart (glocal.models.base)?
 
 
 def _opt_shardings(abstract_opt, param_sh, mesh):
@@ -139,7 +140,8 @@ def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:
     fpt = (abstract_model.flops_per_token(tcfg.seq_len) if hasattr(abstract_model, "flops_per_token")
            else 6.0 * n_params)
     return Setup(mcfg, tcfg, mesh, rules, merge, abstract_params, param_sh, opt_sh, batch_sh,
-                 eval_batch_sh, init_params, init_opt, train_step, eval_step, fpt, n_params)
+                 eval_batch_sh, init_params, init_opt, train_step, eval_step, fpt, n_params,
+                 bool(getattr(abstract_model, "packed_documents", False)))
 
 
 def _with_shardings(abstract, shardings):
@@ -229,6 +231,9 @@ def train(config_name: str | None, workdir, overrides: dict[str, str] | None = N
         f"rules {tcfg.sharding}")
     for line in shd.describe_dropped(setup.abstract_params, setup.mesh, setup.rules)[:5]:
         log(f"  note: {line} (dimension not divisible)")
+    if tcfg.pack and not setup.packed_documents:
+        log(f"  note: {gm.model_name(mcfg)} cannot keep packed documents apart: a document sees the earlier "
+            f"documents of its window (cross-document targets are still left out of the loss).")
     with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
         if tcfg.dry_run:
             report = dry_run_report(setup)

@@ -10,6 +10,8 @@ log-sum-exp, FlashAttention-style, and scatters dQ into query tiles and dK/dV in
 Conventions as everywhere in ``glocal.kernels``: scale inside, soft-cap before the mask,
 fully masked rows give output 0 and lse ``-inf``; query head ``h`` reads kv head
 ``h // (H // K)``.
+
+Letters added here (beyond the package legend): Y query heads per kv head (H / K).
 """
 
 from __future__ import annotations
@@ -48,16 +50,16 @@ def attention_blockwise(q, k, v, *, mask, segment_ids=None, scale=None, softcap=
     S, K = k.shape[1], k.shape[2]
     bq, bkv = min(block_sizes[0], T), min(block_sizes[1], S)
     nq, nk = -(-T // bq), -(-S // bkv)
-    G = H // K
+    Y = H // K
     scale = E**-0.5 if scale is None else float(scale)
     if segment_ids is None:
         q_seg = jnp.zeros((B, T), jnp.int32)
         kv_seg = jnp.zeros((B, S), jnp.int32)
     else:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
-    # tiles: q [B, K, nq, G, bq, E], k/v [B, K, nk, bkv, E], segments [B, n, b]
+    # tiles: q [B, K, nq, Y, bq, E], k/v [B, K, nk, bkv, E], segments [B, n, b]
     pad_t = lambda x, n, b: jnp.pad(x, [(0, 0), (0, n * b - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    q_t = pad_t(q, nq, bq).reshape(B, nq, bq, K, G, E).transpose(0, 3, 1, 4, 2, 5)
+    q_t = pad_t(q, nq, bq).reshape(B, nq, bq, K, Y, E).transpose(0, 3, 1, 4, 2, 5)
     k_t = pad_t(k, nk, bkv).reshape(B, nk, bkv, K, E).transpose(0, 3, 1, 2, 4)
     v_t = pad_t(v, nk, bkv).reshape(B, nk, bkv, K, E).transpose(0, 3, 1, 2, 4)
     qs_t = pad_t(q_seg.astype(jnp.int32), nq, bq).reshape(B, nq, bq)
@@ -74,33 +76,33 @@ def attention_blockwise(q, k, v, *, mask, segment_ids=None, scale=None, softcap=
 
 
 def _tile_logits(q_t, k_t, qs_t, ks_t, r, c, ok, statics):
-    """Logits of a chunk of pairs ``[B, K, P, G, bq, bkv]`` (float32, masked to NEG), the
+    """Logits of a chunk of pairs ``[B, K, pairs, Y, bq, bkv]`` (float32, masked to NEG), the
     mask, and tanh of the capped logits (for the backward)."""
     mask, T, S, bq, bkv, scale, softcap = statics
-    qb, kb = q_t[:, :, r], k_t[:, :, c]  # [B,K,P,G,bq,E], [B,K,P,bkv,E]
+    qb, kb = q_t[:, :, r], k_t[:, :, c]  # [B,K,pairs,Y,bq,E], [B,K,pairs,bkv,E]
     s = jnp.einsum("bkpgqe,bkpse->bkpgqs", qb, kb, preferred_element_type=jnp.float32) * scale
     th = None
     if softcap is not None:
         th = jnp.tanh(s / softcap)
         s = softcap * th
-    qpos = r[:, None] * bq + jnp.arange(bq)[None]  # [P, bq]
-    kpos = c[:, None] * bkv + jnp.arange(bkv)[None]  # [P, bkv]
+    qpos = r[:, None] * bq + jnp.arange(bq)[None]  # [pairs, bq]
+    kpos = c[:, None] * bkv + jnp.arange(bkv)[None]  # [pairs, bkv]
     allowed = mask(qpos[:, :, None], kpos[:, None, :]) & (kpos[:, None, :] < S) & ok[:, None, None]
-    same_doc = qs_t[:, r][:, :, :, None] == ks_t[:, c][:, :, None, :]  # [B, P, bq, bkv]
-    allowed = (allowed[None] & same_doc)[:, None, :, None]  # [B, 1, P, 1, bq, bkv]
+    same_doc = qs_t[:, r][:, :, :, None] == ks_t[:, c][:, :, None, :]  # [B, pairs, bq, bkv]
+    allowed = (allowed[None] & same_doc)[:, None, :, None]  # [B, 1, pairs, 1, bq, bkv]
     return jnp.where(allowed, s, NEG), allowed, th
 
 
 def _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics):
-    B, K, nq, G, bq, E = q_t.shape
-    m0 = jnp.full((B, K, nq, G, bq), NEG, jnp.float32)
-    carry0 = (m0, jnp.zeros_like(m0), jnp.zeros((B, K, nq, G, bq, v_t.shape[-1]), jnp.float32))
+    B, K, nq, Y, bq, E = q_t.shape
+    m0 = jnp.full((B, K, nq, Y, bq), NEG, jnp.float32)
+    carry0 = (m0, jnp.zeros_like(m0), jnp.zeros((B, K, nq, Y, bq, v_t.shape[-1]), jnp.float32))
 
     def body(carry, chunk):
         m, l, acc = carry
         r, c, ok = chunk
         s, allowed, _ = _tile_logits(q_t, k_t, qs_t, ks_t, r, c, ok, statics)
-        m_p = s.max(-1)  # [B,K,P,G,bq]
+        m_p = s.max(-1)  # [B,K,pairs,Y,bq]
         # rows of this chunk may repeat: combine per query tile with scatter-max
         m_new = m.at[:, :, r].max(m_p)
         p = jnp.where(allowed, jnp.exp(s - m_new[:, :, r][..., None]), 0.0)
@@ -134,7 +136,7 @@ def _bwd(statics, res, cotangents):
     dout, _ = cotangents  # the lse output is for inspection; its cotangent is ignored
     scale, softcap = statics[5], statics[6]
     dout = dout.astype(jnp.float32)
-    delta = jnp.sum(dout * out, axis=-1)  # [B,K,nq,G,bq]: sum_s dP P = sum_e dO O
+    delta = jnp.sum(dout * out, axis=-1)  # [B,K,nq,Y,bq]: sum_s dP P = sum_e dO O
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
 
@@ -143,7 +145,7 @@ def _bwd(statics, res, cotangents):
         r, c, ok = chunk
         s, allowed, th = _tile_logits(q_t, k_t, qs_t, ks_t, r, c, ok, statics)
         p = jnp.where(allowed, jnp.exp(s - lse_safe[:, :, r][..., None]), 0.0)
-        do = dout[:, :, r]  # [B,K,P,G,bq,E]
+        do = dout[:, :, r]  # [B,K,pairs,Y,bq,E]
         dv = dv.at[:, :, c].add(jnp.einsum("bkpgqs,bkpgqe->bkpse", p, do))
         dp = jnp.einsum("bkpgqe,bkpse->bkpgqs", do, v_t[:, :, c].astype(jnp.float32))
         ds = p * (dp - delta[:, :, r][..., None])

@@ -4,11 +4,13 @@ One program per (batch, query head, query tile) holds its query tile and loops o
 ``kv_count[i]`` scheduled kv tiles (a loop with a traced trip count: skipped tiles are never
 loaded); K/V stay in global memory and are sliced per tile. Backward: a dQ kernel on the
 forward schedule and a dK/dV kernel per (batch, kv head, kv tile) that loops over the
-transposed schedule for each of the G query heads sharing that kv head (no atomics, so
+transposed schedule for each of the Y query heads sharing that kv head (no atomics, so
 the result is deterministic). Tied together by ``jax.custom_vjp``; interpret mode off-GPU.
 
 Triton needs power-of-two tile sizes and head dimension (checked below); the CPU tests run
 in interpret mode, where any size works.
+
+Letters added here (beyond the package legend): Y query heads per kv head (H / K).
 """
 
 from __future__ import annotations
@@ -64,11 +66,11 @@ def _forward(q, k, v, qs, ks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
-    G = H // K
+    Y = H // K
     sch = build_schedule(mask, Tp, Sp, bq, bkv)
     tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0))
-    kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // G, 0, 0))
+    kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // Y, 0, 0))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv),
         grid=(B, H, Tp // bq),
@@ -110,7 +112,7 @@ def _dq_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, 
 
 
 def _dkv_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, dl_ref,
-                dk_ref, dv_ref, *, cfg, bq, bkv, G):
+                dk_ref, dv_ref, *, cfg, bq, bkv, Y):
     jk = pl.program_id(2)
     scale, softcap = cfg[2], cfg[3]
     k, v, ks = k_ref[...], v_ref[...].astype(jnp.float32), ks_ref[...]
@@ -135,7 +137,7 @@ def _dkv_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref,
         return dk, dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32))
-    for g in range(G):  # the query heads that share this kv head
+    for g in range(Y):  # the query heads that share this kv head
         carry = jax.lax.fori_loop(0, cnt_ref[jk], functools.partial(body, g=g), carry)
     dk_ref[...] = carry[0].astype(dk_ref.dtype)
     dv_ref[...] = carry[1].astype(dv_ref.dtype)
@@ -146,7 +148,7 @@ def _backward(statics, res, dout):
     q, k, v, qs, ks, out, lse = res
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
-    G = H // K
+    Y = H // K
     sch = build_schedule(mask, Tp, Sp, bq, bkv)
     cfg = (mask, S, scale, softcap)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
@@ -154,7 +156,7 @@ def _backward(statics, res, dout):
 
     fwd_tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0))
-    kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // G, 0, 0))
+    kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // Y, 0, 0))
     rowspec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, bq=bq, bkv=bkv), grid=(B, H, Tp // bq),
@@ -166,11 +168,11 @@ def _backward(statics, res, dout):
     )(*fwd_tables, q, k, v, qs, ks, dout, lse, delta)
 
     bwd_tables = schedule_tables(sch.q_count, sch.q_index, sch.q_full)
-    heads = pl.BlockSpec((None, G, Tp, E), lambda b, kh, j: (b, kh, 0, 0))  # the G heads of kv head kh
-    head_rows = pl.BlockSpec((None, G, Tp), lambda b, kh, j: (b, kh, 0))
+    heads = pl.BlockSpec((None, Y, Tp, E), lambda b, kh, j: (b, kh, 0, 0))  # the Y heads of kv head kh
+    head_rows = pl.BlockSpec((None, Y, Tp), lambda b, kh, j: (b, kh, 0))
     kv_tile = pl.BlockSpec((None, None, bkv, E), lambda b, kh, j: (b, kh, j, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bkv=bkv, G=G), grid=(B, K, Sp // bkv),
+        functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bkv=bkv, Y=Y), grid=(B, K, Sp // bkv),
         in_specs=[_full_spec(t.shape) for t in bwd_tables] + [
             heads, kv_tile, kv_tile, pl.BlockSpec((None, Tp), lambda b, kh, j: (b, 0)),
             pl.BlockSpec((None, bkv), lambda b, kh, j: (b, j)), heads, head_rows, head_rows],

@@ -4,13 +4,15 @@ Forward and dQ kernels run on the grid ``(B, H, q tiles, W)`` where step ``j`` o
 ``i`` loads kv tile ``kv_index[i, j]`` (scalar prefetch: the index maps read the schedule,
 so skipped tiles are never copied in); steps past ``kv_count[i]`` repeat the last index (no
 new copy) and do nothing. The dK/dV kernel runs on the transposed schedule with grid
-``(B, K, kv tiles, G, Wt)``, summing over the G query heads that share a kv head. The
+``(B, K, kv tiles, Y, Wt)``, summing over the Y query heads that share a kv head. The
 element mask is recomputed in-kernel from positions, only on partial tiles. Tied together
 by ``jax.custom_vjp``. On CPU the kernels run in interpret mode (``interpret=True``, or
 ``pltpu.InterpretParams()`` for the TPU-semantics checker).
 
 Supported: every mask whose predicate is plain arithmetic (all of ``glocal.kernels.masks``
 except ``Explicit``), GQA, soft-cap, segment ids, T != S.
+
+Letters added here (beyond the package legend): Y query heads per kv head (H / K).
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_
         lse_ref[...] = jnp.where(ok, m_sc[...] + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 
-def _specs(G, E, bq, bkv):
+def _specs(Y, E, bq, bkv):
     """BlockSpecs over q/o [B,H,T,E], k/v [B,K,S,E], segments [B,T,1]/[B,1,S] for the
     (B, H, nq, W) grid; index maps get the three prefetched schedule tables last."""
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i, j, cnt, idx, full: (b, h, i, 0))
-    kvspec = pl.BlockSpec((None, None, bkv, E), lambda b, h, i, j, cnt, idx, full: (b, h // G, idx[i, j], 0))
+    kvspec = pl.BlockSpec((None, None, bkv, E), lambda b, h, i, j, cnt, idx, full: (b, h // Y, idx[i, j], 0))
     qsspec = pl.BlockSpec((None, bq), lambda b, h, i, j, cnt, idx, full: (b, i))
     ksspec = pl.BlockSpec((None, bkv), lambda b, h, i, j, cnt, idx, full: (b, idx[i, j]))
     lspec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, cnt, idx, full: (b, h, i, 0))
@@ -74,10 +76,10 @@ def _forward(q, k, v, qs, ks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     B, H, Tp, E = q.shape
     K = k.shape[1]
-    G = H // K
+    Y = H // K
     sch = build_schedule(mask, Tp, k.shape[2], bq, bkv)
     W = sch.kv_index.shape[1]
-    qspec, kvspec, qsspec, ksspec, lspec = _specs(G, E, bq, bkv)
+    qspec, kvspec, qsspec, ksspec, lspec = _specs(Y, E, bq, bkv)
     kernel = functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv, W=W)
     grid = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(B, H, Tp // bq, W),
@@ -122,7 +124,7 @@ def _dq_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_
 
 
 def _dkv_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse_ref, dl_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, cfg, bq, bkv, G, Wt):
+                dk_sc, dv_sc, *, cfg, bq, bkv, Y, Wt):
     jk, g, t = pl.program_id(2), pl.program_id(3), pl.program_id(4)
     scale, softcap = cfg[2], cfg[3]
 
@@ -148,7 +150,7 @@ def _dkv_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse
         dk_sc[...] += jax.lax.dot_general(ds * scale, q_ref[...].astype(jnp.float32), (((0,), (0,)), ((), ())),
                                           preferred_element_type=jnp.float32)
 
-    @pl.when((g == G - 1) & (t == Wt - 1))
+    @pl.when((g == Y - 1) & (t == Wt - 1))
     def _():
         dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
@@ -159,13 +161,13 @@ def _backward(statics, res, dout):
     q, k, v, qs, ks, out, lse = res
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
-    G = H // K
+    Y = H // K
     sch = build_schedule(mask, Tp, Sp, bq, bkv)
     cfg = (mask, S, scale, softcap)
     delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     W = sch.kv_index.shape[1]
-    qspec, kvspec, qsspec, ksspec, lspec = _specs(G, E, bq, bkv)
+    qspec, kvspec, qsspec, ksspec, lspec = _specs(Y, E, bq, bkv)
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, bq=bq, bkv=bkv, W=W),
         grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -176,18 +178,18 @@ def _backward(statics, res, dout):
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
     )(*tables, q, k, v, qs, ks, dout, lse, delta)
 
-    # dK/dV: kv-major over the transposed schedule; q head = kv head * G + g.
+    # dK/dV: kv-major over the transposed schedule; q head = kv head * Y + g.
     Wt = sch.q_index.shape[1]
     ix = lambda f: (lambda b, kh, jk, g, t, cnt, idx, full: f(b, kh, jk, g, t, idx))
-    q_spec = pl.BlockSpec((None, None, bq, E), ix(lambda b, kh, jk, g, t, idx: (b, kh * G + g, idx[jk, t], 0)))
+    q_spec = pl.BlockSpec((None, None, bq, E), ix(lambda b, kh, jk, g, t, idx: (b, kh * Y + g, idx[jk, t], 0)))
     kv_spec = pl.BlockSpec((None, None, bkv, E), ix(lambda b, kh, jk, g, t, idx: (b, kh, jk, 0)))
     qs_spec = pl.BlockSpec((None, bq), ix(lambda b, kh, jk, g, t, idx: (b, idx[jk, t])))
     ks_spec = pl.BlockSpec((None, bkv), ix(lambda b, kh, jk, g, t, idx: (b, jk)))
-    l_spec = pl.BlockSpec((None, None, bq, 1), ix(lambda b, kh, jk, g, t, idx: (b, kh * G + g, idx[jk, t], 0)))
+    l_spec = pl.BlockSpec((None, None, bq, 1), ix(lambda b, kh, jk, g, t, idx: (b, kh * Y + g, idx[jk, t], 0)))
     dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bkv=bkv, G=G, Wt=Wt),
+        functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bkv=bkv, Y=Y, Wt=Wt),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(B, K, Sp // bkv, G, Wt),
+            num_scalar_prefetch=3, grid=(B, K, Sp // bkv, Y, Wt),
             in_specs=[q_spec, kv_spec, kv_spec, qs_spec, ks_spec, q_spec, l_spec, l_spec],
             out_specs=[kv_spec, kv_spec],
             scratch_shapes=[pltpu.VMEM((bkv, E), jnp.float32), pltpu.VMEM((bkv, E), jnp.float32)]),

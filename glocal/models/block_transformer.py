@@ -233,6 +233,7 @@ class BlockTransformer(ModelBase):
         Inside a block the token decoder takes one step; a token that completes its block
         instead sends the block through the block decoder (one step) and starts the next
         block from its prefix (the token decoder's cache is reset)."""
+        self._check_inputs(tokens_B[:, None])
         cfg = self.config
         N, Q = cfg.block_size, cfg.prefix_len
         B = tokens_B.shape[0]

@@ -365,6 +365,7 @@ class FIT(ModelBase):
 
     def decode(self, tokens_B, cache: FITCache):
         """One token per sequence -> next-token logits ``[B, V]`` and the updated cache."""
+        self._check_inputs(tokens_B[:, None])
         cfg = self.config
         N = cfg.group_size
         B = tokens_B.shape[0]

@@ -68,14 +68,6 @@ class TransformerConfig(DecoderConfig):
     def mixers(self) -> list[str]:
         return [MIXER_LETTERS[c] for c in self.layer_pattern]
 
-    @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def head_size(self) -> int:
-        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
     def decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, d_ff=self.d_ff, sliding_window=self.sliding_window)

@@ -16,6 +16,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -86,6 +87,12 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
                 f"checkpoint {workdir}/checkpoints/{step} could not be read ({type(e).__name__}: "
                 f"{str(e)[:200]}); it may be partial or corrupt. Try an earlier step."
             ) from e
+    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored["params"])):
+        earlier = [s for s in sorted(steps) if s < step]
+        raise WorkdirError(
+            f"checkpoint {workdir}/checkpoints/{step} holds non-finite weights (its run diverged); "
+            + (f"use an earlier --step (available: {earlier})" if earlier else "retrain with a lower learning_rate")
+            + ".")
     if jax.tree.leaves(rest):  # non-trained state (buffers) is rebuilt from the config
         rest = jax.jit(lambda: nnx.split(gm.build_from_config(config), nnx.Param, ...)[2])()
     return nnx.merge(graphdef, restored["params"], rest), step

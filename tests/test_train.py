@@ -107,7 +107,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(preempted, tmp_path, c
             f.write_bytes(b"garbage")
     out = train(None, wd, {"steps": "9"})
     printed = capsys.readouterr().out
-    assert "checkpoint step 8 could not be restored" in printed
+    assert "checkpoint step 8 could not be read" in printed
     assert "resumed from checkpoint step 6" in printed
     assert (wd / "corrupt_checkpoints" / "8" / "params").is_dir()  # moved, not deleted
     assert out["step"] == 9 and saved_steps(wd)[-1] == 9

@@ -8,8 +8,14 @@ trained model for use is ``glocal.workdir.load_model``).
 
 Saves are asynchronous (orbax copies device arrays to host, then writes in the
 background). Old steps are deleted only by the keep policy: the last ``keep_last``
-plus every ``keep_every``-th. A checkpoint that fails to restore is moved, never deleted,
-to ``DIR/corrupt_checkpoints/<step>`` and the previous one is tried.
+plus every ``keep_every``-th.
+
+Restoring tells two failures apart. A checkpoint whose files cannot be read (truncated,
+garbled, half written) is *corrupt*: it is moved, never deleted, to
+``DIR/corrupt_checkpoints/<step>`` and the previous one is tried. A readable checkpoint
+that does not fit this run (its parameter or optimizer-state tree differs from what this
+run builds, e.g. after changing ``grad_clip``) is a ``CheckpointMismatch``: nothing is
+moved, and the caller explains what differs and how to proceed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,16 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from glocal.workdir import WorkdirError
+
+
+class CheckpointMismatch(WorkdirError):
+    """A readable checkpoint whose trees do not fit this run (nothing was moved)."""
+
+    def __init__(self, step: int, item: str, detail: str, meta: dict):
+        self.step, self.item, self.detail, self.meta = step, item, detail, meta
+        super().__init__(f"checkpoint step {step}: its {item} do not fit this run ({detail}).")
+
 
 class TrainCheckpointer:
     def __init__(self, workdir: pathlib.Path, *, keep_last: int = 3, keep_every: int = 0,
@@ -31,7 +47,13 @@ class TrainCheckpointer:
         self.options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last, keep_period=keep_every or None, create=True,
             enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        self.manager = self._new_manager()
+
+    def _new_manager(self) -> ocp.CheckpointManager:
+        # Named handlers let a fresh manager read each item's metadata before restoring.
+        handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                    "meta": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+        return ocp.CheckpointManager(self.directory, options=self.options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -41,22 +63,47 @@ class TrainCheckpointer:
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
             meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
 
-    def restore_latest(self, abstract_params, abstract_opt_state, data_iter):
+    def restore_latest(self, abstract_params, abstract_opt_state, data_iter, *, check=None,
+                       restore_opt: bool = True):
         """``(params, opt_state, meta)`` of the newest readable step (arrays placed with the
-        shardings of the abstract targets, so any mesh works), or None if there is none."""
+        shardings of the abstract targets, so any mesh works), or None if there is none.
+
+        ``check(step, meta)`` sees each candidate's metadata first: it may raise to refuse
+        it (nothing is moved) or return False to leave the data iterator as it is. A
+        candidate whose trees differ from the targets raises ``CheckpointMismatch``.
+        ``restore_opt=False`` leaves the optimizer state out (returned as None)."""
         for step in reversed(self.all_steps()):
             try:
-                r = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract_params),
-                    opt_state=ocp.args.StandardRestore(abstract_opt_state),
-                    meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iter)))
-            except Exception as e:  # orbax raises many kinds for truncated/corrupt/mismatched files
-                moved = self._quarantine(step)
-                self.log(f"WARNING: checkpoint step {step} could not be restored ({type(e).__name__}: "
-                         f"{str(e)[:300]}). It was moved to {moved}; trying the previous checkpoint.")
+                trees = self.manager.item_metadata(step)
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                saved = {name: trees[name].tree for name in ("params", "opt_state")}  # None: unreadable
+            except Exception as e:  # unreadable metadata: a corrupt or half-written step
+                self._warn_and_quarantine(step, e)
                 continue
-            return r["params"], r["opt_state"], r["meta"]
+            restore_data = check is None or check(step, meta) is not False
+            targets = {"params": abstract_params, "opt_state": abstract_opt_state if restore_opt else None}
+            for item, target in targets.items():
+                detail = None if target is None else tree_difference(saved[item], target)
+                if detail:
+                    raise CheckpointMismatch(step, "parameters" if item == "params" else "optimizer state",
+                                             detail, meta)
+            items = {"params": ocp.args.StandardRestore(abstract_params), "meta": ocp.args.JsonRestore()}
+            if restore_opt:
+                items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+            if restore_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                r = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # the trees fit, so the data itself is unreadable
+                self._warn_and_quarantine(step, e)
+                continue
+            return r["params"], r.get("opt_state"), r["meta"]
         return None
+
+    def _warn_and_quarantine(self, step: int, error: Exception) -> None:
+        moved = self._quarantine(step)
+        self.log(f"WARNING: checkpoint step {step} could not be read ({type(error).__name__}: "
+                 f"{str(error)[:300]}). It was moved to {moved}; trying the previous checkpoint.")
 
     def _quarantine(self, step: int) -> pathlib.Path:
         target = self.workdir / "corrupt_checkpoints" / str(step)
@@ -71,9 +118,42 @@ class TrainCheckpointer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"glocal_quarantine_{step}")
         self.manager.close()  # it caches the step list
-        self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+        self.manager = self._new_manager()
         return target
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def tree_difference(saved, target) -> str | None:
+    """None if two trees have the same leaves (paths and shapes), else a short description.
+    Paths are compared by their key names, so a checkpoint's metadata tree (dicts and lists)
+    matches the live tree (named tuples, dataclasses) it was saved from."""
+    def leaves(tree):
+        return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    have, want = leaves(saved), leaves(target)
+    if have == want:
+        return None
+    only_saved = sorted(set(have) - set(want))
+    only_here = sorted(set(want) - set(have))
+    shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+    parts = []
+    if only_saved:
+        parts.append(f"{len(only_saved)} entries only in the checkpoint, e.g. {only_saved[0]}")
+    if only_here:
+        parts.append(f"{len(only_here)} only in this run, e.g. {only_here[0]}")
+    if shapes:
+        parts.append(f"{len(shapes)} with other shapes, e.g. {shapes[0]} {have[shapes[0]]} vs {want[shapes[0]]}")
+    return "; ".join(parts)
+
+
+def _path_name(path) -> str:
+    out = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                out.append(str(getattr(key, attr)))
+                break
+    return "/".join(out)

@@ -63,6 +63,9 @@ class TrainConfig(Config):
     mesh_tensor: int = 1
     sharding: str = "fsdp"  # rule table: dp | fsdp | fsdp_tp
     dry_run: bool = False
+    # one-off resume options (never inherited by the next resume)
+    reset_optimizer: bool = False  # resume the weights with a fresh optimizer state
+    allow_data_change: bool = False  # resume on data other than the checkpoint was trained on
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every",

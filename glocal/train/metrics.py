@@ -57,6 +57,28 @@ class MetricsWriter:
 
             self._tb = SummaryWriter(str(workdir / "tensorboard"), flush_secs=30)
 
+    @property
+    def abandoned_path(self) -> pathlib.Path:
+        return self.path.with_name("metrics.abandoned.jsonl")
+
+    def drop_after(self, step: int) -> int:
+        """Move the records of steps after ``step`` (logged by a run that stopped before
+        checkpointing them; the resumed run logs those steps again) to
+        ``metrics.abandoned.jsonl``, so the curves never double back. Returns how many."""
+        if not self.enabled or not self.path.exists():
+            return 0
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        keep, drop = [], []
+        for line in lines:
+            (drop if json.loads(line).get("step", 0) > step else keep).append(line)
+        if drop:
+            with self.abandoned_path.open("a") as f:
+                f.write("".join(line + "\n" for line in drop))
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)  # atomic: the metrics are never half written
+        return len(drop)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return

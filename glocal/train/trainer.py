@@ -13,6 +13,7 @@ continues a finished run. Works for every registered model family.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,13 +35,22 @@ from glocal import sharding as shd
 from glocal.configs.base import ConfigError
 from glocal.tokenizers import get_tokenizer
 from glocal.train import data, distributed
-from glocal.train.checkpoints import TrainCheckpointer
+from glocal.train.checkpoints import CheckpointMismatch, TrainCheckpointer
+from glocal.train.lock import WorkdirBusy, WorkdirLock
 from glocal.train.config import TrainConfig, split_overrides
 from glocal.train.metrics import MetricsWriter, peak_flops
 from glocal.train.optim import make_optimizer, schedule
 from glocal.train.step import make_eval_step, make_train_step
 
 RUNS_FILE = "runs.jsonl"
+ONE_OFF_OPTIONS = ("dry_run", "reset_optimizer", "allow_data_change")
+# Training options that shape the optimizer state (a resume with other values cannot reuse it).
+OPTIMIZER_OPTIONS = ("grad_clip", "weight_decay", "no_decay", "b1", "b2", "eps", "lr_schedule", "warmup_steps",
+                     "learning_rate", "min_lr_ratio", "grad_accum")
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights became non-finite; no non-finite checkpoint was written."""
 
 
 def previous_run_config(workdir: pathlib.Path) -> dict | None:
@@ -57,7 +67,8 @@ def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: d
     model_kw, train_kw = split_overrides(overrides)
     previous = previous_run_config(workdir)
     base = TrainConfig.from_dict(previous) if previous else TrainConfig()
-    tcfg = base.replace(**{"dry_run": False, **train_kw})  # a dry run is never inherited
+    # One-off options are never inherited from the previous run.
+    tcfg = base.replace(**{**{k: False for k in ONE_OFF_OPTIONS}, **train_kw})
     if config_name is None:
         record = workdirs.read_model_file(workdir)
         mcfg = gm.config_class(record["model"]).from_dict(record["config"]).replace(**model_kw)
@@ -239,7 +250,15 @@ def train(config_name: str | None, workdir, overrides: dict[str, str] | None = N
             report = dry_run_report(setup)
             _print_dry_run(report, log)
             return report
-        return _train_loop(setup, workdir, tokenizer, hooks, log, primary)
+        # Only the coordinator writes, so only its lock matters (other hosts write nothing).
+        lock = WorkdirLock(workdir) if primary else contextlib.nullcontext()
+        if primary:
+            workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with lock:
+                return _train_loop(setup, workdir, tokenizer, hooks, log, primary)
+        except WorkdirBusy as e:
+            raise workdirs.WorkdirError(str(e)) from None
 
 
 def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, primary) -> dict:
@@ -262,16 +281,79 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
         workdirs.write_model_file(workdir, mcfg, tokenizer.name)
     ckpt = TrainCheckpointer(workdir, keep_last=tcfg.keep_last, keep_every=tcfg.keep_every,
                              async_save=tcfg.async_checkpoint, log=log)
-    restored = ckpt.restore_latest(_with_shardings(setup.abstract_params, setup.param_sh),
-                                   _with_shardings(jax.eval_shape(setup.init_opt, setup.abstract_params),
-                                                   setup.opt_sh), data_iter)
+    try:
+        return _run(setup, workdir, tokenizer, hooks, log, primary, corpus, data_iter, val_batches, ckpt)
+    finally:
+        ckpt.close()  # waits for pending async saves, whatever happened
+
+
+def _restore(setup: Setup, workdir: pathlib.Path, ckpt: TrainCheckpointer, corpus, data_iter, log):
+    """``(params, opt_state, meta)`` from the newest readable checkpoint, or a fresh start.
+    Refuses (raising, moving nothing) a checkpoint trained on other data or whose trees do
+    not fit this run, and says how to proceed."""
+    tcfg = setup.tcfg
+    data_changed = False
+
+    def check(step, meta) -> bool:
+        """Refuse other data unless allowed; with new data the saved data position is void."""
+        nonlocal data_changed
+        old = meta.get("data_fingerprint")
+        if old is None or old == corpus.fingerprint:
+            return True
+        if not tcfg.allow_data_change:
+            raise workdirs.WorkdirError(
+                f"checkpoint step {step} was trained on other data (fingerprint {old}, data="
+                f"{meta.get('data', '?')!r}); this run's data={tcfg.data!r} has fingerprint {corpus.fingerprint}. "
+                f"Resume with the same data, or pass allow_data_change=true to continue on the new data.")
+        data_changed = True
+        return False
+
+    abstract_opt = jax.eval_shape(setup.init_opt, setup.abstract_params)
+    try:
+        restored = ckpt.restore_latest(_with_shardings(setup.abstract_params, setup.param_sh),
+                                       _with_shardings(abstract_opt, setup.opt_sh), data_iter, check=check,
+                                       restore_opt=not tcfg.reset_optimizer)
+    except CheckpointMismatch as e:
+        raise workdirs.WorkdirError(_explain_mismatch(e, workdir, tcfg)) from None
     if restored is None:
         params = setup.init_params()
+        return params, setup.init_opt(params), {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    params, opt_state, meta = restored
+    log(f"resumed from checkpoint step {meta['step']} ({meta['tokens']:,} tokens)")
+    if opt_state is None:
+        log("  reset_optimizer=true: the weights are resumed, the optimizer state starts fresh.")
         opt_state = setup.init_opt(params)
-        meta = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
-    else:
-        params, opt_state, meta = restored
-        log(f"resumed from checkpoint step {meta['step']} ({meta['tokens']:,} tokens)")
+    if data_changed:
+        log(f"  allow_data_change=true: training continues on new data (fingerprint {meta.get('data_fingerprint')} "
+            f"-> {corpus.fingerprint}); the data order starts over.")
+    return params, opt_state, meta
+
+
+def _explain_mismatch(e: CheckpointMismatch, workdir: pathlib.Path, tcfg: TrainConfig) -> str:
+    where = f"checkpoint {workdir}/checkpoints/{e.step}"
+    if e.item == "parameters":
+        return (f"{where} is readable but its parameters do not fit this model ({e.detail}): it was written by "
+                f"another version of glocal or another model config. Train into a new --workdir (every "
+                f"checkpoint is left as it was).")
+    old = e.meta.get("train_config") or previous_run_config(workdir) or {}
+    changed = [f"{k}={old[k]!r} then, {getattr(tcfg, k)!r} now" for k in OPTIMIZER_OPTIONS
+               if k in old and old[k] != getattr(tcfg, k)]
+    what = "; ".join(changed) if changed else "an optimizer option"
+    fix = ", ".join(f"{k}={old[k]}" for k in OPTIMIZER_OPTIONS if k in old and old[k] != getattr(tcfg, k))
+    return (f"{where} is readable but its optimizer state does not fit this run ({what}). Resume with the "
+            f"old value{'s (' + fix + ')' if fix else 's'}, train into a new --workdir, or pass "
+            f"reset_optimizer=true to keep the weights and start a fresh optimizer state. Every checkpoint "
+            f"is left as it was.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _run(setup: Setup, workdir, tokenizer, hooks, log, primary, corpus, data_iter, val_batches, ckpt) -> dict:
+    mcfg, tcfg = setup.mcfg, setup.tcfg
+    params, opt_state, meta = _restore(setup, workdir, ckpt, corpus, data_iter, log)
     start = int(meta["step"])
     if primary:
         with (workdir / RUNS_FILE).open("a") as f:
@@ -281,27 +363,46 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
     if start >= tcfg.steps:
         log(f"{workdir} is already trained to step {start} (steps={tcfg.steps}); pass a larger "
             f"steps= to continue training.")
-        ckpt.close()
         return {"step": start, "params": setup.n_params, "resumed_from": start}
 
     writer = MetricsWriter(workdir, tensorboard=tcfg.tensorboard, enabled=primary)
+    abandoned = writer.drop_after(start)  # steps logged after the checkpoint we resume from
+    if abandoned:
+        log(f"  {abandoned} metrics lines after step {start} (from a run that did not checkpoint them) moved to "
+            f"{writer.abandoned_path.name}")
     lr_at = schedule(tcfg)
     peak = peak_flops(mcfg.dtype if hasattr(mcfg, "dtype") else "float32") if not tcfg.peak_flops else tcfg.peak_flops
     peak_total = peak * jax.device_count()
     tokens, elapsed0, run_t0 = int(meta["tokens"]), float(meta["elapsed_s"]), time.perf_counter()
     elapsed = lambda: elapsed0 + time.perf_counter() - run_t0  # wall-clock over all resumed runs
     history, last_eval = [], None
+    # Lines printed while the progress bar is shown go above it, not onto it.
+    say = (lambda msg: tqdm.write(msg)) if primary else (lambda msg: None)
 
     def meta_now(step):
         return {"step": step, "tokens": tokens, "elapsed_s": elapsed(), "seed": tcfg.seed,
-                "data_fingerprint": corpus.fingerprint}
+                "data_fingerprint": corpus.fingerprint, "data": tcfg.data, "train_config": tcfg.to_dict()}
 
-    def run_eval(step):
+    def last_good() -> str:
+        steps = ckpt.all_steps()
+        return (f"the last checkpoint, step {steps[-1]}, has finite weights" if steps
+                else "no checkpoint was written")
+
+    def save(step):
+        # Never checkpoint non-finite weights: a resume from them could never recover.
+        if not bool(_all_finite(params)):
+            ckpt.manager.wait_until_finished()
+            raise TrainingDiverged(
+                f"the weights became non-finite by step {step} (not saved; {last_good()}). Lower "
+                f"learning_rate (now {tcfg.learning_rate}), raise warmup_steps or set grad_clip, then resume.")
+        ckpt.save(step, params, opt_state, meta_now(step), data_iter)
+
+    def run_eval(step, out=say):
         nonlocal last_eval
         loss, bpb = evaluate(setup, params, val_batches)
         last_eval = {"step": step, "tokens": tokens, "elapsed_s": elapsed(), "eval_loss": loss, "eval_bpb": bpb}
         writer.write(last_eval)
-        log(f"step {step}: validation loss {loss:.4f} nats/token = {bpb:.3f} bits-per-byte")
+        out(f"step {step}: validation loss {loss:.4f} nats/token = {bpb:.3f} bits-per-byte")
 
     bar = tqdm(range(start + 1, tcfg.steps + 1), desc="train", unit="step", dynamic_ncols=True,
                disable=not primary, initial=start, total=tcfg.steps)
@@ -317,8 +418,10 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss became {m['loss']} at step {step}; lower learning_rate "
-                                             f"(now {tcfg.learning_rate}) or raise warmup_steps.")
+                    ckpt.manager.wait_until_finished()
+                    raise TrainingDiverged(
+                        f"the loss became {m['loss']} at step {step} ({last_good()}). Lower learning_rate "
+                        f"(now {tcfg.learning_rate}), raise warmup_steps or set grad_clip, then resume.")
                 now = time.perf_counter()
                 tps = (tokens - tok_last) / (now - t_last) if tokens > tok_last else float("nan")
                 t_last, tok_last = now, tokens
@@ -331,7 +434,7 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
             if tcfg.eval_every and step % tcfg.eval_every == 0 and step != tcfg.steps:
                 run_eval(step)
             if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-                ckpt.save(step, params, opt_state, meta_now(step), data_iter)
+                save(step)
                 saved_at = step
             for hook in hooks:
                 hook(step)
@@ -340,13 +443,12 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
     bar.close()
     stopped = step < tcfg.steps
     if saved_at != step:
-        ckpt.save(step, params, opt_state, meta_now(step), data_iter)
-    ckpt.close()
+        save(step)
     if stopped:
         log(f"stopped by signal at step {step}; checkpoint saved. Run the same command to resume.")
         writer.close()
         return {"step": step, "stopped": True, "history": history, "params": setup.n_params}
-    run_eval(step)
+    run_eval(step, out=log)
     writer.close()
     summary = {"step": step, "history": history, "params": setup.n_params, **(last_eval or {})}
     if tcfg.sample_tokens and jax.process_count() == 1 and primary:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.layers import ffn as _ffn, mixers as _mixers  # noqa: F401 - register the built-in kinds
+from glocal.layers import ffn as _ffn, mixers as _mixers, recurrent as _recurrent  # noqa: F401 - built-in kinds
 from glocal.layers.cache import stack_cache
 from glocal.layers.norms import make_norm
 from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec

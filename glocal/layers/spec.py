@@ -87,6 +87,10 @@ class LayerSpec:
     qk_norm: bool = False
     attn_softcap: float | None = None
     sliding_window: int | None = None  # tokens a "window" mixer sees, the query included
+    feature_dim: int = 16  # F: q/k features per head of a "linear" mixer
+    feature_map: str = "taylor"  # taylor | elu | relu ("linear" mixer)
+    conv_width: int = 3  # W: taps of a "conv" mixer's causal depthwise convolution
+    conv_expand: int = 2  # a "conv" mixer's inner width / d_model
     attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

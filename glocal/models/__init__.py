@@ -10,6 +10,7 @@ from glocal.models.registry import (
     build, build_from_config, config_class, get_config, list_models, list_presets, model_name, register,
     split_config_name,
 )
+from glocal.models.based import Based, BasedConfig
 from glocal.models.block_transformer import BlockTransformer, BlockTransformerCache, BlockTransformerConfig
 from glocal.models.fit import FIT, FITCache, FITConfig
 from glocal.models.transformer import Transformer, TransformerCache, TransformerConfig
@@ -17,9 +18,10 @@ from glocal.models.transformer import Transformer, TransformerCache, Transformer
 register("transformer", TransformerConfig, Transformer)
 register("fit", FITConfig, FIT)
 register("block", BlockTransformerConfig, BlockTransformer)
+register("based", BasedConfig, Based)
 
 __all__ = [
-    "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "DecoderConfig", "FIT", "FITCache",
+    "Based", "BasedConfig", "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "DecoderConfig", "FIT", "FITCache",
     "FITConfig", "LanguageModel", "ModelBase", "ModelCache", "Transformer", "TransformerCache",
     "TransformerConfig", "build", "build_from_config", "config_class", "get_config", "list_models",
     "list_presets", "model_name", "register", "split_config_name",

@@ -1,0 +1,67 @@
+"""Based (linear + sliding-window hybrid): what the conformance suite does not cover, i.e.
+decoding state constant in length, the short convolution's decode against its sequence
+form, and the mixers' config errors. (Causality, decode == teacher forcing, generation, cache
+formula, FLOPs and training run for `based` in tests/test_conformance.py.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import glocal.models as gm
+from glocal.configs import ConfigError
+from glocal.layers import LayerSpec
+from glocal.layers.cache import tree_nbytes
+from glocal.layers.recurrent import ShortConv
+
+RNG = np.random.default_rng(5)
+
+
+def test_decoding_state_is_the_same_size_at_any_length():
+    model = jax.eval_shape(lambda: gm.build("based", "tiny", max_seq_len=32768, layer_pattern="clscc"))
+    sizes = {L: tree_nbytes(jax.eval_shape(lambda: model.init_cache(2, L))) for L in (1024, 8192, 32768)}
+    assert len(set(sizes.values())) == 1, sizes
+    assert sizes[1024] == model.cache_nbytes(2, 1024) == model.cache_nbytes(2, 32768)
+    # With a global layer in the pattern the state grows, as it must.
+    grows = gm.build("based", "tiny", layer_pattern="clscg")
+    assert grows.cache_nbytes(2, 8192 // 32) > grows.cache_nbytes(2, 1024 // 32)
+
+
+def test_short_convolution_decodes_like_the_sequence():
+    spec = LayerSpec(d_model=8, num_heads=2, conv_width=4, conv_expand=2)
+    conv = ShortConv(spec, rngs=nnx.Rngs(0))
+    x = jnp.asarray(RNG.normal(size=(2, 9, 8)), jnp.float32)
+    want, _ = conv(x, positions_BT=None)
+    # By hand: causal depthwise convolution over the zero-padded past, gate, projection.
+    u = np.einsum("btd,di->bti", x, conv.w_in_DAI[...][:, 0]) + conv.b_in_AI[...][0]
+    g = np.einsum("btd,di->bti", x, conv.w_in_DAI[...][:, 1]) + conv.b_in_AI[...][1]
+    up = np.concatenate([np.zeros((2, 3, 16)), u], 1)
+    c = sum(up[:, j:j + 9] * np.asarray(conv.conv_WI[...][j]) for j in range(4)) + conv.b_conv_I[...]
+    silu = c / (1 + np.exp(-c))
+    ref = np.einsum("bti,id->btd", silu * g, conv.w_out_ID[...]) + conv.b_out_D[...]
+    np.testing.assert_allclose(want, ref, rtol=1e-4, atol=1e-5)
+    # Prefill 3 tokens (row 1 has only 2 real ones), then one token at a time.
+    cache = conv.init_cache(2, 9)
+    valid = jnp.asarray([[True] * 3, [True, True, False]])
+    y, cache = conv(x[:, :3], positions_BT=None, cache=cache, valid_BT=valid)
+    np.testing.assert_allclose(y[0], want[0, :3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y[1, :2], want[1, :2], rtol=1e-5, atol=1e-6)
+    pos = np.array([3, 2])
+    for _ in range(5):
+        y, cache = conv(x[np.arange(2), pos][:, None], positions_BT=None, cache=cache)
+        for b in range(2):
+            np.testing.assert_allclose(y[b, 0], want[b, pos[b]], rtol=1e-5, atol=1e-6)
+        pos = pos + 1
+    assert cache.window_BWI.shape == (2, 3, 16)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(feature_map="softmax"), "feature_map='softmax' is not one of"),
+    (dict(feature_dim=0), "feature_dim must be a positive integer"),
+    (dict(layer_pattern="clsxc"), r"'l' \(linear\)"),
+    (dict(layer_pattern="cls", num_layers=5), "not a multiple of len"),
+])
+def test_config_errors_explain_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        gm.get_config("based", "tiny", **overrides)

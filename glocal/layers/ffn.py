@@ -1,8 +1,10 @@
-"""Feed-forward kinds for decoder layers: ``mlp`` (dense; the activation is ``spec.mlp``).
-Mixture-of-experts registers here the same way (see ``glocal.layers.spec``)."""
+"""Feed-forward kinds for decoder layers: ``mlp`` (dense; the activation is ``spec.mlp``) and
+``none`` (no FFN: a mixer-only layer, as in the MQAR recall models). Mixture-of-experts
+registers here the same way (see ``glocal.layers.spec``)."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from glocal.layers.mlp import MLP
@@ -14,3 +16,14 @@ class DenseFFN(MLP):
     def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
         super().__init__(spec.d_model, spec.d_ff, activation=spec.mlp, dtype=spec.dtype,
                          param_dtype=spec.param_dtype, rngs=rngs)
+
+
+@register_ffn("none")
+class NoFFN(nnx.Module):
+    """Adds nothing: the layer is ``x + mixer(norm(x))`` alone."""
+
+    def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
+        del spec, rngs
+
+    def __call__(self, x_BTD):
+        return jnp.zeros_like(x_BTD)

@@ -1,4 +1,4 @@
-"""Efficiency card: the baseline, FIT and the Block Transformer at matched non-embedding size.
+"""Efficiency card: the baseline, FIT, the Block Transformer and Based at matched non-embedding size.
 
     python benchmarks/efficiency.py                       # every section, `small` presets
     python benchmarks/efficiency.py --sections cache decode --preset small
@@ -38,7 +38,7 @@ from common import machine, median, time_fn  # noqa: E402
 import glocal.models as gm  # noqa: E402
 from glocal.layers.cache import tree_nbytes  # noqa: E402
 
-FAMILIES = ("transformer", "fit", "block")
+FAMILIES = ("transformer", "fit", "block", "based")
 SECTIONS = ("params", "flops", "cache", "train", "decode", "bpb")
 
 

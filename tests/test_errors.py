@@ -146,6 +146,30 @@ def test_read_only_workdir(tmp_path, capsys):
         ro.chmod(0o755)
 
 
+def test_read_only_workdir_simulated(tmp_path, monkeypatch, capsys):
+    """What root cannot see with chmod: permission bits that say no (os.access), and a file
+    system that refuses the write anyway (the probe file)."""
+    import errno
+    import tempfile
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and mode & os.W_OK
+                        else real_access(p, mode))
+    argv = ["train", "--config", "transformer_tiny", "steps=2", *TINY]
+    user_error(capsys, main([*argv, "--workdir", str(ro)]), f"workdir {ro} is read-only; pass a folder")
+    user_error(capsys, main([*argv, "--workdir", str(ro / "sub")]), f"cannot be created: {ro} is read-only")
+    monkeypatch.setattr(os, "access", real_access)
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    user_error(capsys, main([*argv, "--workdir", str(ro)]), "is read-only (Read-only file system)")
+    assert list(ro.iterdir()) == []
+
+
 def test_check_workdir_creates_nothing(tmp_path):
     assert workdirs.check_workdir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
     assert workdirs.check_workdir(tmp_path, writable=False) == tmp_path
@@ -153,7 +177,7 @@ def test_check_workdir_creates_nothing(tmp_path):
 
 
 # 5 ------------------------------------------------------------------------------------
-def test_corrupt_checkpoint_is_one_message_and_nothing_else(run, tmp_path):
+def test_corrupt_checkpoint_is_one_message_and_nothing_else(run, tmp_path, monkeypatch):
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     # A truncated array file: orbax's read fails in the middle, leaving coroutines and
@@ -162,12 +186,28 @@ def test_corrupt_checkpoint_is_one_message_and_nothing_else(run, tmp_path):
     biggest = max((f for f in (broken / "checkpoints" / "2" / "params").rglob("*") if f.is_file()),
                   key=lambda f: f.stat().st_size)
     biggest.write_bytes(biggest.read_bytes()[:1000])
+    # Those tracebacks come from other threads and at exit, when they come at all (before
+    # the fix: in about 2 of 5 runs), hence a subprocess; and, deterministically, what a
+    # failed read leaves in place: a hook that drops such reports and passes all others on.
     for argv in (["eval", "--workdir", broken], ["generate", "--workdir", broken, "--max-new-tokens", "2"]):
         proc = cli(*argv)
         lines = [l for l in proc.stderr.splitlines() if l.strip()]
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr and len(lines) <= 2, proc.stderr[-3000:]
         assert lines[0].startswith("glocal: error: checkpoint") and "could not be read" in lines[0]
+        assert "--step" not in lines[0] and "train again" in lines[0]  # no earlier checkpoint
+
+    import types
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with pytest.raises(workdirs.WorkdirError, match="could not be read"):
+        workdirs.load_model(broken)
+    report = lambda exc: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                               err_msg=None, object=None)
+    sys.unraisablehook(report(RuntimeError("Event loop is closed")))  # tensorstore into orbax's loop
+    assert seen == []
+    sys.unraisablehook(report(ValueError("someone else's")))
+    assert len(seen) == 1
 
 
 # 6 ------------------------------------------------------------------------------------

@@ -104,6 +104,9 @@ class _DropOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and (_from_orbax(exc) if exc else self.bare))
 
 
+_stragglers_dropped = False  # a failed read left its hook and filter in place
+
+
 @contextlib.contextmanager
 def _quiet_failed_read():
     """A failed orbax read is reported by the WorkdirError raised instead, but orbax also
@@ -113,20 +116,29 @@ def _quiet_failed_read():
     exception was never retrieved"): 20-60 lines of tracebacks. Those reports, and only
     those, are dropped during the read and, if it fails, for the rest of the process.
     Warnings pass."""
+    global _stragglers_dropped
+    absl_drop = _DropOrbaxErrors(bare=True)
+    logging.getLogger("absl").addFilter(absl_drop)
+    if _stragglers_dropped:  # (after an earlier failure: nothing more to add)
+        try:
+            yield
+        finally:
+            logging.getLogger("absl").removeFilter(absl_drop)
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable):
         if not _read_straggler(unraisable):
             previous(unraisable)
 
-    absl_drop, asyncio_drop = _DropOrbaxErrors(bare=True), _DropOrbaxErrors()
-    logging.getLogger("absl").addFilter(absl_drop)
+    asyncio_drop = _DropOrbaxErrors()
     logging.getLogger("asyncio").addFilter(asyncio_drop)
     sys.unraisablehook = hook
     try:
         yield
     except Exception:
-        raise  # the stragglers of a failed read keep coming: the hook and filter stay
+        _stragglers_dropped = True  # its stragglers keep coming: the hook and filter stay
+        raise
     else:
         if sys.unraisablehook is hook:
             sys.unraisablehook = previous
@@ -174,7 +186,8 @@ def read_model_file(workdir) -> dict:
     path = pathlib.Path(workdir) / MODEL_FILE
     if not path.exists():
         raise WorkdirError(f"{workdir} is not a glocal workdir (no {MODEL_FILE}); train into it first "
-                           f"or pass --config to use an untrained preset.")
+                           f"(glocal train --config <model>_<preset> --workdir {workdir}), or generate "
+                           f"with --config <model>_<preset> from an untrained preset.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:

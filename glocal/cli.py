@@ -1,4 +1,11 @@
-"""The ``glocal`` command: ``glocal train ...``, ``glocal generate ...``, ``glocal models``."""
+"""The ``glocal`` command: ``glocal train ...``, ``glocal generate ...``, ``glocal models``.
+
+A user error (``glocal.errors.UserError``: a bad config value, path, data file or
+generation argument) prints one ``glocal: error: ...`` message that says how to fix it and
+exits 2, like argparse's own errors; ``glocal --debug ...`` shows its traceback instead.
+Anything else is a bug and keeps its traceback. ``key=value`` overrides may come anywhere
+among the options.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +13,45 @@ import argparse
 import sys
 
 
+def _check_override_keys(overrides: dict[str, str], config_name: str | None, workdir) -> None:
+    """Reject a key that is neither a training field nor a field of the run's model family
+    (from --config, or the workdir's model.json), suggesting names from both sets."""
+    import pathlib
+
+    import glocal.models as gm
+    from glocal import workdir as workdirs
+    from glocal.train.config import split_overrides
+
+    if config_name is not None:
+        family = gm.split_config_name(config_name)[0]
+    elif (pathlib.Path(workdir) / workdirs.MODEL_FILE).is_file():
+        family = workdirs.read_model_file(workdir).get("model")
+    else:
+        return  # the command itself reports that the workdir holds no model
+    split_overrides(overrides, family)
+
+
 def _train(args) -> int:
     from glocal.configs.base import parse_overrides
     from glocal.train.trainer import train
+    from glocal.workdir import check_workdir
 
-    result = train(args.config, args.workdir, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    check_workdir(args.workdir, writable=True)
+    _check_override_keys(overrides, args.config, args.workdir)
+    result = train(args.config, args.workdir, overrides)
     return 143 if result.get("stopped") else 0  # 128 + SIGTERM: schedulers may requeue
 
 
 def _eval(args) -> int:
     from glocal.configs.base import parse_overrides
     from glocal.train.evaluate import evaluate_workdir
+    from glocal.workdir import check_workdir
 
-    evaluate_workdir(args.workdir, step=args.step, overrides=parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    check_workdir(args.workdir, writable=False)
+    _check_override_keys(overrides, None, args.workdir)
+    evaluate_workdir(args.workdir, step=args.step, overrides=overrides)
     return 0
 
 
@@ -35,24 +68,28 @@ def _generate(args) -> int:
     import glocal.models as gm
     from glocal import workdir as workdirs
     from glocal.configs.base import parse_overrides
+    from glocal.errors import UserError
     from glocal.tokenizers import get_tokenizer
 
     overrides = parse_overrides(args.overrides)
     if args.workdir:
         if overrides:
-            raise SystemExit("key=value overrides only apply to an untrained --config model.")
+            raise UserError("key=value overrides only apply to an untrained --config model; a "
+                            "--workdir model keeps the config it was trained with.")
+        workdirs.check_workdir(args.workdir, writable=False)
         model, step = workdirs.load_model(args.workdir, args.step)
         tokenizer = get_tokenizer(workdirs.read_model_file(args.workdir).get("tokenizer"))
-        print(f"# loaded {args.workdir} at step {step}", file=sys.stderr)
+        source = f"# loaded {args.workdir} at step {step}"
     else:
         name, preset = gm.split_config_name(args.config)
         model = gm.build(name, preset, seed=args.seed, **overrides)
         tokenizer = get_tokenizer("byte")
-        print(f"# untrained {args.config} (random weights)", file=sys.stderr)
+        source = f"# untrained {args.config} (random weights)"
     prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     new = glocal.generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           stop_tokens=[tokenizer.eos_id])[0]
+    print(source, file=sys.stderr)  # (after the arguments passed generate's checks)
     print(args.prompt + tokenizer.decode(new))
     return 0
 
@@ -66,10 +103,16 @@ def _models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glocal", description="Efficient transformer zoo (JAX/Flax).")
+    debug = argparse.ArgumentParser(add_help=False)  # accepted before or after the command
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of user errors too (they exit 2 with one message)")
+    p = argparse.ArgumentParser(prog="glocal", description="Efficient transformer zoo (JAX/Flax).",
+                                epilog="A user error prints one message and exits with status 2.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train (or resume) a model; default data: the stdlib corpus")
+    t = sub.add_parser("train", parents=[debug],
+                       help="train (or resume) a model; default data: the stdlib corpus")
     t.add_argument("--config", help="<model>_<preset>, e.g. transformer_small (optional when "
                                      "resuming an existing workdir)")
     t.add_argument("--workdir", required=True, help="where config, checkpoints and metrics go; "
@@ -78,18 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "steps=200 mesh.data=2 data=PATH")
     t.set_defaults(func=_train)
 
-    e = sub.add_parser("eval", help="validation loss / bits-per-byte of a workdir's checkpoint")
+    e = sub.add_parser("eval", parents=[debug],
+                       help="validation loss / bits-per-byte of a workdir's checkpoint")
     e.add_argument("--workdir", required=True)
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     e.add_argument("overrides", nargs="*", help="key=value training fields, e.g. eval_batches=32")
     e.set_defaults(func=_eval)
 
-    pl = sub.add_parser("plot", help="loss curves of several workdirs on one figure")
+    pl = sub.add_parser("plot", parents=[debug], help="loss curves of several workdirs on one figure")
     pl.add_argument("workdirs", nargs="+")
     pl.add_argument("-o", "--output", default="curves.png")
     pl.set_defaults(func=_plot)
 
-    g = sub.add_parser("generate", help="continue a prompt with a saved or untrained model")
+    g = sub.add_parser("generate", parents=[debug],
+                       help="continue a prompt with a saved or untrained model")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--workdir", help="a trained workdir")
     src.add_argument("--config", help="an untrained preset, e.g. transformer_tiny")
@@ -103,21 +148,33 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="key=value model overrides (with --config)")
     g.set_defaults(func=_generate)
 
-    m = sub.add_parser("models", help="list registered models and presets")
+    m = sub.add_parser("models", parents=[debug], help="list registered models and presets")
     m.set_defaults(func=_models)
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``key=value`` overrides may sit anywhere among the options (argparse
+    alone takes one run of positionals only; the rest come back unrecognised, in order)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and not any(a.startswith("-") for a in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from glocal.workdir import WorkdirError
-    from glocal.configs.base import ConfigError
-    from glocal.sharding import ShardingError
-    from glocal.train.data import DataError
+    args = parse_args(argv)
+    from glocal.errors import UserError
 
     try:
         return args.func(args)
-    except (ConfigError, WorkdirError, DataError, ShardingError) as e:
+    except UserError as e:
+        if args.debug:
+            raise
         print(f"glocal: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from glocal.errors import UserError
+
+
+class GenerationError(UserError, ValueError):
+    """An invalid argument of ``generate`` (prompts, max_new_tokens, temperature, top_k,
+    top_p, or a prompt too long for the model); the message says how to fix it."""
+
 
 def sample_logits(logits_BV, key, *, temperature: float, top_k: int | None, top_p: float | None):
     """Draw one token per row. ``temperature == 0`` is arg-max (greedy)."""
@@ -90,28 +97,28 @@ def generate(
     """
     cfg = model.config
     if isinstance(prompts, (str, bytes)) or not len(prompts):
-        raise ValueError("prompts must be a non-empty list of token-id lists (encode text first).")
+        raise GenerationError("prompts must be a non-empty list of token-id lists (encode text first).")
     prompts = [[int(t) for t in p] for p in prompts]
     for i, p in enumerate(prompts):
         if not p:
-            raise ValueError(f"prompt {i} is empty; give at least one token (e.g. the BOS id).")
+            raise GenerationError(f"prompt {i} is empty; give at least one token (e.g. the BOS id).")
         bad = [t for t in p if not 0 <= t < cfg.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
                              f"[0, {cfg.vocab_size}).")
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+        raise GenerationError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
     if top_k is not None and not 1 <= top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], got {top_k}.")
+        raise GenerationError(f"top_k must be in [1, vocab_size={cfg.vocab_size}], got {top_k}.")
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}.")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
+        raise GenerationError(
             f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
             f"exceeds the model's max_seq_len={cfg.max_seq_len}; shorten the prompt or ask "
             f"for fewer tokens."

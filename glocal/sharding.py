@@ -30,11 +30,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from glocal.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh that does not fit the devices, an unknown rule table or logical axis name."""
 
 

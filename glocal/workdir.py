@@ -12,8 +12,13 @@ nothing saved is lost silently. ``load_model`` reads a trained model back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import pathlib
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +26,142 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import glocal.models as gm
+from glocal.errors import UserError
 
 MODEL_FILE = "model.json"
 
 
-class WorkdirError(RuntimeError):
-    """The workdir is missing, holds something else, or its checkpoint is unreadable."""
+class WorkdirError(UserError, RuntimeError):
+    """The workdir is missing, holds something else, cannot be written, or its checkpoint
+    is unreadable."""
 
 
-def _manager(workdir: pathlib.Path) -> ocp.CheckpointManager:
+def _is_remote(path) -> bool:
+    return "://" in str(path)  # gs://... and the like: not checkable with the os module
+
+
+def check_workdir(path, writable: bool = True) -> pathlib.Path:
+    """Fail early, with a WorkdirError that says how to fix it, when ``path`` cannot serve
+    as a workdir: it is a file (or below one), or (``writable``) neither it nor the folder
+    it would be created in can be written. A missing ``path`` is fine when ``writable``
+    (training creates it); readers report a missing workdir themselves. Creates nothing
+    (a probe file is written and removed again to catch read-only mounts)."""
+    path = pathlib.Path(path).expanduser()
+    if _is_remote(path):
+        return path
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"workdir {path} is a file, not a folder; pass a new folder or an "
+                           f"existing glocal workdir.")
+    if not writable:
+        if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+            raise WorkdirError(f"workdir {path} cannot be read (permission denied); fix its "
+                               f"permissions or run as its owner.")
+        return path
+    existing = path
+    while not existing.exists():  # the folder the missing part would be created in
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise WorkdirError(f"workdir {path} cannot be created: {existing} is a file, not a folder.")
+    what = "is read-only" if existing == path else f"cannot be created: {existing} is read-only"
+    fix = ("pass a folder you can write to, or fix its permissions (e.g. chmod u+w " f"{existing}).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkdirError(f"workdir {path} {what}; {fix}")
+    try:  # permissions can say yes on a read-only file system
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".glocal-write-probe-"):
+            pass
+    except OSError as e:
+        raise WorkdirError(f"workdir {path} {what} ({e.strerror}); {fix}") from None
+    return path
+
+
+def _from_orbax(exc) -> bool:
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _read_straggler(unraisable) -> bool:
+    """An abandoned orbax read coroutine, or a tensorstore callback into its closed loop."""
+    exc, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+    return ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+            or (code is not None and "orbax" in code.co_filename) or _from_orbax(exc))
+
+
+class _DropOrbaxErrors(logging.Filter):
+    """Drops records of ERROR and above that carry an exception raised inside orbax (and,
+    with ``bare=True``, those that carry no exception at all)."""
+
+    def __init__(self, bare: bool = False):
+        super().__init__()
+        self.bare = bare
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.levelno >= logging.ERROR and (_from_orbax(exc) if exc else self.bare))
+
+
+_stragglers_dropped = False  # a failed read left its hook and filter in place
+
+
+@contextlib.contextmanager
+def _quiet_failed_read():
+    """A failed orbax read is reported by the WorkdirError raised instead, but orbax also
+    logs it (absl), and its abandoned coroutines and tensorstore's callbacks into its closed
+    event loop report it again, from other threads and at interpreter exit ("Exception
+    ignored in: <coroutine ...>", "RuntimeError: Event loop is closed", asyncio's "Task
+    exception was never retrieved"): 20-60 lines of tracebacks. Those reports, and only
+    those, are dropped during the read and, if it fails, for the rest of the process.
+    Warnings pass."""
+    global _stragglers_dropped
+    absl_drop = _DropOrbaxErrors(bare=True)
+    logging.getLogger("absl").addFilter(absl_drop)
+    if _stragglers_dropped:  # (after an earlier failure: nothing more to add)
+        try:
+            yield
+        finally:
+            logging.getLogger("absl").removeFilter(absl_drop)
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _read_straggler(unraisable):
+            previous(unraisable)
+
+    asyncio_drop = _DropOrbaxErrors()
+    logging.getLogger("asyncio").addFilter(asyncio_drop)
+    sys.unraisablehook = hook
+    try:
+        yield
+    except Exception:
+        _stragglers_dropped = True  # its stragglers keep coming: the hook and filter stay
+        raise
+    else:
+        if sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+        logging.getLogger("asyncio").removeFilter(asyncio_drop)
+    finally:
+        logging.getLogger("absl").removeFilter(absl_drop)
+
+
+def _reason(e: BaseException, limit: int = 200) -> str:
+    """One line naming the innermost cause of ``e`` (orbax wraps tensorstore's message)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    if len(text) > limit:  # the start says what was read, the end what went wrong
+        text = text[:limit // 2 - 2] + " ... " + text[-(limit // 2 - 3):]
+    return f"{type(e).__name__}: {text}"
+
+
+def _manager(workdir: pathlib.Path, create: bool = False) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False),
+        options=ocp.CheckpointManagerOptions(create=create, enable_async_checkpointing=False),
     )
 
 
@@ -58,7 +187,8 @@ def read_model_file(workdir) -> dict:
     path = pathlib.Path(workdir) / MODEL_FILE
     if not path.exists():
         raise WorkdirError(f"{workdir} is not a glocal workdir (no {MODEL_FILE}); train into it first "
-                           f"or pass --config to use an untrained preset.")
+                           f"(glocal train --config <model>_<preset> --workdir {workdir}), or generate "
+                           f"with --config <model>_<preset> from an untrained preset.")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -72,20 +202,26 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
     config = gm.config_class(record["model"]).from_dict(record["config"])
     abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
+    if not _is_remote(workdir) and not (workdir / "checkpoints").is_dir():  # reading creates nothing
+        raise WorkdirError(f"{workdir} has no checkpoints yet; train first (glocal train --workdir {workdir}).")
     with _manager(workdir) as mngr:
         steps = mngr.all_steps()
         if not steps:
-            raise WorkdirError(f"{workdir} has no checkpoints yet; train first.")
+            raise WorkdirError(f"{workdir} has no checkpoints yet; train first (glocal train --workdir {workdir}).")
         step = max(steps) if step is None else step
         if step not in steps:
             raise WorkdirError(f"{workdir} has no checkpoint at step {step}; available: {sorted(steps)}.")
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+            with _quiet_failed_read():
+                restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises many types for truncated/corrupt files
+            earlier = sorted(s for s in steps if s < step)
+            fix = (f"read an earlier one with --step {earlier[-1]} (available: {sorted(steps)})" if earlier
+                   else f"there is no earlier one: train again (glocal train --workdir {workdir})")
             raise WorkdirError(
-                f"checkpoint {workdir}/checkpoints/{step} could not be read ({type(e).__name__}: "
-                f"{str(e)[:200]}); it may be partial or corrupt. Try an earlier step."
+                f"checkpoint {workdir}/checkpoints/{step} could not be read ({_reason(e)}); "
+                f"it may be partial or corrupt: {fix}."
             ) from e
     if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored["params"])):
         earlier = [s for s in sorted(steps) if s < step]

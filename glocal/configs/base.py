@@ -16,9 +16,17 @@ import types
 import typing
 from typing import Any
 
+from glocal.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config value is invalid; the message says which and how to fix it."""
+
+
+def did_you_mean(key: str, names) -> str:
+    """`` Did you mean a, b?`` with the names closest to a misspelt ``key`` ('' if none is close)."""
+    close = difflib.get_close_matches(key, list(names), n=3)
+    return f" Did you mean {', '.join(close)}?" if close else ""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -104,12 +112,8 @@ class Config:
         coerced = {}
         for key, value in overrides.items():
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=3)
-                hint = f" Did you mean {', '.join(close)}?" if close else ""
-                raise ConfigError(
-                    f"{type(self).__name__} has no field {key!r}.{hint} "
-                    f"Valid fields: {', '.join(names)}."
-                )
+                raise ConfigError(f"{type(self).__name__} has no field {key!r}.{did_you_mean(key, names)} "
+                                  f"Valid fields: {', '.join(names)}.")
             coerced[key] = _coerce(value, hints[key], key)
         return dataclasses.replace(self, **coerced)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from glocal.configs.base import Config, ConfigError
+from glocal.configs.base import Config, ConfigError, did_you_mean
 from glocal.sharding import MESH_AXES, RULE_TABLES
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -104,12 +104,31 @@ class TrainConfig(Config):
         return self.batch_size * self.seq_len
 
 
-def split_overrides(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+def split_overrides(overrides: dict[str, str], model: str | None = None
+                    ) -> tuple[dict[str, str], dict[str, str]]:
     """``(model_overrides, train_overrides)``: training fields (dots read as underscores)
-    go to TrainConfig, everything else to the model config."""
-    train_fields = set(TrainConfig.field_names())
+    go to TrainConfig, model fields to the model config.
+
+    A key that is neither is a ConfigError whose suggestions come from both sets: the
+    fields of model family ``model``, or (``None``) of any registered family; a key of
+    another family is left to the model config's own error."""
+    import glocal.models as gm  # (glocal.models does not import the training code)
+
+    train_fields = TrainConfig.field_names()
+    families = [model] if model is not None else gm.list_models()
+    model_fields = list(dict.fromkeys(f for name in families for f in gm.config_class(name).field_names()))
     model_kw, train_kw = {}, {}
     for key, value in overrides.items():
         name = key.replace(".", "_")
-        (train_kw if name in train_fields else model_kw)[name if name in train_fields else key] = value
+        if name in train_fields:
+            train_kw[name] = value
+        elif key in model_fields:
+            model_kw[key] = value
+        else:
+            which = f"{model} model" if model is not None else "model (any family)"
+            hint = did_you_mean(name, train_fields + model_fields)
+            raise ConfigError(f"{key!r} is neither a training field nor a {which} field.{hint} "
+                              f"Training fields: {', '.join(train_fields)}. "
+                              + (f"{model} fields: {', '.join(model_fields)}." if model is not None else
+                                 "Model fields depend on the family (its config class lists them)."))
     return model_kw, train_kw

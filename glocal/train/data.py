@@ -32,13 +32,15 @@ import sysconfig
 import grain
 import numpy as np
 
+from glocal.errors import UserError
+
 SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 VAL_EVERY = 50  # documents: every 50th goes to validation
 TOKEN_SUFFIXES = (".npy", ".bin")
 RECORD_SUFFIXES = (".array_record", ".arrayrecord")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """The data source is missing, empty, too short, or holds ids outside the vocabulary."""
 
 
@@ -90,14 +92,7 @@ def _documents(path: pathlib.Path | None) -> tuple[list[bytes], str]:
         docs = [raw for raw in (p.read_bytes() for p in _folder_files(path)) if raw and _is_text(raw)]
         return docs, f"folder {path} ({len(docs)} text files)"
     if path.suffix in RECORD_SUFFIXES:
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        reader = ArrayRecordReader(str(path))
-        try:
-            docs = [r for r in reader.read_all() if r]
-        finally:
-            reader.close()
-        return docs, f"array_record {path} ({len(docs)} records)"
+        return _records(path)
     raw = path.read_bytes()
     if raw and not _is_text(raw):
         raise DataError(f"{path} looks binary (it contains NUL bytes). Token arrays must end in "
@@ -105,14 +100,42 @@ def _documents(path: pathlib.Path | None) -> tuple[list[bytes], str]:
     return ([raw] if raw else []), f"text file {path}"
 
 
+def _records(path: pathlib.Path) -> tuple[list[bytes], str]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:  # the reader raises assorted types for a file that is not an array_record
+        reader = ArrayRecordReader(str(path))
+        try:
+            docs = [r for r in reader.read_all() if r]
+        finally:
+            reader.close()
+    except Exception as e:
+        reason = " ".join(str(e).split())
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
+        raise DataError(f"{path} is not a readable .array_record file ({type(e).__name__}: {reason}); "
+                        f"write it with array_record's ArrayRecordWriter, or rename a text file so it "
+                        f"does not end in {path.suffix}.") from None
+    return docs, f"array_record {path} ({len(docs)} records)"
+
+
 def _token_array(path: pathlib.Path, data_dtype: str) -> np.ndarray:
     if path.suffix == ".npy":
-        tokens = np.load(path, mmap_mode="r")
+        fix = "save token ids with numpy.save, or rename a text file so it does not end in .npy"
+        with path.open("rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # the .npy magic string
+                raise DataError(f"{path} is not a .npy array file (no .npy header): {fix}.")
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, EOFError, OSError) as e:  # a damaged header, truncated data, ...
+            raise DataError(f"{path} is not a readable .npy array ({' '.join(str(e).split())}): "
+                            f"{fix}.") from None
     else:
         try:
             dtype = np.dtype(data_dtype)
         except TypeError:
             raise DataError(f"data_dtype={data_dtype!r} is not a numpy dtype (e.g. uint16).") from None
+        if not path.stat().st_size:
+            raise DataError(f"{path} is empty: it holds no tokens.")
         if path.stat().st_size % dtype.itemsize:
             raise DataError(f"{path} has {path.stat().st_size} bytes, not a whole number of "
                             f"{dtype} tokens; check data_dtype.")
@@ -144,11 +167,15 @@ def _load_one(spec: str, tokenizer, data_dtype: str, eos_id: int):
         if not path.exists():
             raise DataError(f"data path {spec!r} does not exist. Pass a text file, a folder of text "
                             f"files, a .npy/.bin token array, an .array_record file, or data=default.")
-    if path is not None and path.is_file() and path.suffix in TOKEN_SUFFIXES:
-        tokens = _token_array(path, data_dtype)
-        head = [np.asarray(tokens[:1 << 20]), np.asarray(tokens[-(1 << 20):]), str(len(tokens)).encode()]
-        return None, tokens, (eos_id if eos_id >= 0 else None), f"token array {path}", _fingerprint(head)
-    docs, description = _documents(path)
+    try:
+        if path is not None and path.is_file() and path.suffix in TOKEN_SUFFIXES:
+            tokens = _token_array(path, data_dtype)
+            head = [np.asarray(tokens[:1 << 20]), np.asarray(tokens[-(1 << 20):]), str(len(tokens)).encode()]
+            return None, tokens, (eos_id if eos_id >= 0 else None), f"token array {path}", _fingerprint(head)
+        docs, description = _documents(path)
+    except PermissionError as e:
+        raise DataError(f"cannot read {e.filename or spec} (permission denied); fix its permissions "
+                        f"or pass another data=.") from None
     if not docs:
         raise DataError(f"the corpus {description} is empty: no non-empty text documents found.")
     return docs, None, tokenizer.eos_id, description, _fingerprint(docs)

@@ -18,21 +18,55 @@ def _label(workdir: pathlib.Path) -> str:
     return f"{workdir.name} ({model})"
 
 
+def _records(workdir: pathlib.Path) -> list[dict]:
+    """The metrics of a training workdir, or a WorkdirError that says why there are none."""
+    from glocal.workdir import WorkdirError, check_workdir
+
+    if not workdir.exists():
+        raise WorkdirError(f"{workdir} does not exist; pass the --workdir folders of training runs.")
+    check_workdir(workdir, writable=False)
+    if not (workdir / "metrics.jsonl").is_file():
+        raise WorkdirError(f"{workdir} is not a glocal training workdir (no metrics.jsonl); pass the "
+                           f"--workdir folders of training runs.")
+    try:
+        return read_metrics(workdir)
+    except ValueError as e:  # a line that is not JSON
+        raise WorkdirError(f"{workdir}/metrics.jsonl is corrupt ({e}); remove the damaged line.") from None
+
+
 def plot_runs(workdirs, output="curves.png") -> pathlib.Path:
+    from glocal.errors import UserError
+    from glocal.workdir import WorkdirError
+
+    out = pathlib.Path(output)
+    out = out if out.suffix else out.with_suffix(".png")  # (what matplotlib would write)
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: the folder {out.parent} does not exist; create it or "
+                        f"pass another -o path.")
+    runs = []  # everything is checked before anything is drawn
+    for wd in map(pathlib.Path, workdirs):
+        records = _records(wd)
+        train = [r for r in records if "loss" in r and "tokens" in r]
+        evals = [r for r in records if "eval_loss" in r and "tokens" in r]
+        if not train and not evals:
+            raise WorkdirError(f"{wd}/metrics.jsonl has no loss records yet; plot it once training has "
+                               f"logged a step.")
+        runs.append((wd, train, evals))
+
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
     fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    kinds = fig.canvas.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in kinds:
+        plt.close(fig)
+        raise UserError(f"cannot write {out}: -o must end in one of "
+                        f"{', '.join('.' + k for k in sorted(kinds))} (e.g. curves.png).")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, wd in enumerate(map(pathlib.Path, workdirs)):
-        records = read_metrics(wd)
+    for i, (wd, train, evals) in enumerate(runs):
         c, label = colors[i % len(colors)], _label(wd)
-        train = [r for r in records if "loss" in r and "tokens" in r]
-        evals = [r for r in records if "eval_loss" in r and "tokens" in r]
-        if not train and not evals:
-            raise ValueError(f"{wd}/metrics.jsonl has no loss records yet.")
         for ax, x in ((ax_tok, "tokens"), (ax_time, "elapsed_s")):
             if train:
                 ax.plot([r[x] for r in train], [r["loss"] / math.log(2) for r in train], color=c,
@@ -47,7 +81,10 @@ def plot_runs(workdirs, output="curves.png") -> pathlib.Path:
         ax.grid(alpha=0.3)
     ax_tok.legend(fontsize=8)
     fig.tight_layout()
-    out = pathlib.Path(output)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=120)
+    except PermissionError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); pass another -o path.") from None
+    finally:
+        plt.close(fig)
     return out

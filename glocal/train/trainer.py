@@ -33,6 +33,7 @@ import glocal.models as gm
 from glocal import workdir as workdirs
 from glocal import sharding as shd
 from glocal.configs.base import ConfigError
+from glocal.errors import UserError
 from glocal.tokenizers import get_tokenizer
 from glocal.train import data, distributed
 from glocal.train.checkpoints import CheckpointMismatch, TrainCheckpointer
@@ -49,8 +50,9 @@ OPTIMIZER_OPTIONS = ("grad_clip", "weight_decay", "no_decay", "b1", "b2", "eps",
                      "learning_rate", "min_lr_ratio", "grad_accum")
 
 
-class TrainingDiverged(FloatingPointError):
-    """The loss or the weights became non-finite; no non-finite checkpoint was written."""
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss or the weights became non-finite; no non-finite checkpoint was written (the
+    CLI prints the message, which names the last finite checkpoint, and exits 2)."""
 
 
 def previous_run_config(workdir: pathlib.Path) -> dict | None:

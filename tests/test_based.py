@@ -65,3 +65,13 @@ def test_short_convolution_decodes_like_the_sequence():
 def test_config_errors_explain_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         gm.get_config("based", "tiny", **overrides)
+
+
+def test_causal_across_linear_attention_chunks():
+    """The conformance suite's T=40 fits in one 64-token chunk; here the chunked linear
+    attention carries its state across three chunks."""
+    from tests.lm_checks import assert_causal
+
+    model = gm.build("based", "tiny", seed=3)
+    x = jnp.asarray(RNG.integers(0, 256, (2, 150)), jnp.int32)
+    assert_causal(model, x, (0, 63, 64, 100, 128, 149))

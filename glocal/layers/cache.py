@@ -18,13 +18,14 @@ tokens in any slot order:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 
-class Cache:
+class Cache(abc.ABC):
     """Base of every decoding cache (a frozen, pytree-registered dataclass).
 
     Subclasses write new entries through methods that take a ``layer=`` index, so the same
@@ -36,8 +37,9 @@ class Cache:
     def nbytes(self) -> int:
         return tree_nbytes(self)
 
+    @abc.abstractmethod
     def clear_rows(self, rows_B, layer=None) -> "Cache":
-        raise NotImplementedError(f"{type(self).__name__} does not implement clear_rows.")
+        """Forget what the rows where ``rows_B`` is true hold (one layer of a stack if given)."""
 
 
 @jax.tree_util.register_dataclass

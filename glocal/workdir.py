@@ -195,6 +195,13 @@ def read_model_file(workdir) -> dict:
         raise WorkdirError(f"{path} is corrupt ({e}); restore it from a backup.") from None
 
 
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every element of every array in ``tree`` is finite: one reduction on device
+    (checked before every training save and on every load)."""
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
     """The workdir's model with the parameters of ``step`` (default: the latest)."""
     workdir = pathlib.Path(workdir)
@@ -211,20 +218,19 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
         step = max(steps) if step is None else step
         if step not in steps:
             raise WorkdirError(f"{workdir} has no checkpoint at step {step}; available: {sorted(steps)}.")
+        earlier = sorted(s for s in steps if s < step)
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
         try:
             with _quiet_failed_read():
                 restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
         except Exception as e:  # orbax raises many types for truncated/corrupt files
-            earlier = sorted(s for s in steps if s < step)
             fix = (f"read an earlier one with --step {earlier[-1]} (available: {sorted(steps)})" if earlier
                    else f"there is no earlier one: train again (glocal train --workdir {workdir})")
             raise WorkdirError(
                 f"checkpoint {workdir}/checkpoints/{step} could not be read ({_reason(e)}); "
                 f"it may be partial or corrupt: {fix}."
             ) from e
-    if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(restored["params"])):
-        earlier = [s for s in sorted(steps) if s < step]
+    if not bool(all_finite(restored["params"])):
         raise WorkdirError(
             f"checkpoint {workdir}/checkpoints/{step} holds non-finite weights (its run diverged); "
             + (f"use an earlier --step (available: {earlier})" if earlier else "retrain with a lower learning_rate")

@@ -338,19 +338,13 @@ def _explain_mismatch(e: CheckpointMismatch, workdir: pathlib.Path, tcfg: TrainC
                 f"another version of glocal or another model config. Train into a new --workdir (every "
                 f"checkpoint is left as it was).")
     old = e.meta.get("train_config") or previous_run_config(workdir) or {}
-    changed = [f"{k}={old[k]!r} then, {getattr(tcfg, k)!r} now" for k in OPTIMIZER_OPTIONS
-               if k in old and old[k] != getattr(tcfg, k)]
-    what = "; ".join(changed) if changed else "an optimizer option"
-    fix = ", ".join(f"{k}={old[k]}" for k in OPTIMIZER_OPTIONS if k in old and old[k] != getattr(tcfg, k))
+    changed = [k for k in OPTIMIZER_OPTIONS if k in old and old[k] != getattr(tcfg, k)]
+    what = "; ".join(f"{k}={old[k]!r} then, {getattr(tcfg, k)!r} now" for k in changed) or "an optimizer option"
+    fix = ", ".join(f"{k}={old[k]}" for k in changed)
     return (f"{where} is readable but its optimizer state does not fit this run ({what}). Resume with the "
             f"old value{'s (' + fix + ')' if fix else 's'}, train into a new --workdir, or pass "
             f"reset_optimizer=true to keep the weights and start a fresh optimizer state. Every checkpoint "
             f"is left as it was.")
-
-
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _run(setup: Setup, workdir, tokenizer, hooks, log, primary, corpus, data_iter, val_batches, ckpt) -> dict:
@@ -392,7 +386,7 @@ def _run(setup: Setup, workdir, tokenizer, hooks, log, primary, corpus, data_ite
 
     def save(step):
         # Never checkpoint non-finite weights: a resume from them could never recover.
-        if not bool(_all_finite(params)):
+        if not bool(workdirs.all_finite(params)):
             ckpt.manager.wait_until_finished()
             raise TrainingDiverged(
                 f"the weights became non-finite by step {step} (not saved; {last_good()}). Lower "

@@ -1,6 +1,9 @@
 """Linear attention: the chunked form vs the quadratic reference, forward + backward.
 
     python benchmarks/linear_attention.py [--T 8192] [--heads 4] [--F 16] [--E 64] [--chunk 64]
+    python benchmarks/linear_attention.py --T 8192 16384 32768 65536 --impls chunked pallas_gpu   # on a GPU
+
+(``pallas_*`` off their platform run in interpret mode: correct but not a timing.)
 
 Times a jitted ``grad(sum(o * g))`` with respect to q, k, v (compilation excluded, median of
 --iters) and reports the compiled temp memory of each (XLA memory analysis). Lines starting with

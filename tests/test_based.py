@@ -61,6 +61,8 @@ def test_short_convolution_decodes_like_the_sequence():
     (dict(feature_dim=0), "feature_dim must be a positive integer"),
     (dict(layer_pattern="clsxc"), r"'l' \(linear\)"),
     (dict(layer_pattern="cls", num_layers=5), "not a multiple of len"),
+    (dict(linear_impl="flash"), "linear_impl='flash' is not one of"),
+    (dict(linear_impl="pallas_gpu", linear_chunk_size=24), "power of two >= 16"),
 ])
 def test_config_errors_explain_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -75,3 +77,23 @@ def test_causal_across_linear_attention_chunks():
     model = gm.build("based", "tiny", seed=3)
     x = jnp.asarray(RNG.integers(0, 256, (2, 150)), jnp.int32)
     assert_causal(model, x, (0, 63, 64, 100, 128, 149))
+
+
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_linear_kernels_train_the_model_like_the_chunked_form(impl):
+    """The model's loss and every parameter gradient agree when its linear layers switch from
+    the pure-JAX chunked form to a Pallas kernel (interpret mode here)."""
+    x = jnp.asarray(RNG.integers(0, 256, (2, 50)), jnp.int32)
+
+    def loss_and_grads(linear_impl):
+        model = gm.build("based", "tiny", seed=1, layer_pattern="clscc", linear_impl=linear_impl,
+                         linear_chunk_size=16)
+        graph, params = nnx.split(model, nnx.Param)
+        logp = lambda p: jax.nn.log_softmax(nnx.merge(graph, p)(x[:, :-1]))
+        loss = lambda p: -jnp.mean(jnp.take_along_axis(logp(p), x[:, 1:, None], -1))
+        return jax.value_and_grad(loss)(params)
+
+    (want, gwant), (got, ggot) = loss_and_grads("chunked"), loss_and_grads(impl)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(ggot), jax.tree.leaves(gwant)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -2,9 +2,13 @@
 
     o_t = (phi(q_t) S0 + sum_{s<=t} w(q_t, k_s) v_s) / (phi(q_t) . z0 + sum_{s<=t} w(q_t, k_s) + eps)
 
-forward and gradients (q, k, v and the initial state, by float64 finite differences), chunked
-with T a multiple and not a multiple of the chunk, GQA, bf16 inputs, the recurrent step, the
-state handed from one call to the next, and the symmetric Taylor features."""
+forward and gradients (q, k, v and the initial state, by float64 finite differences), for the
+quadratic, chunked and both Pallas forms (TPU and GPU kernels in interpret mode; the TPU one
+also under the TPU-semantics interpreter, the GPU one lowered to Triton for cuda), with T a
+multiple and not a multiple of the chunk, GQA, bf16 inputs, the recurrent step, the state
+handed from one call to the next, and the symmetric Taylor features."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +80,8 @@ def to_full(S, z, F):
 
 @pytest.mark.parametrize("fmap", ["taylor", "elu", "relu"])
 @pytest.mark.parametrize("impl,T,chunk", [("quadratic", 13, 4), ("chunked", 16, 4), ("chunked", 13, 4),
-                                          ("chunked", 5, 8)])
+                                          ("chunked", 5, 8), ("pallas_tpu", 16, 4), ("pallas_tpu", 13, 4),
+                                          ("pallas_gpu", 37, 16)])
 def test_forward_matches_the_float64_loop(fmap, impl, T, chunk):
     q, k, v = rand(2, T, 4, 6, scale=0.7), rand(2, T, 2, 6, scale=0.7), rand(2, T, 2, 5)  # GQA 4:2
     got = linear_attention(q, k, v, feature_map=fmap, impl=impl, chunk_size=chunk)
@@ -124,8 +129,9 @@ def test_symmetric_taylor_features_equal_the_full_expansion():
     assert features(x, "taylor").shape[-1] == feature_dim("taylor", 16) == 153
 
 
-@pytest.mark.parametrize("impl,T", [("chunked", 12), ("chunked", 10), ("quadratic", 10)])
-def test_gradients_match_float64_finite_differences(impl, T):
+@pytest.mark.parametrize("impl,T,chunk", [("chunked", 12, 4), ("chunked", 10, 4), ("quadratic", 10, 4),
+                                          ("pallas_tpu", 10, 4), ("pallas_gpu", 20, 16)])
+def test_gradients_match_float64_finite_differences(impl, T, chunk):
     """Directional derivatives of sum(o * g) w.r.t. q, k, v and the initial state, by central
     differences of the float64 loop, against the implementation's gradients."""
     F, E = 4, 3
@@ -135,7 +141,7 @@ def test_gradients_match_float64_finite_differences(impl, T):
     z0 = np.abs(rand(1, 1, feature_dim("taylor", F))) + 1.0
 
     def loss(q, k, v, S0, z0):
-        o = linear_attention(q, k, v, impl=impl, chunk_size=4, initial_state=(S0, z0))
+        o = linear_attention(q, k, v, impl=impl, chunk_size=chunk, initial_state=(S0, z0))
         return jnp.sum(o * g)
 
     grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, S0, z0)
@@ -155,18 +161,79 @@ def test_gradients_match_float64_finite_differences(impl, T):
                                    err_msg=f"argument {i}")
 
 
-def test_chunked_gradients_equal_quadratic_gradients_with_gqa():
-    q, k, v = rand(2, 21, 4, 4, scale=0.6), rand(2, 21, 2, 4, scale=0.6), rand(2, 21, 2, 5)
+@pytest.mark.parametrize("fmap", ["taylor", "relu"])
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])
+def test_gradients_equal_quadratic_gradients_with_gqa(impl, fmap):
+    q, k, v = rand(2, 37, 4, 4, scale=0.6), rand(2, 37, 2, 4, scale=0.6), rand(2, 37, 2, 5)
     grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(linear_attention(
-        q, k, v, impl=impl, chunk_size=8))), argnums=(0, 1, 2))(q, k, v)
-    for a, b in zip(grad("chunked"), grad("quadratic")):
+        q, k, v, impl=impl, feature_map=fmap, chunk_size=16))), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grad(impl), grad("quadratic")):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_bfloat16_inputs_keep_a_float32_state():
+@pytest.mark.parametrize("fmap", ["taylor", "elu"])
+@pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
+def test_pallas_kernels_carry_the_state_like_the_chunked_form(impl, fmap):
+    """Both directions of the state: an initial state in, the final state out (and the
+    gradient of a loss on the final state reaching q, k, v and the initial state)."""
+    F, E = 6, 5  # F and E not powers of two: the GPU path pads them
+    q, k, v = rand(2, 40, 4, F, scale=0.6), rand(2, 40, 2, F, scale=0.6), rand(2, 40, 2, E)
+    _, start = linear_attention(q[:, :7], k[:, :7], v[:, :7], feature_map=fmap, impl="quadratic", return_state=True)
+    cS, cz = rand(*start[0].shape), rand(*start[1].shape)
+
+    def run(impl, q, k, v, S0, z0):
+        o, (S, z) = linear_attention(q, k, v, feature_map=fmap, impl=impl, chunk_size=16, initial_state=(S0, z0),
+                                     return_state=True)
+        return jnp.sum(jnp.sin(o)) + jnp.sum(S * cS) + jnp.sum(z * cz), (o, S, z)
+
+    args = (q[:, 7:], k[:, 7:], v[:, 7:], *start)
+    (_, want), gwant = jax.value_and_grad(functools.partial(run, "chunked"), argnums=(0, 1, 2, 3, 4),
+                                          has_aux=True)(*args)
+    (_, got), ggot = jax.value_and_grad(functools.partial(run, impl), argnums=(0, 1, 2, 3, 4), has_aux=True)(*args)
+    for a, b in zip(got + ggot, want + gwant):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_pallas_tpu_under_the_tpu_semantics_interpreter(capfd):
+    """The TPU interpreter simulates VMEM scratch and DMAs, raises on out-of-bounds reads and on
+    output blocks revisited out of order (the running state and the final-state block), and
+    here also looks for races (it prints RACE DETECTED)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v = rand(1, 40, 2, 4, scale=0.6), rand(1, 40, 1, 4, scale=0.6), rand(1, 40, 1, 8)
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(linear_attention(q, k, v, impl=impl, chunk_size=16)))
+    try:
+        with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams(detect_races=True)):
+            got = jax.value_and_grad(loss("pallas_tpu"), argnums=(0, 1, 2))(q, k, v)
+    finally:
+        pltpu.reset_tpu_interpret_mode_state()
+    assert "RACE DETECTED" not in capfd.readouterr().out
+    want = jax.value_and_grad(loss("quadratic"), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_kernels_lower_for_cuda():
+    """No GPU here: lowering for the cuda platform still runs every Pallas-to-Triton rule on the
+    forward and backward kernels (shapes, dots, slicing), which interpret mode does not."""
+    from glocal.kernels.linear_pallas import linear_attention_pallas
+    from glocal.kernels.linear import empty_state
+
+    q, k, v = jnp.zeros((1, 2, 2, 128, 16)), jnp.zeros((1, 2, 128, 16)), jnp.zeros((1, 2, 128, 64))
+    for fmap in ("taylor", "elu"):
+        def f(q, k, v):
+            o, (S, z) = linear_attention_pallas(q, k, v, empty_state(1, 2, 16, 64, fmap), backend="gpu",
+                                                feature_map=fmap, eps=EPS, chunk_size=64, interpret=False)
+            return o.sum() + S.sum() + z.sum()
+        text = jax.jit(jax.value_and_grad(f, (0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("triton") >= 2  # the forward and the backward kernel
+
+
+@pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])
+def test_bfloat16_inputs_keep_a_float32_state(impl):
     q, k, v = rand(1, 40, 2, 8, scale=0.5), rand(1, 40, 2, 8, scale=0.5), rand(1, 40, 2, 8)
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-    o, (S, z) = linear_attention(bf(q), bf(k), bf(v), chunk_size=16, return_state=True)
+    o, (S, z) = linear_attention(bf(q), bf(k), bf(v), impl=impl, chunk_size=16, return_state=True)
     assert o.dtype == jnp.bfloat16 and S.dtype == jnp.float32 and z.dtype == jnp.float32
     ref = loop_np(np.asarray(bf(q), np.float64), np.asarray(bf(k), np.float64), np.asarray(bf(v), np.float64), "taylor")
     assert np.abs(np.asarray(o, np.float64) - ref).max() < 0.02 * np.abs(ref).max()
@@ -180,3 +247,5 @@ def test_bad_arguments_are_explained():
         linear_attention(q[:, :, :2], k, v, feature_map="softmax")
     with pytest.raises(ValueError, match="unknown linear attention impl"):
         linear_attention(q[:, :, :2], k, v, impl="fast")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        linear_attention(q[:, :, :2], k, v, impl="pallas_gpu", chunk_size=24)

@@ -18,7 +18,11 @@ Implementations (``impl``):
   is computed from raw ``q k^T`` (features never expanded); across chunks a float32 state
   ``(S [D, E], z [D])`` carries the earlier chunks. Its custom VJP keeps only each chunk's
   entering state (no per-token features) and walks the chunks in reverse.
-* ``"auto"``: ``"chunked"``.
+* ``"pallas_tpu"`` / ``"pallas_gpu"``: the chunked form as Pallas kernels (Mosaic TPU, Triton
+  GPU; forward and backward), in interpret mode off their platform
+  (``glocal.kernels.linear_pallas``).
+* ``"auto"``: ``"chunked"`` on every platform (the Pallas kernels are verified in interpret mode
+  and by lowering only; pick them explicitly on hardware).
 
 ``linear_attention_step`` is the recurrent form for decoding (one token per row). The state
 ``(S_BKDE, z_BKD)`` (float32, per kv head) is the same in every form, so a prefill by the
@@ -37,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 FEATURE_MAPS = ("taylor", "elu", "relu")
-LINEAR_IMPLEMENTATIONS = ("auto", "quadratic", "chunked")
+LINEAR_IMPLEMENTATIONS = ("auto", "quadratic", "chunked", "pallas_tpu", "pallas_gpu")
 
 
 def feature_dim(feature_map: str, F: int) -> int:
@@ -119,6 +123,11 @@ def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps
     k_BKTF, v_BKTE = k_BTKF.transpose(0, 2, 1, 3), v_BTKE.transpose(0, 2, 1, 3)
     if impl == "quadratic":
         o_BKYTE, final = _quadratic(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps)
+    elif impl.startswith("pallas"):
+        from glocal.kernels.linear_pallas import linear_attention_pallas
+
+        o_BKYTE, final = linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, backend=impl[len("pallas_"):],
+                                                 feature_map=feature_map, eps=float(eps), chunk_size=int(chunk_size))
     else:
         o_BKYTE, final = _chunked(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, float(eps), int(chunk_size))
     o_BTHE = o_BKYTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHF.dtype)

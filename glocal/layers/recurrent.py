@@ -59,6 +59,7 @@ class LinearAttention(nnx.Module):
         feature_dim(spec.feature_map, F)  # checks the map's name
         self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim = H, K, E, F
         self.feature_map, self.dtype = spec.feature_map, as_dtype(spec.dtype)
+        self.impl, self.chunk_size = spec.linear_impl, spec.linear_chunk_size
         pd = spec.param_dtype
         self.q_DHF = param(rngs, fan_in_init(D), (D, H, F), ("embed", "heads", "head_dim"), pd)
         self.k_DKF = param(rngs, fan_in_init(D), (D, K, F), ("embed", "kv_heads", "head_dim"), pd)
@@ -81,13 +82,13 @@ class LinearAttention(nnx.Module):
         q, k, v = self._project(x_BTD)
         kw = dict(feature_map=self.feature_map)
         if cache is None:
-            return self._out(linear_attention(q, k, v, **kw)), None
+            return self._out(linear_attention(q, k, v, impl=self.impl, chunk_size=self.chunk_size, **kw)), None
         state = (cache.S_BKDE, cache.z_BKD)
         if x_BTD.shape[1] == 1:
             o, _ = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, **kw)
             o = o[:, None]
         else:  # right padding comes after every real token, so it never reaches their outputs
-            o = linear_attention(q, k, v, initial_state=state, **kw)
+            o = linear_attention(q, k, v, initial_state=state, impl=self.impl, chunk_size=self.chunk_size, **kw)
         # Only real tokens enter the state.
         phik_BTKD = features(k, self.feature_map)
         if valid_BT is not None:

@@ -91,6 +91,8 @@ class LayerSpec:
     feature_map: str = "taylor"  # taylor | elu | relu ("linear" mixer)
     conv_width: int = 3  # W: taps of a "conv" mixer's causal depthwise convolution
     conv_expand: int = 2  # a "conv" mixer's inner width / d_model
+    linear_impl: str = "auto"  # a "linear" mixer's kernel: auto | quadratic | chunked | pallas_tpu | pallas_gpu
+    linear_chunk_size: int = 64  # its chunk length (chunked and Pallas forms)
     attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

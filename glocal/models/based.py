@@ -25,7 +25,7 @@ import dataclasses
 from flax import nnx
 
 from glocal.configs.base import ConfigError
-from glocal.kernels.linear import FEATURE_MAPS
+from glocal.kernels.linear import FEATURE_MAPS, LINEAR_IMPLEMENTATIONS
 from glocal.layers import DecoderStack, LayerKind
 from glocal.models.transformer import Transformer, TransformerConfig
 
@@ -39,18 +39,27 @@ class BasedConfig(TransformerConfig):
     feature_map: str = "taylor"
     conv_width: int = 3
     conv_expand: int = 2  # BaseConv inner width / d_model
+    linear_impl: str = "auto"  # linear-attention kernel: auto (= chunked) | quadratic | chunked | pallas_tpu | pallas_gpu
+    linear_chunk_size: int = 64
 
     def validate(self) -> None:
         super().validate()
-        self.require_positive("feature_dim", "conv_width", "conv_expand")
+        self.require_positive("feature_dim", "conv_width", "conv_expand", "linear_chunk_size")
         if self.feature_map not in FEATURE_MAPS:
             raise ConfigError(f"feature_map={self.feature_map!r} is not one of {FEATURE_MAPS}.")
+        if self.linear_impl not in LINEAR_IMPLEMENTATIONS:
+            raise ConfigError(f"linear_impl={self.linear_impl!r} is not one of {LINEAR_IMPLEMENTATIONS}.")
+        c = self.linear_chunk_size
+        if self.linear_impl == "pallas_gpu" and (c & (c - 1) or c < 16):
+            raise ConfigError(f"linear_impl='pallas_gpu' needs linear_chunk_size a power of two >= 16 (Triton "
+                              f"tiles); got {c}.")
 
     def decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, d_ff=self.d_ff, sliding_window=self.sliding_window,
                           feature_dim=self.feature_dim, feature_map=self.feature_map, conv_width=self.conv_width,
-                          conv_expand=self.conv_expand)
+                          conv_expand=self.conv_expand, linear_impl=self.linear_impl,
+                          linear_chunk_size=self.linear_chunk_size)
         pattern = [LayerKind(mixer, self.ffn) for mixer in self.mixers]
         return DecoderStack(spec, pattern, self.num_layers // len(pattern), scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)

@@ -1,0 +1,515 @@
+"""The chunked linear-attention form as Pallas kernels: TPU (Mosaic) and GPU (Triton).
+
+Both kernels compute what ``impl="chunked"`` computes (see ``glocal.kernels.linear``), one
+program per (batch row, kv head), the Y query heads that share the kv head handled inside
+so the state is built once per kv head:
+
+* TPU: grid ``(B, K, N)`` with the chunk axis last and sequential ("arbitrary"); the running
+  state lives in VMEM scratch across grid steps; each chunk's q/k/v tile is DMA'd by the
+  block specs.
+* GPU: grid ``(B, K)``; a ``fori_loop`` walks the chunks inside the program (Triton programs
+  share nothing across the grid) carrying the state as loop values; tiles are sliced from the
+  whole per-head sequence in global memory.
+
+In-kernel state (float32). Inputs arrive pre-featurised: for taylor ``q, k`` are scaled by
+``F^(-1/4)`` so ``s = q.k`` and ``w = 1 + s + s^2/2``; for elu/relu they are ``phi(q), phi(k)``
+and ``w = q.k``. Taylor keeps the three moment states of the expansion uncompressed:
+
+    a0 = sum v [1, E]     a1 = K^T V [F, E]     a2[i] = (K * k_i)^T V [F, E] for i < F
+    z0 = count [1, 1]     z1 = sum k [1, F]     z2 = K^T K [F, F]
+
+(a2 as F separate ``[F, E]`` tiles: no 3-D values, which Triton cannot slice; the readout
+``1/2 sum_ij q_i q_j a2[i, j]`` is F small matmuls). elu/relu keep only ``(a1, z1)``. The
+public state ``(S_BKDE, z_BKD)`` of the other forms uses the symmetric compression; the
+wrappers convert (a linear map, so autodiff carries the initial state's gradient).
+
+Backward: the forward saves each chunk's entering state (per chunk, never per token); one
+kernel walks the chunks in reverse carrying the state gradient and writes dq, dk, dv per chunk
+and the initial state's gradient at the end. a2 and z2 are symmetric, and their incoming
+gradient is symmetrised, which the closed forms below rely on.
+
+Letters added here (beyond the package legend): Y query heads per kv head (H / K), N chunks,
+C the chunk length (these names never meet a model's C).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+# -- the math of one chunk (values in, values out; shared by both kernels) ----------------------
+
+
+def _dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+def _dot_t(a, b):
+    """``a @ b^T``."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):
+    """``a^T @ b``."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _col(x, i):
+    """Column ``i`` of ``x [C, F]`` as ``[C, 1]`` (a masked reduction: Triton cannot slice values)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
+    return jnp.sum(jnp.where(iota == i, x, 0.0), axis=1, keepdims=True)
+
+
+def _put_col(c_C1, i, F):
+    """``c_C1`` as column ``i`` of a ``[C, F]`` zero matrix."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, (1, F), 1)
+    return jnp.where(iota == i, c_C1, 0.0)
+
+
+def _causal(C):
+    return jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) >= jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+
+
+def _intra(q, k, taylor):
+    """The chunk's masked kernel matrix ``w [C, C]`` and the raw scores ``s``."""
+    s = _dot_t(q, k)
+    w = 1.0 + s + 0.5 * s * s if taylor else s
+    return jnp.where(_causal(q.shape[0]), w, 0.0), s
+
+
+def _readout(q, st, taylor):
+    """What the state entering a chunk contributes: numerator ``[C, E]`` and denominator ``[C, 1]``."""
+    if not taylor:
+        a1, z1 = st
+        return _dot(q, a1), jnp.sum(q * z1, axis=1, keepdims=True)
+    a0, a1, a2, z0, z1, z2 = st
+    num = a0 + _dot(q, a1)
+    for i in range(q.shape[1]):
+        num = num + 0.5 * _col(q, i) * _dot(q, a2[i])
+    den = z0 + jnp.sum(q * z1, axis=1, keepdims=True) + 0.5 * jnp.sum(_dot(q, z2) * q, axis=1, keepdims=True)
+    return num, den
+
+
+def _absorb(k, v, st, n_valid, taylor):
+    """The state leaving a chunk: add its keys and values (padded keys are zero; only the
+    count ``z0`` needs the number of real ones)."""
+    if not taylor:
+        a1, z1 = st
+        return a1 + _t_dot(k, v), z1 + jnp.sum(k, axis=0, keepdims=True)
+    a0, a1, a2, z0, z1, z2 = st
+    a2 = tuple(a2[i] + _t_dot(_col(k, i) * k, v) for i in range(k.shape[1]))
+    return (a0 + jnp.sum(v, axis=0, keepdims=True), a1 + _t_dot(k, v), a2, z0 + n_valid,
+            z1 + jnp.sum(k, axis=0, keepdims=True), z2 + _t_dot(k, k))
+
+
+def chunk_forward(qs, k, v, st, n_valid, taylor, eps):
+    """``qs``: the Y query tiles ``[C, F]``; returns their outputs ``[C, E]`` and the new state."""
+    outs = []
+    for q in qs:
+        w, _ = _intra(q, k, taylor)
+        num, den = _readout(q, st, taylor)
+        num = num + _dot(w, v)
+        den = den + jnp.sum(w, axis=1, keepdims=True) + eps
+        outs.append(num / den)
+    return outs, _absorb(k, v, st, n_valid, taylor)
+
+
+def chunk_backward(qs, k, v, dos, st, dst, taylor, eps):
+    """Gradients of one chunk. ``st``: the state entering it; ``dst``: the gradient w.r.t. the
+    state leaving it. Returns ``(dqs, dk, dv, d(state entering))``."""
+    F = k.shape[1]
+    # Through the state update (the leaving state's gradient reaches this chunk's k and v).
+    if taylor:
+        da0, da1, da2, dz0, dz1, dz2 = dst
+        dv = da0 + _dot(k, da1)
+        dk = _dot_t(v, da1) + dz1 + 2.0 * _dot(k, dz2)
+        for i in range(F):
+            dv = dv + _col(k, i) * _dot(k, da2[i])
+            dk = dk + 2.0 * _col(k, i) * _dot_t(v, da2[i])
+    else:
+        da1, dz1 = dst
+        dv, dk = _dot(k, da1), _dot_t(v, da1) + dz1
+    # Through each query head's outputs: the intra-chunk kernel and the entering state's readout.
+    dqs, acc = [], list(dst)
+    for q, do in zip(qs, dos):
+        w, s = _intra(q, k, taylor)
+        num, den = _readout(q, st, taylor)
+        num = num + _dot(w, v)
+        den = den + jnp.sum(w, axis=1, keepdims=True) + eps
+        g = do / den                                                   # d num
+        dden = -jnp.sum(do * num, axis=1, keepdims=True) / (den * den)  # d den
+        dw = jnp.where(_causal(q.shape[0]), _dot_t(g, v) + dden, 0.0)
+        dv = dv + _t_dot(w, g)
+        ds = dw * (1.0 + s) if taylor else dw
+        dq = _dot(ds, k)
+        dk = dk + _t_dot(ds, q)
+        if taylor:
+            a0, a1, a2, z0, z1, z2 = st
+            dq = dq + _dot_t(g, a1) + dden * (z1 + _dot(q, z2))
+            for i in range(F):
+                dq = dq + _col(q, i) * _dot_t(g, a2[i])
+            acc[0] = acc[0] + jnp.sum(g, axis=0, keepdims=True)
+            acc[1] = acc[1] + _t_dot(q, g)
+            acc[2] = tuple(acc[2][i] + 0.5 * _t_dot(_col(q, i) * q, g) for i in range(F))
+            acc[3] = acc[3] + jnp.sum(dden, axis=0, keepdims=True)
+            acc[4] = acc[4] + jnp.sum(q * dden, axis=0, keepdims=True)
+            acc[5] = acc[5] + 0.5 * _t_dot(q, dden * q)
+        else:
+            a1, z1 = st
+            dq = dq + _dot_t(g, a1) + dden * z1
+            acc[0] = acc[0] + _t_dot(q, g)
+            acc[1] = acc[1] + jnp.sum(q * dden, axis=0, keepdims=True)
+        dqs.append(dq)
+    return dqs, dk, dv, tuple(acc)
+
+
+# -- state layout: refs <-> values, and the public compressed state ------------------------------
+
+
+def state_shapes(F, E, taylor):
+    """Shapes of the in-kernel state arrays (a2 stored ``[F, F, E]``, read as F tiles)."""
+    if taylor:
+        return ((1, E), (F, E), (F, F, E), (1, 1), (1, F), (F, F))
+    return ((F, E), (1, F))
+
+
+def _load(refs, idx, taylor):
+    """State values from refs (``idx``: leading indices, e.g. ``()`` or ``(n,)``)."""
+    vals = [r[idx] if idx else r[...] for r in refs]
+    if taylor:
+        a2 = refs[2]
+        vals[2] = tuple(a2[idx + (i,)] for i in range(a2.shape[len(idx)]))
+    return tuple(vals)
+
+
+def _store(refs, idx, vals, taylor):
+    for j, (r, x) in enumerate(zip(refs, vals)):
+        if taylor and j == 2:
+            for i, tile in enumerate(x):
+                r[idx + (i,)] = tile
+        elif idx:
+            r[idx] = x
+        else:
+            r[...] = x
+
+
+def _pairs(F):
+    i, j = np.triu_indices(F)
+    index = np.zeros((F, F), np.int32)
+    index[i, j] = index[j, i] = np.arange(len(i))
+    return i, j, index
+
+
+def to_kernel_state(state, F, Fp, Ep, taylor):
+    """Public ``(S_BKDE, z_BKD)`` -> in-kernel arrays, zero-padded to ``Fp`` features and ``Ep`` values."""
+    S, z = (x.astype(jnp.float32) for x in state)
+    E = S.shape[-1]
+    pe = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Ep - E)])
+
+    def pf(x, axes):
+        pad = [(0, 0)] * x.ndim
+        for a in axes:
+            pad[a] = (0, Fp - F)
+        return jnp.pad(x, pad)
+
+    if not taylor:
+        return pf(pe(S), (2,)), pf(z[:, :, None, :], (3,))
+    _, _, index = _pairs(F)
+    # Diagonal pairs carry x_i^2 / sqrt 2 in the compressed features: undo the 1/sqrt 2.
+    diag = np.where(np.eye(F, dtype=bool), np.sqrt(2.0), 1.0).astype(np.float32)
+    pS, pz = S[:, :, 1 + F:], z[:, :, 1 + F:]
+    a2 = pS[:, :, index] * diag[:, :, None]
+    z2 = pz[:, :, index] * diag
+    return (pe(S[:, :, :1]), pf(pe(S[:, :, 1:1 + F]), (2,)), pf(pe(a2), (2, 3)), z[:, :, None, :1],
+            pf(z[:, :, None, 1:1 + F], (3,)), pf(z2, (2, 3)))
+
+
+def from_kernel_state(kst, F, E, taylor):
+    """In-kernel arrays -> the public compressed ``(S_BKDE, z_BKD)`` (padding dropped)."""
+    if not taylor:
+        a1, z1 = kst
+        return a1[:, :, :F, :E], z1[:, :, 0, :F]
+    a0, a1, a2, z0, z1, z2 = kst
+    i, j, _ = _pairs(F)
+    undiag = np.where(i == j, 1.0 / np.sqrt(2.0), 1.0).astype(np.float32)
+    S = jnp.concatenate([a0[:, :, :, :E], a1[:, :, :F, :E], a2[:, :, i, j, :E] * undiag[:, None]], axis=2)
+    z = jnp.concatenate([z0[:, :, 0], z1[:, :, 0, :F], z2[:, :, i, j] * undiag], axis=2)
+    return S, z
+
+
+def _symmetrise(dkst, taylor):
+    """Only the symmetric parts of a2 and z2 exist; the chunk backward assumes their gradient is symmetric."""
+    if not taylor:
+        return dkst
+    d = list(dkst)
+    d[2] = 0.5 * (d[2] + jnp.swapaxes(d[2], 2, 3))
+    d[5] = 0.5 * (d[5] + jnp.swapaxes(d[5], 2, 3))
+    return tuple(d)
+
+
+# -- TPU (Mosaic): grid (B, K, N), the chunk axis sequential --------------------------------------
+
+
+def _tpu_params():
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _block(shape, index_map):
+    return pl.BlockSpec((None, None) + tuple(shape), index_map)
+
+
+def _tpu_forward(q, k, v, kst, statics):
+    _, taylor, eps, C, T, interpret = statics
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, K, Y, Tp, F = q.shape
+    E, N = v.shape[-1], Tp // C
+    shapes = state_shapes(F, E, taylor)
+    ns = len(shapes)
+    zeros = lambda s: (0,) * len(s)
+
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        init, (o_ref, *rest) = refs[:ns], refs[ns:]
+        saved, final, scratch = rest[:ns], rest[ns:2 * ns], rest[2 * ns:]
+        n = pl.program_id(2)
+
+        @pl.when(n == 0)
+        def _():
+            _store(scratch, (), _load(init, (), taylor), taylor)
+
+        st = _load(scratch, (), taylor)
+        _store(saved, (), st, taylor)  # the state entering chunk n, for the backward
+        n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
+        outs, st = chunk_forward([q_ref[y] for y in range(Y)], k_ref[...], v_ref[...], st, n_valid, taylor, eps)
+        for y, o in enumerate(outs):
+            o_ref[y] = o
+        _store(scratch, (), st, taylor)
+
+        @pl.when(n == N - 1)
+        def _():
+            _store(final, (), st, taylor)
+
+    whole = [_block(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
+    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, n) + zeros(s)) for s in shapes]
+    out = pl.pallas_call(
+        kernel, grid=(B, K, N),
+        in_specs=[_block((Y, C, F), lambda b, h, n: (b, h, 0, n, 0)), _block((C, F), lambda b, h, n: (b, h, n, 0)),
+                  _block((C, E), lambda b, h, n: (b, h, n, 0))] + whole,
+        out_specs=[_block((Y, C, E), lambda b, h, n: (b, h, 0, n, 0))] + per_chunk + whole,
+        out_shape=[jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
+        + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
+        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
+        interpret=interpret, compiler_params=None if interpret else _tpu_params(),
+    )(q, k, v, *kst)
+    return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
+
+
+def _tpu_backward(q, k, v, do, saved, dfinal, statics):
+    _, taylor, eps, C, T, interpret = statics
+    from jax.experimental.pallas import tpu as pltpu
+
+    B, K, Y, Tp, F = q.shape
+    E, N = v.shape[-1], Tp // C
+    shapes = state_shapes(F, E, taylor)
+    ns = len(shapes)
+    zeros = lambda s: (0,) * len(s)
+    rev = lambda n: N - 1 - n  # walk the chunks last to first
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
+        saved_refs, dfin = refs[:ns], refs[ns:2 * ns]
+        dq_ref, dk_ref, dv_ref = refs[2 * ns:2 * ns + 3]
+        dinit, scratch = refs[2 * ns + 3:3 * ns + 3], refs[3 * ns + 3:]
+        n = pl.program_id(2)
+
+        @pl.when(n == 0)
+        def _():
+            _store(scratch, (), _load(dfin, (), taylor), taylor)
+
+        dqs, dk, dv, dst = chunk_backward([q_ref[y] for y in range(Y)], k_ref[...], v_ref[...],
+                                          [do_ref[y] for y in range(Y)], _load(saved_refs, (), taylor),
+                                          _load(scratch, (), taylor), taylor, eps)
+        for y, dq in enumerate(dqs):
+            dq_ref[y] = dq
+        dk_ref[...], dv_ref[...] = dk, dv
+        _store(scratch, (), dst, taylor)
+
+        @pl.when(n == N - 1)
+        def _():
+            _store(dinit, (), dst, taylor)
+
+    whole = [_block(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
+    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, rev(n)) + zeros(s))
+                 for s in shapes]
+    qspec = _block((Y, C, F), lambda b, h, n: (b, h, 0, rev(n), 0))
+    kspec = _block((C, F), lambda b, h, n: (b, h, rev(n), 0))
+    vspec = _block((C, E), lambda b, h, n: (b, h, rev(n), 0))
+    ospec = _block((Y, C, E), lambda b, h, n: (b, h, 0, rev(n), 0))
+    out = pl.pallas_call(
+        kernel, grid=(B, K, N),
+        in_specs=[qspec, kspec, vspec, ospec] + per_chunk + whole,
+        out_specs=[qspec, kspec, vspec] + whole,
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
+        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
+        interpret=interpret, compiler_params=None if interpret else _tpu_params(),
+    )(q, k, v, do, *saved, *dfinal)
+    return out[0], out[1], out[2], tuple(out[3:])
+
+
+# -- GPU (Triton): grid (B, K), a loop over chunks inside each program ----------------------------
+
+
+def _gpu_params(E):
+    from jax.experimental.pallas import triton as pltriton
+
+    return pltriton.CompilerParams(num_warps=4 if E <= 64 else 8, num_stages=1)
+
+
+def _gpu_forward(q, k, v, kst, statics):
+    _, taylor, eps, C, T, interpret = statics
+    B, K, Y, Tp, F = q.shape
+    E, N = v.shape[-1], Tp // C
+    shapes = state_shapes(F, E, taylor)
+    ns = len(shapes)
+
+    def kernel(q_ref, k_ref, v_ref, *refs):
+        init, (o_ref, *rest) = refs[:ns], refs[ns:]
+        saved, final = rest[:ns], rest[ns:]
+
+        def body(n, st):
+            rows = pl.ds(pl.multiple_of(n * C, C), C)
+            _store(saved, (n,), st, taylor)
+            n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
+            outs, st = chunk_forward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :], v_ref[rows, :], st,
+                                     n_valid, taylor, eps)
+            for y, o in enumerate(outs):
+                o_ref[y, rows, :] = o
+            return st
+
+        _store(final, (), jax.lax.fori_loop(0, N, body, _load(init, (), taylor)), taylor)
+
+    whole = lambda lead, s: _block(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
+    out = pl.pallas_call(
+        kernel, grid=(B, K),
+        in_specs=[whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))] + [whole((), s) for s in shapes],
+        out_specs=[whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes] + [whole((), s) for s in shapes],
+        out_shape=[jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
+        + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
+        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
+    )(q, k, v, *kst)
+    return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
+
+
+def _gpu_backward(q, k, v, do, saved, dfinal, statics):
+    _, taylor, eps, C, T, interpret = statics
+    B, K, Y, Tp, F = q.shape
+    E, N = v.shape[-1], Tp // C
+    shapes = state_shapes(F, E, taylor)
+    ns = len(shapes)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
+        saved_refs, dfin = refs[:ns], refs[ns:2 * ns]
+        dq_ref, dk_ref, dv_ref = refs[2 * ns:2 * ns + 3]
+        dinit = refs[2 * ns + 3:]
+
+        def body(m, dst):
+            n = N - 1 - m
+            rows = pl.ds(pl.multiple_of(n * C, C), C)
+            dqs, dk, dv, dst = chunk_backward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :],
+                                              v_ref[rows, :], [do_ref[y, rows, :] for y in range(Y)],
+                                              _load(saved_refs, (n,), taylor), dst, taylor, eps)
+            for y, dq in enumerate(dqs):
+                dq_ref[y, rows, :] = dq
+            dk_ref[rows, :], dv_ref[rows, :] = dk, dv
+            return dst
+
+        _store(dinit, (), jax.lax.fori_loop(0, N, body, _load(dfin, (), taylor)), taylor)
+
+    whole = lambda lead, s: _block(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
+    qspec, kspec, vspec = whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))
+    out = pl.pallas_call(
+        kernel, grid=(B, K),
+        in_specs=[qspec, kspec, vspec, whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes]
+        + [whole((), s) for s in shapes],
+        out_specs=[qspec, kspec, vspec] + [whole((), s) for s in shapes],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
+        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
+    )(q, k, v, do, *saved, *dfinal)
+    return out[0], out[1], out[2], tuple(out[3:])
+
+
+# -- custom VJP and the entry point ---------------------------------------------------------------
+
+_BACKENDS = {"tpu": (_tpu_forward, _tpu_backward), "gpu": (_gpu_forward, _gpu_backward)}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _kernel_call(q, k, v, kst, statics):
+    o, final, _ = _BACKENDS[statics[0]][0](q, k, v, kst, statics)
+    return o, final
+
+
+def _kernel_call_fwd(q, k, v, kst, statics):
+    o, final, saved = _BACKENDS[statics[0]][0](q, k, v, kst, statics)
+    return (o, final), (q, k, v, saved)
+
+
+def _kernel_call_bwd(statics, res, cts):
+    q, k, v, saved = res
+    do, dfinal = cts
+    taylor = statics[1]
+    dq, dk, dv, dinit = _BACKENDS[statics[0]][1](q, k, v, do, saved, _symmetrise(dfinal, taylor), statics)
+    return dq, dk, dv, dinit
+
+
+_kernel_call.defvjp(_kernel_call_fwd, _kernel_call_bwd)
+
+
+def _pow2_at_least_16(n):
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_map, eps, chunk_size,
+                            interpret=None):
+    """The chunked form through the ``backend`` ("tpu" or "gpu") kernel; heads-major inputs as in
+    ``glocal.kernels.linear``. Returns ``(o_BKYTE float32, final public state)``.
+
+    ``interpret=None`` runs natively only on the matching platform (interpret mode elsewhere,
+    which is how the CPU tests run both kernels). The GPU path pads F and E to powers of two
+    (>= 16, what Triton's dot needs) and the chunk must be one; zero features and values change
+    nothing in the sums."""
+    from glocal.kernels.linear import features
+
+    B, K, Y, T, F = q_BKYTF.shape
+    E = v_BKTE.shape[-1]
+    C = int(chunk_size)
+    if interpret is None:
+        interpret = jax.default_backend() != backend
+    taylor = feature_map == "taylor"
+    if taylor:  # s = q.k / sqrt(F) == (q F^-1/4).(k F^-1/4)
+        q = q_BKYTF.astype(jnp.float32) * F**-0.25
+        k = k_BKTF.astype(jnp.float32) * F**-0.25
+    else:
+        q, k = features(q_BKYTF, feature_map), features(k_BKTF, feature_map)
+    Fp, Ep = F, E
+    if backend == "gpu":
+        if C & (C - 1) or C < 16:
+            raise ValueError(f"impl='pallas_gpu' needs chunk_size a power of two >= 16 (Triton tiles); got {C}.")
+        Fp, Ep = _pow2_at_least_16(F), _pow2_at_least_16(E)
+    N = -(-T // C)
+    pad = lambda x, axis, n: jnp.pad(x, [(0, 0)] * axis + [(0, n)] + [(0, 0)] * (x.ndim - axis - 1))
+    q = pad(pad(q, 3, N * C - T), 4, Fp - F)
+    k = pad(pad(k, 2, N * C - T), 3, Fp - F)
+    v = pad(pad(v_BKTE.astype(jnp.float32), 2, N * C - T), 3, Ep - E)
+    kst = to_kernel_state(state, F, Fp, Ep, taylor)
+    o, final = _kernel_call(q, k, v, kst, (backend, taylor, float(eps), C, T, bool(interpret)))
+    return o[:, :, :, :T, :E], from_kernel_state(final, F, E, taylor)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.layers import ffn as _ffn, mixers as _mixers, recurrent as _recurrent  # noqa: F401 - built-in kinds
+from glocal.layers import ffn as _ffn, mixers as _mixers, moe as _moe, recurrent as _recurrent  # noqa: F401 - built-in kinds
 from glocal.layers.cache import stack_cache
 from glocal.layers.norms import make_norm
 from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec
@@ -45,6 +45,8 @@ class DecoderLayer(nnx.Module):
         x_BTD = x_BTD + a_BTD
         out = self.ffn(self.ffn_norm(x_BTD))
         y_BTD, aux = out if isinstance(out, tuple) else (out, {})
+        # Statistics (weight None) get a leading layer axis: they are logged per layer, not summed.
+        aux = {k: (v if w is not None else v[None], w) for k, (v, w) in aux.items()}
         x_BTD = x_BTD + y_BTD
         return constrain(x_BTD, ("batch", None, None)), cache, aux
 
@@ -81,8 +83,7 @@ class DecoderStack(nnx.Module):
                 x, _, aux = unit(x, None, **kw)
                 return x, aux
             x_BTD, aux_L = run_stack(self.units, x_BTD, None, body, scan=self.scan, remat=self.remat)
-            # Per-layer losses add up; a weight is the same in every layer.
-            return x_BTD, None, {k: (jnp.sum(loss_L, axis=0), weight_L[0]) for k, (loss_L, weight_L) in aux_L.items()}
+            return x_BTD, None, {k: _over_repeats(v, w) for k, (v, w) in aux_L.items()}
 
         def call(unit, x, views):
             x, views, _ = unit(x, views, **kw)
@@ -102,15 +103,59 @@ class DecoderStack(nnx.Module):
     def flops_per_row(self, seq_len: int) -> float:
         """Forward FLOPs per position for sequences of ``seq_len``: 2 per parameter (every
         parameter multiplies once per position; norm scales included, as a small
-        overcount) plus each mixer's score FLOPs."""
+        overcount) plus each mixer's score FLOPs. An FFN with ``active_params()`` (a routed
+        one) counts only the parameters a position actually uses."""
         n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
+        for layer in self.units.layers:  # (stacked: every size below covers all repeats)
+            if hasattr(layer.ffn, "active_params"):
+                n += layer.ffn.active_params() - sum(x.size for x in jax.tree.leaves(nnx.state(layer.ffn, nnx.Param)))
         return 2.0 * n + self.repeats * sum(layer.mixer.score_flops(seq_len) for layer in self.units.layers)
 
 
+def _over_repeats(value_R, weight_R):
+    """A unit's aux entry stacked over the repeats: losses add up (a weight is the same in
+    every layer); statistics ``[R, P, ...]`` become per-layer ``[R P, ...]`` in layer order."""
+    if weight_R is None:
+        return value_R.reshape(-1, *value_R.shape[2:]), None
+    return jnp.sum(value_R, axis=0), weight_R[0]
+
+
 def merge_aux(a: dict, *others: dict) -> dict:
-    """Merge ``{name: (loss, weight)}`` of several layers: losses add, the weight is kept."""
+    """Merge ``{name: (loss, weight)}`` of several layers or stacks: losses add, the weight is
+    kept; statistics (weight None, a leading layer axis) are concatenated in layer order."""
     out = dict(a)
     for b in others:
         for name, (loss, weight) in b.items():
-            out[name] = (out[name][0] + loss, weight) if name in out else (loss, weight)
+            if name not in out:
+                out[name] = (loss, weight)
+            elif weight is None:
+                out[name] = (jnp.concatenate([out[name][0], loss], axis=0), None)
+            else:
+                out[name] = (out[name][0] + loss, weight)
     return out
+
+
+class DecoderChain(nnx.Module):
+    """Stacks run one after the other with the interface of one ``DecoderStack`` (e.g. a few
+    dense layers before a repeating dense/MoE pattern); caches are a tuple per stack."""
+
+    def __init__(self, stacks: Sequence[DecoderStack]):
+        self.stacks = nnx.List(list(stacks))
+
+    def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, caches=None, valid_BT=None):
+        new, aux = [], {}
+        for i, stack in enumerate(self.stacks):
+            x_BTD, c, a = stack(x_BTD, positions_BT=positions_BT, segment_ids_BT=segment_ids_BT,
+                                caches=None if caches is None else caches[i], valid_BT=valid_BT)
+            new.append(c)
+            aux = merge_aux(aux, a)
+        return x_BTD, (None if caches is None else tuple(new)), aux
+
+    def init_cache(self, batch_size: int, max_len: int) -> tuple:
+        return tuple(s.init_cache(batch_size, max_len) for s in self.stacks)
+
+    def cache_nbytes(self, batch_size: int, length: int) -> int:
+        return sum(s.cache_nbytes(batch_size, length) for s in self.stacks)
+
+    def flops_per_row(self, seq_len: int) -> float:
+        return sum(s.flops_per_row(seq_len) for s in self.stacks)

@@ -28,6 +28,8 @@ layers; write through the cache's methods that take ``layer=`` so both work.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 from typing import Callable
 
@@ -70,6 +72,9 @@ def _register(table: dict, what: str, name: str):
         return cls
     return add
 
+if TYPE_CHECKING:
+    from glocal.layers.moe import MoESpec
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
@@ -94,6 +99,7 @@ class LayerSpec:
     linear_impl: str = "auto"  # a "linear" mixer's kernel: auto | quadratic | chunked | pallas_tpu | pallas_gpu
     linear_chunk_size: int = 64  # its chunk length (chunked and Pallas forms)
     attention_impl: str = "auto"
+    moe: "MoESpec | None" = None  # a "moe" FFN's experts and router (glocal.layers.moe.MoESpec)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
 

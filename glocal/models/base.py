@@ -59,7 +59,9 @@ from glocal.kernels import IMPLEMENTATIONS
 from glocal.layers import Embed, Unembed, make_norm
 from glocal.layers.cache import tree_nbytes
 from glocal.layers.decoder import merge_aux
+from glocal.kernels.gmm import GMM_IMPLS
 from glocal.layers.mlp import ACTIVATIONS
+from glocal.layers.moe import MOE_IMPLS, ROUTER_WEIGHTS, ROUTERS, ROUTING_MODES, MoESpec
 from glocal.layers.spec import FFNS, LayerSpec
 from glocal.layers.stack import REMAT_POLICIES
 from glocal.sharding import constrain
@@ -109,6 +111,21 @@ class DecoderConfig(ModelConfig):
     scan_layers: bool = True
     remat: str = "none"
     init_std: float = 0.02
+    # Mixture-of-experts FFNs (used where a layer's FFN is "moe"; see glocal.layers.moe).
+    num_experts: int = 8
+    top_k: int = 2
+    d_expert: int | None = None  # each expert's hidden width; None = d_ff
+    router: str = "token_choice"  # token_choice | expert_choice
+    router_weights: str = "renorm"  # renorm: softmax over the k chosen (Mixtral) | softmax: full softmax (Switch)
+    moe_impl: str = "dropless"  # dense (reference) | capacity (token dropping) | dropless (grouped matmul)
+    capacity_factor: float = 1.25  # capacity dispatch; expert choice: C = T * capacity_factor / num_experts
+    shared_experts: int = 0  # always-on experts beside the routed ones
+    balance_weight: float = 1e-2  # Switch load-balance loss weight (alpha)
+    router_z_weight: float = 1e-3
+    router_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias step
+    predictor_weight: float = 1e-2  # expert choice: BCE weight of the causal predictor
+    routing_mode: str = "topk"  # expert choice: topk (training; non-causal) | threshold (causal)
+    moe_gmm_impl: str = "auto"  # dropless grouped matmul: auto (tiled on CPU, ragged_dot elsewhere) | ragged_dot | tiled
 
     def validate(self) -> None:
         self.require_positive("vocab_size", "max_seq_len")
@@ -122,6 +139,36 @@ class DecoderConfig(ModelConfig):
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
+        if self.uses_moe:
+            self.validate_moe()
+
+    @property
+    def uses_moe(self) -> bool:
+        return self.ffn == "moe"
+
+    def validate_moe(self) -> None:
+        for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("moe_impl", MOE_IMPLS),
+                              ("routing_mode", ROUTING_MODES), ("moe_gmm_impl", GMM_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        self.require_positive("num_experts", "top_k")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}: a token cannot pick "
+                              f"more experts than exist. Lower top_k or raise num_experts.")
+        if self.d_expert is not None and self.d_expert < 1:
+            raise ConfigError(f"d_expert must be a positive integer (or None for d_ff), got {self.d_expert}.")
+        if self.capacity_factor <= 0:
+            raise ConfigError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+        if self.shared_experts < 0 or self.router_bias_rate < 0:
+            raise ConfigError("shared_experts and router_bias_rate must be >= 0.")
+
+    def moe_spec(self) -> MoESpec:
+        return MoESpec(num_experts=self.num_experts, top_k=self.top_k, d_expert=self.d_expert, router=self.router,
+                       router_weights=self.router_weights, impl=self.moe_impl, capacity_factor=self.capacity_factor,
+                       shared_experts=self.shared_experts, balance_weight=self.balance_weight,
+                       z_weight=self.router_z_weight, bias_rate=self.router_bias_rate,
+                       predictor_weight=self.predictor_weight, routing_mode=self.routing_mode,
+                       gmm_impl=self.moe_gmm_impl)
 
     def require_heads(self, width: str, heads: str, kv_heads: str | None = None, head_dim: str | None = None,
                       *, width_value: int | None = None) -> None:
@@ -151,7 +198,8 @@ class DecoderConfig(ModelConfig):
         """A ``LayerSpec`` of the given shape with this config's shared layer numerics."""
         return LayerSpec(**shape, mlp=self.mlp, norm=self.norm, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
                          qk_norm=self.qk_norm, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl,
-                         dtype=self.dtype, param_dtype=self.param_dtype)
+                         moe=self.moe_spec() if self.uses_moe else None, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
 
 
 class ModelCache:

@@ -27,12 +27,14 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def param_kind(path) -> str:
-    """``norm`` / ``bias`` / ``embedding`` / ``weight`` from a parameter's tree path.
+    """``norm`` / ``bias`` / ``embedding`` / ``router_bias`` / ``weight`` from a parameter's tree path.
 
-    Conventions of glocal.layers: norm gains are called ``scale``, biases ``bias``, and the
-    input embedding table ``table_VD``.
+    Conventions of glocal.layers: norm gains are called ``scale``, biases ``bias``, the
+    input embedding table ``table_VD``, and MoE selection biases ``select_bias_X``.
     """
     name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
+    if name.startswith("select_bias"):
+        return "router_bias"
     if name == "scale":
         return "norm"
     if name == "bias" or name.startswith("bias_") or name.startswith("b_"):
@@ -50,8 +52,18 @@ def decay_mask(params, no_decay: tuple[str, ...]):
 
 
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
+    """Clipped AdamW. MoE selection biases (``router_bias``) are not trained: their
+    "gradient" is the balancing step ``rate * sign(load - mean)`` (glocal.layers.moe), applied
+    as is by plain SGD of rate 1, outside clipping, Adam and weight decay."""
     mask = decay_mask(params, cfg.no_decay_kinds)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=mask))
-    return optax.chain(*parts)
+    main = optax.chain(*parts)
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, v: v.replace("router_bias" if param_kind(path) == "router_bias" else "main"), params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if "router_bias" not in {v.value if isinstance(v, nnx.Variable) else v for v in jax.tree.leaves(
+            labels, is_leaf=lambda x: isinstance(x, nnx.Variable))}:
+        return main
+    return optax.multi_transform({"main": main, "router_bias": optax.sgd(1.0)}, labels)

@@ -3,7 +3,8 @@
 A model's ``__call__(inputs, positions_BT=..., segment_ids_BT=...)`` returns logits, or
 ``(logits, aux)`` where ``aux`` maps a name to ``(loss, weight)``: routed models report
 balance/router losses that way. The step adds ``weight * loss`` for each and logs every
-raw value as ``aux/<name>``.
+raw value as ``aux/<name>``. Entries with weight None are per-layer statistics (expert
+load, dropped fraction, router entropy): logged (``stat_metrics``), never optimised.
 """
 
 from __future__ import annotations
@@ -47,11 +48,27 @@ def loss_terms(model, batch, num_tokens, z_loss: float):
         z = jnp.sum(jnp.square(lse_BT) * mask) / num_tokens
         metrics["z_loss"] = z
         total = total + z_loss * z
+    part = jnp.sum(mask) / num_tokens  # aux values are per-microbatch means: weight them by tokens
     for name, (value, weight) in aux.items():
-        share = value * (jnp.sum(mask) / num_tokens)  # aux losses are per-microbatch means
-        metrics[f"aux/{name}"] = share
-        total = total + weight * share
+        if weight is None:
+            metrics.update(stat_metrics(name, value * part))
+            continue
+        metrics[f"aux/{name}"] = value * part
+        total = total + weight * value * part
     return total, metrics
+
+
+def stat_metrics(name: str, value_L) -> dict:
+    """A per-layer statistic ``[L]`` or ``[L, X]`` (weight None in ``aux``: logged, not
+    optimised) as scalars: the mean over layers as ``name``, and ``name/l{j}`` per layer (or
+    ``name/l{j}/{x}`` per entry, e.g. each expert's load)."""
+    out = {name: jnp.mean(value_L)} if value_L.ndim == 1 else {}
+    for j in range(value_L.shape[0]):
+        if value_L.ndim == 1:
+            out[f"{name}/l{j}"] = value_L[j]
+        else:
+            out.update({f"{name}/l{j}/{x}": value_L[j, x] for x in range(value_L.shape[1])})
+    return out
 
 
 def make_train_step(merge, tx: optax.GradientTransformation, z_loss: float = 0.0):

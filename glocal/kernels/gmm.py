@@ -1,0 +1,102 @@
+"""Grouped matmul: rows sorted by group, each group times its own matrix (MoE experts).
+
+    out[r] = x[r] @ w[g(r)]   with rows of group 0 first, then group 1, ... (``group_sizes_X``)
+
+Implementations (``impl``):
+
+* ``"ragged_dot"``: ``jax.lax.ragged_dot``. XLA:GPU and XLA:TPU lower it to grouped GEMMs; XLA:CPU
+  lowers it to a dense product over every group (X times the work: 8x slower than the plain
+  matmul at 8 groups, benchmarks/RESULTS.md).
+* ``"tiled"``: pure JAX for CPU: each group's rows are padded to whole tiles of ``tile`` rows,
+  so every tile belongs to one group, and a ``lax.scan`` over the (static number of) tiles
+  multiplies each by its group's matrix. Work = rows + at most ``tile - 1`` padding rows per
+  group. Custom VJP: dx is the same grouped matmul with the transposed matrices; dw
+  accumulates ``x_tile^T dout_tile`` into the tile's group.
+* ``"auto"``: ``"tiled"`` on CPU, ``"ragged_dot"`` elsewhere.
+
+Letters (beyond the package legend): M rows, X groups, N output columns, Z tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+GMM_IMPLS = ("auto", "ragged_dot", "tiled")
+
+
+def grouped_matmul(x_MD, w_XDN, group_sizes_X, *, impl: str = "auto", tile: int | None = None):
+    """``[M, D] x [X, D, N] -> [M, N]`` for rows sorted by group (``group_sizes_X`` sums to M)."""
+    if impl not in GMM_IMPLS:
+        raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {GMM_IMPLS}.")
+    x_MD, w_XDN, group_sizes_X = jnp.asarray(x_MD), jnp.asarray(w_XDN), jnp.asarray(group_sizes_X)
+    if impl == "auto":
+        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    if impl == "ragged_dot":
+        return jax.lax.ragged_dot(x_MD, w_XDN, group_sizes_X.astype(jnp.int32),
+                                  preferred_element_type=jnp.float32).astype(x_MD.dtype)
+    M, X = x_MD.shape[0], w_XDN.shape[0]
+    if tile is None:  # about one tile per group on average, 8..128 rows
+        tile = min(128, max(8, 1 << max(0, -(-M // X) - 1).bit_length()))
+    return _tiled(x_MD, w_XDN, group_sizes_X.astype(jnp.int32), int(tile))
+
+
+def _layout(group_sizes_X, M: int, tile: int):
+    """Where each sorted row goes in the tile-padded buffer, and each tile's group."""
+    X = group_sizes_X.shape[0]
+    Z = -(-M // tile) + X  # enough tiles whatever the sizes: sum(ceil(s / tile)) <= M / tile + X
+    ends = jnp.cumsum(group_sizes_X)
+    padded = -(-group_sizes_X // tile) * tile
+    padded_ends = jnp.cumsum(padded)
+    row_group = jnp.searchsorted(ends, jnp.arange(M), side="right")
+    dest_M = jnp.arange(M) - (ends - group_sizes_X)[row_group] + (padded_ends - padded)[row_group]
+    tile_group_Z = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(Z) * tile, side="right"), X - 1)
+    return dest_M, tile_group_Z, Z
+
+
+def _to_tiles(a_MD, dest_M, Z, tile):
+    return jnp.zeros((Z * tile, a_MD.shape[1]), a_MD.dtype).at[dest_M].set(a_MD).reshape(Z, tile, -1)
+
+
+def _tile_products(xt_ZTD, w_XDN, tile_group_Z):
+    def body(_, xs):
+        xt, g = xs
+        return None, jnp.dot(xt, w_XDN[g], preferred_element_type=jnp.float32)
+    _, out = jax.lax.scan(body, None, (xt_ZTD, tile_group_Z))
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled(x_MD, w_XDN, group_sizes_X, tile):
+    return _tiled_fwd(x_MD, w_XDN, group_sizes_X, tile)[0]
+
+
+def _tiled_fwd(x_MD, w_XDN, group_sizes_X, tile):
+    M = x_MD.shape[0]
+    dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
+    out = _tile_products(_to_tiles(x_MD, dest_M, Z, tile), w_XDN, tile_group_Z)
+    out_MN = out.reshape(Z * tile, -1)[dest_M].astype(x_MD.dtype)
+    return out_MN, (x_MD, w_XDN, group_sizes_X)
+
+
+def _tiled_bwd(tile, res, dout_MN):
+    x_MD, w_XDN, group_sizes_X = res
+    M = x_MD.shape[0]
+    dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
+    dt_ZTN = _to_tiles(dout_MN, dest_M, Z, tile)
+    dx = _tile_products(dt_ZTN, jnp.swapaxes(w_XDN, 1, 2), tile_group_Z)
+    dx_MD = dx.reshape(Z * tile, -1)[dest_M].astype(x_MD.dtype)
+    xt_ZTD = _to_tiles(x_MD, dest_M, Z, tile)
+
+    def body(dw, xs):
+        xt, dt, g = xs
+        contrib = jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        return dw.at[g].add(contrib), None
+
+    dw, _ = jax.lax.scan(body, jnp.zeros(w_XDN.shape, jnp.float32), (xt_ZTD, dt_ZTN, tile_group_Z))
+    return dx_MD, dw.astype(w_XDN.dtype), None
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)

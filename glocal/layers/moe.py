@@ -1,0 +1,259 @@
+"""Mixture-of-experts FFN: the ``moe`` FFN kind of the decoder skeleton (any family's layers
+can use it with ``ffn="moe"``).
+
+    logits = x W_r (float32, no bias) -> router -> experts(x) -> sum_e combine_e * expert_e(x)
+                                                           (+ always-on shared experts)
+
+Experts are the dense FFN's shape, stored stacked: ``wi_XDAI`` (gate and up fused, as in
+``glocal.layers.MLP``) and ``wo_XID``, logical axis ``expert`` first, so an ``expert`` mesh
+axis shards them. Dispatch implementations (``MoESpec.impl``; all give the same numbers when
+nothing is dropped):
+
+* ``dense``: every expert on every token, masked combine (the reference; X times the FLOPs).
+* ``capacity``: per sequence, each expert has ``ceil(k T / X * capacity_factor)`` buffer
+  slots filled in token order; assignments that do not fit are dropped (contribute zero;
+  the residual carries the token). Scatter into ``[B, X, C, D]`` buffers, no one-hot
+  ``[tokens, X, C]`` tensors.
+* ``dropless``: the ``N k`` assignments sorted by expert, two grouped matmuls
+  (``glocal.kernels.gmm``: ``jax.lax.ragged_dot`` on GPU/TPU, a tiled scan on CPU, where XLA's
+  ragged_dot costs every expert on every row), unsorted and combined. Nothing is dropped.
+
+Routers (``MoESpec.router``, see ``glocal.layers.routing``): ``token_choice`` top-k, and
+``expert_choice`` (each expert takes its top-C tokens of a sequence: non-causal, so it trains
+a causal predictor beside it; ``routing_mode="threshold"`` routes each token to the experts
+whose predictor says yes, which is what evaluation and decoding use).
+
+Auxiliary losses go through the trainer's ``aux`` mechanism ``{name: (loss, weight)}``:
+``moe_balance`` (Switch, ``alpha X sum f_e P_e``), ``moe_z`` (router z-loss), ``moe_predictor``
+(expert choice), ``moe_bias`` (the selection bias's update, see ``MoEFFN``). Statistics (weight
+None: logged, not optimised): ``moe_load`` per expert, ``moe_load_max_over_mean``,
+``moe_dropped`` (fraction of assignments), ``moe_entropy``, ``moe_predictor_agreement``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glocal.kernels.gmm import GMM_IMPLS, grouped_matmul
+from glocal.layers import routing
+from glocal.layers.mlp import MLP
+from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.spec import LayerSpec, register_ffn
+from glocal.sharding import constrain
+
+ROUTERS = ("token_choice", "expert_choice")
+ROUTER_WEIGHTS = ("renorm", "softmax")
+MOE_IMPLS = ("dense", "capacity", "dropless")
+ROUTING_MODES = ("topk", "threshold")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """What a ``moe`` FFN needs beyond the layer's shape (``LayerSpec.moe``)."""
+
+    num_experts: int = 8  # X
+    top_k: int = 2  # k (token choice)
+    d_expert: int | None = None  # each expert's hidden width; None = the layer's d_ff
+    router: str = "token_choice"  # token_choice | expert_choice
+    router_weights: str = "renorm"  # renorm: softmax over the k chosen (Mixtral); softmax: full softmax (Switch)
+    impl: str = "dropless"  # dense | capacity | dropless
+    capacity_factor: float = 1.25  # capacity dispatch; expert choice: C = T * factor / X
+    shared_experts: int = 0  # always-on experts (one dense FFN of shared_experts * d_expert)
+    balance_weight: float = 1e-2  # alpha of the Switch load-balance loss
+    z_weight: float = 1e-3  # router z-loss
+    bias_rate: float = 0.0  # > 0: auxiliary-loss-free balancing bias, moved +/- rate per step
+    predictor_weight: float = 1e-2  # expert choice: BCE of the causal predictor
+    routing_mode: str = "topk"  # expert choice: topk (training, non-causal) | threshold (causal)
+    gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled (glocal.kernels.gmm)
+
+    def check(self) -> None:
+        for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("impl", MOE_IMPLS),
+                              ("routing_mode", ROUTING_MODES), ("gmm_impl", GMM_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"need 1 <= top_k <= num_experts; got top_k={self.top_k}, "
+                             f"num_experts={self.num_experts}.")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+
+
+def _activate(h_NAI, activation: str):
+    if activation == "swiglu":
+        return jax.nn.silu(h_NAI[:, 0]) * h_NAI[:, 1]
+    if activation == "geglu":
+        return jax.nn.gelu(h_NAI[:, 0]) * h_NAI[:, 1]
+    return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_NAI[:, 0])
+
+
+@register_ffn("moe")
+class MoEFFN(nnx.Module):
+    """``X`` routed experts (+ shared experts). Returns ``(y_BTD, aux)``.
+
+    The auxiliary-loss-free selection bias ``select_bias_X`` (when ``bias_rate > 0``) is a parameter
+    that only ever receives the surrogate gradient ``rate * sign(load - mean load)`` (the
+    ``moe_bias`` term has value 0), and the optimizer steps such parameters with plain SGD of
+    rate 1 outside Adam, clipping and weight decay (``glocal.train.optim``): each step moves
+    it by exactly ``+/- rate`` toward balance, as in DeepSeek-V3."""
+
+    def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
+        m = spec.moe if spec.moe is not None else MoESpec()
+        m.check()
+        self.moe = m
+        D, X = spec.d_model, m.num_experts
+        I = m.d_expert or spec.d_ff  # noqa: E741 - the legend's FFN width
+        self.activation, self.dtype = spec.mlp, as_dtype(spec.dtype)
+        A = 2 if spec.mlp in ("swiglu", "geglu") else 1
+        # The router stays float32 whatever the compute dtype (selective precision), small init.
+        self.router_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
+        self.wi_XDAI = param(rngs, fan_in_init(D), (X, D, A, I), ("expert", "embed", None, "mlp"), spec.param_dtype)
+        self.wo_XID = param(rngs, fan_in_init(I), (X, I, D), ("expert", "mlp", "embed"), spec.param_dtype)
+        if m.bias_rate > 0:
+            self.select_bias_X = param(rngs, nnx.initializers.zeros, (X,), (None,), jnp.float32)
+        if m.router == "expert_choice":
+            self.predictor_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
+        self.shared = (MLP(D, m.shared_experts * I, activation=spec.mlp, dtype=spec.dtype,
+                           param_dtype=spec.param_dtype, rngs=rngs) if m.shared_experts else None)
+
+    def active_params(self) -> float:
+        """Parameters one position uses: the router, k experts (expert choice: on average
+        ``capacity_factor`` of them), the shared experts and the selection predictor (sizes
+        of stacked layers include their repeats)."""
+        m = self.moe
+        per_expert = (self.wi_XDAI.size + self.wo_XID.size) / m.num_experts
+        used = m.capacity_factor if m.router == "expert_choice" else m.top_k
+        n = self.router_DX.size + used * per_expert
+        if m.router == "expert_choice":
+            n += self.predictor_DX.size
+        if self.shared is not None:
+            n += sum(x.size for x in jax.tree.leaves(nnx.state(self.shared, nnx.Param)))
+        return n
+
+    # -- experts on gathered rows -----------------------------------------------------------
+    def _experts_dense(self, x_ND):
+        """Every expert on every row: ``[X, N, D]``."""
+        h = jnp.einsum("nd,xdai->xnai", x_ND, self.wi_XDAI[...].astype(self.dtype))
+        X, N, A, I = h.shape
+        h_XNI = _activate(h.reshape(X * N, A, I), self.activation).reshape(X, N, I)
+        return jnp.einsum("xni,xid->xnd", h_XNI, self.wo_XID[...].astype(self.dtype))
+
+    def _experts_grouped(self, x_MD, group_sizes_X):
+        """Rows sorted by expert (``group_sizes_X`` rows each): ``[M, D]`` through a grouped matmul."""
+        X, D, A, I = self.wi_XDAI.shape
+        gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
+        h = gmm(x_MD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
+        h_MI = _activate(h.reshape(-1, A, I), self.activation)
+        return gmm(h_MI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
+
+    def _experts_buffers(self, buf_GXCD):
+        """Per-expert buffers ``[G, X, C, D]`` -> outputs of the same shape."""
+        h = jnp.einsum("gxcd,xdai->gxcai", buf_GXCD, self.wi_XDAI[...].astype(self.dtype))
+        G, X, C, A, I = h.shape
+        h = _activate(h.reshape(G * X * C, A, I), self.activation).reshape(G, X, C, I)
+        return jnp.einsum("gxci,xid->gxcd", h, self.wo_XID[...].astype(self.dtype))
+
+    # -- forward ------------------------------------------------------------------------------
+    def __call__(self, x_BTD):
+        m = self.moe
+        B, T, D = x_BTD.shape
+        x_BTD = x_BTD.astype(self.dtype)
+        logits_BTX = jnp.einsum("btd,dx->btx", x_BTD.astype(jnp.float32), self.router_DX[...])
+        if m.router == "expert_choice":
+            y_BTD, aux = self._expert_choice(x_BTD, logits_BTX)
+        else:
+            y_BTD, aux = self._token_choice(x_BTD, logits_BTX)
+        if self.shared is not None:
+            y_BTD = y_BTD + self.shared(x_BTD)
+        aux["moe_z"] = (routing.z_loss(logits_BTX.reshape(B * T, -1)), m.z_weight)
+        return constrain(y_BTD.astype(x_BTD.dtype), ("batch", None, None)), aux
+
+    def _token_choice(self, x_BTD, logits_BTX):
+        m = self.moe
+        B, T, D = x_BTD.shape
+        X, K, N = m.num_experts, m.top_k, B * T
+        bias = self.select_bias_X[...] if m.bias_rate > 0 else None
+        idx_NK, w_NK, probs_NX = routing.token_choice(logits_BTX.reshape(N, X), K, m.router_weights, bias)
+        load_X = routing.expert_load(idx_NK, X)
+        x_ND = x_BTD.reshape(N, D)
+        dropped = jnp.zeros((), jnp.float32)
+        if m.impl == "dense":
+            c_NX = jnp.zeros((N, X), jnp.float32).at[jnp.arange(N)[:, None], idx_NK].add(w_NK)
+            y_ND = jnp.einsum("nx,xnd->nd", c_NX.astype(self.dtype), self._experts_dense(x_ND))
+        elif m.impl == "capacity":
+            y_ND, dropped = self._capacity(x_BTD, idx_NK.reshape(B, T, K), w_NK.reshape(B, T, K))
+        else:
+            y_ND = self._dropless(x_ND, idx_NK, w_NK)
+        aux = {
+            "moe_balance": (routing.balance_loss(probs_NX, idx_NK), m.balance_weight),
+            "moe_load": (load_X, None),
+            "moe_load_max_over_mean": (jnp.max(load_X) * X, None),
+            "moe_dropped": (dropped, None),
+            "moe_entropy": (routing.entropy(probs_NX), None),
+        }
+        if bias is not None:
+            step = jax.lax.stop_gradient(m.bias_rate * routing.bias_update_direction(load_X))
+            aux["moe_bias"] = (jnp.sum((self.select_bias_X[...] - jax.lax.stop_gradient(self.select_bias_X[...])) * step), 1.0)
+        return y_ND.reshape(B, T, D), aux
+
+    def _dropless(self, x_ND, idx_NK, w_NK):
+        N, K = idx_NK.shape
+        X = self.moe.num_experts
+        expert_M = idx_NK.reshape(-1)
+        order_M = jnp.argsort(expert_M, stable=True)
+        token_M = (jnp.arange(N * K) // K)[order_M]
+        group_sizes_X = jnp.zeros((X,), jnp.int32).at[expert_M].add(1)
+        out_MD = self._experts_grouped(x_ND[token_M], group_sizes_X)
+        out_MD = out_MD * w_NK.reshape(-1)[order_M][:, None].astype(out_MD.dtype)
+        return jnp.zeros_like(x_ND).at[token_M].add(out_MD)
+
+    def _capacity(self, x_BTD, idx_BTK, w_BTK):
+        m = self.moe
+        B, T, D = x_BTD.shape
+        X, K = m.num_experts, m.top_k
+        C = routing.capacity(T, K, X, m.capacity_factor)
+        slot_BTK, keep_BTK = routing.capacity_slots(idx_BTK, X, C)
+        slot_BTK = jnp.where(keep_BTK, slot_BTK, C)  # dropped assignments land in a spare slot
+        b = jnp.arange(B)[:, None, None]
+        buf = jnp.zeros((B, X, C + 1, D), x_BTD.dtype).at[b, idx_BTK, slot_BTK].set(
+            jnp.broadcast_to(x_BTD[:, :, None], (B, T, K, D)))
+        out_BXCD = self._experts_buffers(buf[:, :, :C])
+        out_BXCD = jnp.pad(out_BXCD, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the spare slot reads zeros
+        y_BTKD = out_BXCD[b, idx_BTK, slot_BTK] * (w_BTK * keep_BTK)[..., None].astype(out_BXCD.dtype)
+        return y_BTKD.sum(2).reshape(B * T, D), 1.0 - jnp.mean(keep_BTK.astype(jnp.float32))
+
+    def _expert_choice(self, x_BTD, logits_BTX):
+        m = self.moe
+        B, T, D = x_BTD.shape
+        X = m.num_experts
+        probs_BTX = jax.nn.softmax(logits_BTX, axis=-1)
+        # The causal predictor reads detached activations: it learns the membership without
+        # pulling the trunk toward being easy to predict.
+        pred_BTX = jnp.einsum("btd,dx->btx", jax.lax.stop_gradient(x_BTD).astype(jnp.float32), self.predictor_DX[...])
+        aux = {"moe_entropy": (routing.entropy(probs_BTX.reshape(B * T, X)), None)}
+        if m.routing_mode == "threshold":
+            # Causal: a token goes to every expert whose predictor fires (possibly none).
+            c_BTX = probs_BTX * (pred_BTX > 0)
+            y = jnp.einsum("nx,xnd->nd", c_BTX.reshape(B * T, X).astype(self.dtype),
+                           self._experts_dense(x_BTD.reshape(B * T, D)))
+            load_X = jnp.sum(c_BTX > 0, axis=(0, 1)) / jnp.maximum(jnp.sum(c_BTX > 0), 1)
+            aux.update(moe_load=(load_X.astype(jnp.float32), None),
+                       moe_load_max_over_mean=(jnp.max(load_X) * X, None))
+            return y.reshape(B, T, D), aux
+        C = min(T, routing.capacity(T, 1, X, m.capacity_factor))
+        tok_BXC, gate_BXC, member_BTX = routing.expert_choice(logits_BTX, C)
+        b = jnp.arange(B)[:, None, None]
+        out_BXCD = self._experts_buffers(x_BTD[b, tok_BXC])
+        out_BXCD = out_BXCD * gate_BXC[..., None].astype(out_BXCD.dtype)
+        y_BTD = jnp.zeros_like(x_BTD).at[b, tok_BXC].add(out_BXCD)
+        aux.update(
+            moe_predictor=(routing.predictor_loss(pred_BTX, member_BTX), m.predictor_weight),
+            moe_predictor_agreement=(jnp.mean(((pred_BTX > 0) == (member_BTX > 0)).astype(jnp.float32)), None),
+            moe_load=(jnp.full((X,), 1.0 / X, jnp.float32), None),
+            moe_load_max_over_mean=(jnp.ones((), jnp.float32), None),
+        )
+        return y_BTD, aux

@@ -1,0 +1,200 @@
+"""Mixture-of-experts (glocal.layers.moe, glocal.layers.routing, glocal.kernels.gmm) against
+independent references: a NumPy loop over tokens and their chosen experts (forward), the same
+loop in jax.numpy for gradients, NumPy formulas for the router losses; dropping order with
+exact counts; causality; a one-expert MoE equal to the dense MLP; the selection bias and its
+update. (The conformance suite runs `moe` too: causality, decode == teacher forcing,
+generation, cache bytes, FLOPs, 8 devices == 1.)"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import glocal.models as gm
+from glocal.kernels.gmm import grouped_matmul
+from glocal.layers import LayerSpec, MLP
+from glocal.layers import routing
+from glocal.layers.moe import MoEFFN, MoESpec
+from tests.lm_checks import assert_causal
+
+RNG = np.random.default_rng(13)
+
+
+def make(**moe):
+    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12, moe=MoESpec(**{"num_experts": 4, "top_k": 2, **moe}))
+    layer = MoEFFN(spec, rngs=nnx.Rngs(0))
+    # A router with a spread of logits, so the top-k choices are clear-cut.
+    layer.router_DX[...] = jnp.asarray(RNG.normal(size=layer.router_DX.shape), jnp.float32)
+    return layer
+
+
+def weights(layer):
+    return {k: np.asarray(getattr(layer, k)[...], np.float64) for k in ("router_DX", "wi_XDAI", "wo_XID")}
+
+
+def silu(a):
+    return a / (1 + np.exp(-a))
+
+
+def softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def loop_np(w, x_BTD, k, convention="renorm", bias=None, capacity=None):
+    """Token by token: its top-k experts (by logits + bias), combine weights, the experts'
+    SwiGLU outputs. ``capacity``: per row, slots per expert in token order (token-major,
+    then rank); an assignment that does not fit adds nothing. Also returns the kept mask."""
+    x = np.asarray(x_BTD, np.float64)
+    B, T, D = x.shape
+    y = np.zeros_like(x)
+    kept = np.ones((B, T, k), bool)
+    for b in range(B):
+        used = np.zeros(w["router_DX"].shape[1], int)
+        for t in range(T):
+            logits = x[b, t] @ w["router_DX"]
+            sel = logits + (0 if bias is None else bias)
+            idx = np.argsort(-sel, kind="stable")[:k]
+            comb = softmax(logits[idx]) if convention == "renorm" else softmax(logits)[idx]
+            for j, e in enumerate(idx):
+                if capacity is not None:
+                    if used[e] >= capacity:
+                        kept[b, t, j] = False
+                        continue
+                    used[e] += 1
+                h = np.einsum("d,dai->ai", x[b, t], w["wi_XDAI"][e])
+                y[b, t] += comb[j] * ((silu(h[0]) * h[1]) @ w["wo_XID"][e])
+    return y, kept
+
+
+@pytest.mark.parametrize("impl", ["dense", "capacity", "dropless"])
+@pytest.mark.parametrize("convention", ["renorm", "softmax"])
+def test_dispatch_matches_the_token_loop(impl, convention):
+    layer = make(impl=impl, router_weights=convention, capacity_factor=4.0)  # 4.0: nothing dropped
+    x = jnp.asarray(RNG.normal(size=(2, 7, 8)), jnp.float32)
+    y, aux = layer(x)
+    want, _ = loop_np(weights(layer), x, 2, convention)
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    assert float(aux["moe_dropped"][0]) == 0.0
+
+
+def test_gradients_of_every_dispatch_match_a_jnp_loop():
+    """Gradients w.r.t. the input, the experts and the router (through the combine weights),
+    against autodiff of a per-token loop with the same (fixed) expert choices."""
+    layer = make(impl="dense")
+    x = jnp.asarray(RNG.normal(size=(2, 5, 8)), jnp.float32)
+    g = jnp.asarray(RNG.normal(size=(2, 5, 8)), jnp.float32)
+    logits = np.asarray(x, np.float64) @ weights(layer)["router_DX"]
+    idx = np.argsort(-logits, axis=-1, kind="stable")[..., :2]
+
+    def loop(x, router, wi, wo):
+        out = []
+        for b in range(2):
+            for t in range(5):
+                l = x[b, t] @ router
+                comb = jax.nn.softmax(l[idx[b, t]])
+                h = jnp.einsum("d,xdai->xai", x[b, t], wi[idx[b, t]])
+                out.append(jnp.einsum("x,xi,xid->d", comb, jax.nn.silu(h[:, 0]) * h[:, 1], wo[idx[b, t]]))
+        return jnp.sum(jnp.stack(out).reshape(2, 5, 8) * g)
+
+    params = (x, layer.router_DX[...], layer.wi_XDAI[...], layer.wo_XID[...])
+    want = jax.grad(loop, argnums=(0, 1, 2, 3))(*params)
+    for impl in ("dense", "capacity", "dropless"):
+        lay = make(impl=impl, capacity_factor=4.0)
+        lay.router_DX[...], lay.wi_XDAI[...], lay.wo_XID[...] = params[1:]
+        graph, state = nnx.split(lay)
+        dx, dstate = jax.grad(lambda x, s: jnp.sum(nnx.merge(graph, s)(x)[0] * g), argnums=(0, 1))(x, state)
+        got = (dx, dstate["router_DX"][...], dstate["wi_XDAI"][...], dstate["wo_XID"][...])
+        for name, a, b in zip(("x", "router", "wi", "wo"), got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"{impl}: d{name}")
+
+
+def test_capacity_with_a_large_factor_equals_dropless():
+    x = jnp.asarray(RNG.normal(size=(3, 16, 8)), jnp.float32)
+    a, b = make(impl="capacity", capacity_factor=8.0), make(impl="dropless")
+    b.router_DX[...], b.wi_XDAI[...], b.wo_XID[...] = a.router_DX[...], a.wi_XDAI[...], a.wo_XID[...]
+    np.testing.assert_allclose(a(x)[0], b(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_drops_later_tokens_first_with_exact_counts():
+    # Every token prefers expert 0, then expert 1: with C slots per expert and row, tokens
+    # 0..C-1 keep both choices and every later token loses both.
+    layer = make(impl="capacity", capacity_factor=1.0, top_k=2)
+    T = 10
+    C = routing.capacity(T, 2, 4, 1.0)
+    assert C == 5
+    layer.router_DX[...] = jnp.zeros((8, 4)).at[0].set(jnp.asarray([3.0, 2.0, -1.0, -2.0]))
+    x = jnp.asarray(np.abs(RNG.normal(size=(2, T, 8))) + 0.1, jnp.float32)  # x[..., 0] > 0: the order holds
+    y, aux = layer(x)
+    want, kept = loop_np(weights(layer), x, 2, capacity=C)
+    assert kept[:, :C].all() and not kept[:, C:].any()
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(y[:, C:]), 0.0)
+    np.testing.assert_allclose(float(aux["moe_dropped"][0]), (T - C) / T)
+    slot, keep = routing.capacity_slots(jnp.asarray(np.tile([[0, 1]], (1, T, 1))), 4, C)
+    np.testing.assert_array_equal(slot[0, :, 0], np.arange(T))
+    np.testing.assert_array_equal(keep[0, :, 1], np.arange(T) < C)
+
+
+def test_router_losses_against_numpy():
+    logits = RNG.normal(size=(50, 4)).astype(np.float32)
+    idx, comb, probs = routing.token_choice(jnp.asarray(logits), 2, "softmax")
+    p = softmax(logits.astype(np.float64))
+    top = np.argsort(-logits, -1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(idx, top)
+    np.testing.assert_allclose(comb, np.take_along_axis(p, top, -1), rtol=1e-5)
+    _, comb_r, _ = routing.token_choice(jnp.asarray(logits), 2, "renorm")
+    np.testing.assert_allclose(comb_r, softmax(np.take_along_axis(logits, top, -1)), rtol=1e-5)
+    f = np.bincount(top.ravel(), minlength=4) / top.size
+    np.testing.assert_allclose(routing.balance_loss(probs, idx), 4 * np.sum(f * p.mean(0)), rtol=1e-5)
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(-1))
+    np.testing.assert_allclose(routing.z_loss(jnp.asarray(logits)), np.mean(lse**2), rtol=1e-5)
+    # Perfect balance (each expert chosen equally often, uniform probabilities): exactly 1, so
+    # the weighted loss is alpha.
+    uniform = jnp.zeros((8, 4))
+    idx_bal = jnp.asarray(np.arange(8)[:, None] % 4)
+    assert float(routing.balance_loss(jax.nn.softmax(uniform), idx_bal)) == pytest.approx(1.0)
+
+
+def test_selection_bias_changes_selection_not_combine_weights():
+    logits = jnp.asarray([[2.0, 1.0, 0.5, -1.0]])
+    idx0, w0, _ = routing.token_choice(logits, 2, "softmax")
+    idx1, w1, _ = routing.token_choice(logits, 2, "softmax", bias_X=jnp.asarray([0.0, -5.0, 0.0, 5.0]))
+    assert idx0.tolist() == [[0, 1]] and idx1.tolist() == [[3, 0]]
+    p = softmax(np.asarray(logits, np.float64))[0]
+    np.testing.assert_allclose(w1[0], p[[3, 0]], rtol=1e-5)  # the unbiased probabilities of the chosen
+    np.testing.assert_allclose(w0[0], p[[0, 1]], rtol=1e-5)
+
+
+def test_one_expert_moe_equals_the_dense_mlp():
+    layer = make(num_experts=1, top_k=1, impl="dropless")
+    mlp = MLP(8, 12, rngs=nnx.Rngs(1))
+    mlp.wi_DAI[...], mlp.wo_ID[...] = layer.wi_XDAI[...][0], layer.wo_XID[...][0]
+    x = jnp.asarray(RNG.normal(size=(2, 6, 8)), jnp.float32)
+    np.testing.assert_allclose(layer(x)[0], mlp(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["capacity", "dropless"])
+def test_token_choice_moe_is_causal(impl):
+    model = gm.build("moe", "tiny", seed=2, moe_impl=impl, capacity_factor=1.0)
+    x = jnp.asarray(RNG.integers(0, 256, (2, 24)), jnp.int32)
+    assert_causal(model, x, (0, 5, 11, 23))
+
+
+def test_grouped_matmul_matches_a_loop_with_empty_groups():
+    sizes = np.array([5, 0, 9, 0, 3])
+    x = RNG.normal(size=(17, 6)).astype(np.float32)
+    w = RNG.normal(size=(5, 6, 4)).astype(np.float32)
+    ct = RNG.normal(size=(17, 4)).astype(np.float32)
+    groups = np.repeat(np.arange(5), sizes)
+    want = np.stack([x[r].astype(np.float64) @ w[groups[r]] for r in range(17)])
+    dw_want = np.zeros_like(w, np.float64)
+    for r in range(17):
+        dw_want[groups[r]] += np.outer(x[r], ct[r])
+    for impl, tile in (("ragged_dot", None), ("tiled", None), ("tiled", 2), ("tiled", 8)):
+        f = lambda x, w: grouped_matmul(x, w, jnp.asarray(sizes), impl=impl, tile=tile)
+        np.testing.assert_allclose(f(x, w), want, rtol=1e-5, atol=1e-5, err_msg=impl)
+        dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * ct), argnums=(0, 1))(x, w)
+        np.testing.assert_allclose(dx, np.einsum("rn,rdn->rd", ct, w[groups]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dw, dw_want, rtol=1e-5, atol=1e-5)

@@ -77,6 +77,21 @@ def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stop_ids, 
     return out_BT
 
 
+def causal_variant(model: nnx.Module) -> nnx.Module:
+    """The same weights with causal routing: a model whose router is non-causal in training
+    (``config.routing_modes()``, e.g. expert choice) decodes with ``routing_mode="threshold"``."""
+    cfg = model.config
+    if not (hasattr(cfg, "routing_modes") and cfg.routing_modes()) or cfg.routing_mode == "threshold":
+        return model
+    import dataclasses
+
+    import glocal.models as gm
+
+    causal = dataclasses.replace(cfg, routing_mode="threshold")
+    graphdef = nnx.split(nnx.eval_shape(lambda: gm.build_from_config(causal)))[0]
+    return nnx.merge(graphdef, nnx.state(model))
+
+
 def generate(
     model: nnx.Module,
     prompts: Sequence[Sequence[int]],
@@ -93,7 +108,8 @@ def generate(
     tokens are sampled at ``temperature``, optionally restricted to the ``top_k`` most
     likely and/or the nucleus of mass ``top_p``. A sequence stops after emitting any of
     ``stop_tokens`` (the stop token itself is not returned). Prompts may differ in length.
-    Returns the new token ids per prompt.
+    Returns the new token ids per prompt. Models whose router is non-causal in training
+    decode with their causal routing rule (``causal_variant``).
     """
     cfg = model.config
     if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -131,7 +147,7 @@ def generate(
         tokens_BP[i, : len(p)] = p
     stops = [] if stop_tokens is None else ([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens))
     stop_ids = np.asarray(stops + [-1], np.int32)  # -1 never matches: keeps the array non-empty
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(causal_variant(model))
     out_BT = _generate_program(
         graphdef, state, jnp.asarray(tokens_BP), jnp.asarray([len(p) for p in prompts], jnp.int32),
         jnp.int32(max_new_tokens), jnp.asarray(stop_ids), jax.random.key(seed),

@@ -2,7 +2,8 @@
 process: 8 fake CPU devices must be set before JAX starts. Trains the same tiny run on 1
 device and on 8 devices under each rule table, restores a sharded checkpoint onto another
 mesh, trains the ``tiny`` preset of every registered model family on 1 vs 8 devices
-(fsdp_tp), and prints the comparison as JSON."""
+(fsdp_tp) and the MoE preset with its experts split over the expert axis, and prints the
+comparison as JSON."""
 
 import json
 import os
@@ -59,6 +60,15 @@ def main(corpus: str, out: str) -> None:
         b = train(name, out / f"{name}_tp", {**short, "sharding": "fsdp_tp", **MESHES["fsdp_tp"]})
         result["models"][name] = {"one": loss(a), "fsdp_tp": loss(b),
                                   "param_rel_diff": rel(params(out / f"{name}_tp"), params(out / f"{name}_one"))}
+    # Expert parallelism: the MoE preset's experts split over the expert axis (dropless
+    # dispatch through shard_map + all_to_all), against its one-device run above.
+    result["expert_parallel"] = {}
+    for label, mesh in (("data2_expert4", {"mesh.data": "2", "mesh.expert": "4"}),
+                        ("data2_fsdp2_expert2", {"mesh.data": "2", "mesh.fsdp": "2", "mesh.expert": "2"})):
+        r = train("moe_tiny", out / f"moe_{label}", {**run, "steps": "2", "sharding": "fsdp", **mesh})
+        result["expert_parallel"][label] = {"loss": loss(r), "one": result["models"]["moe_tiny"]["one"],
+                                            "param_rel_diff": rel(params(out / f"moe_{label}"),
+                                                                  params(out / "moe_tiny_one"))}
     print("RESULT " + json.dumps(result))
 
 

@@ -198,3 +198,136 @@ def test_grouped_matmul_matches_a_loop_with_empty_groups():
         dx, dw = jax.grad(lambda x, w: jnp.sum(f(x, w) * ct), argnums=(0, 1))(x, w)
         np.testing.assert_allclose(dx, np.einsum("rn,rdn->rd", ct, w[groups]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(dw, dw_want, rtol=1e-5, atol=1e-5)
+
+
+def _one_step(model, tcfg, batch_size=2, T=16, seed=0):
+    from glocal.train.config import TrainConfig  # noqa: F401 - (tcfg is one)
+    from glocal.train.optim import make_optimizer
+    from glocal.train.step import make_train_step
+
+    graph, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(tcfg, params)
+    x = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (1, batch_size, T + 1)), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (1, batch_size, T))
+    batch = {"inputs": x[..., :-1], "targets": x[..., 1:], "positions": pos,
+             "segment_ids": jnp.zeros_like(pos), "loss_mask": jnp.ones((1, batch_size, T), jnp.float32)}
+    step = jax.jit(make_train_step(lambda p: nnx.merge(graph, p), tx))
+    new, _, metrics = step(params, tx.init(params), batch)
+    return params, new, metrics
+
+
+def test_selection_bias_moves_by_exactly_the_rate_toward_balance():
+    from glocal.train.config import TrainConfig
+
+    rate = 0.01
+    model = gm.build("moe", "tiny", seed=4, router_bias_rate=rate)
+    old, new, metrics = _one_step(model, TrainConfig(learning_rate=1e-2, warmup_steps=0, weight_decay=0.1, grad_clip=1e-3))
+    ffn = lambda p: p["decoder"]["stacks"][1]["units"]["layers"][1]["ffn"]
+    load = np.array([float(metrics[f"moe_load/l0/{e}"]) for e in range(4)])
+    step = np.asarray(ffn(new)["select_bias_X"][...] - ffn(old)["select_bias_X"][...])[0]
+    np.testing.assert_allclose(step, -rate * np.sign(load - load.mean()), atol=1e-7)  # busy experts go down
+    assert float(metrics["aux/moe_bias"]) == 0.0  # the surrogate adds nothing to the loss
+    # The other parameters took an Adam step (clipping did not shrink the bias's step).
+    assert np.abs(np.asarray(ffn(new)["router_DX"][...] - ffn(old)["router_DX"][...])).max() > 1e-4
+
+
+def test_statistics_are_logged_per_layer_and_not_optimised():
+    from glocal.train.config import TrainConfig
+
+    model = gm.build("moe", "tiny", seed=5, moe_impl="capacity", capacity_factor=0.5)
+    _, _, metrics = _one_step(model, TrainConfig())
+    loads = [float(metrics[f"moe_load/l0/{e}"]) for e in range(4)]
+    assert sum(loads) == pytest.approx(1.0, abs=1e-6)
+    assert float(metrics["moe_load_max_over_mean/l0"]) == pytest.approx(4 * max(loads), rel=1e-5)
+    assert 0.0 < float(metrics["moe_dropped/l0"]) < 1.0  # half the slots: some dropped
+    assert 0.0 < float(metrics["moe_entropy"]) <= np.log(4) + 1e-6
+    assert {"aux/moe_balance", "aux/moe_z"} <= set(metrics) and "aux/moe_load" not in metrics
+
+
+def test_expert_choice_picks_exactly_C_tokens_per_expert_in_position_order():
+    logits = jnp.asarray(RNG.normal(size=(2, 12, 4)), jnp.float32)
+    C = routing.capacity(12, 1, 4, 2.0)
+    tok, gate, member = routing.expert_choice(logits, C)
+    p = softmax(np.asarray(logits, np.float64))
+    for b in range(2):
+        for e in range(4):
+            want = np.sort(np.argsort(-p[b, :, e], kind="stable")[:C])
+            np.testing.assert_array_equal(tok[b, e], want)
+            np.testing.assert_allclose(gate[b, e], p[b, want, e], rtol=1e-5)
+    np.testing.assert_array_equal(member.sum(1), C)  # every expert exactly C tokens
+
+
+def test_expert_choice_layer_matches_a_loop_and_threshold_mode_is_causal():
+    layer = make(router="expert_choice", capacity_factor=2.0)
+    x = jnp.asarray(RNG.normal(size=(2, 10, 8)), jnp.float32)
+    y, aux = layer(x)
+    w = weights(layer)
+    p = softmax(np.asarray(x, np.float64) @ w["router_DX"])
+    want = np.zeros((2, 10, 8))
+    C = routing.capacity(10, 1, 4, 2.0)
+    for b in range(2):
+        for e in range(4):
+            for t in np.argsort(-p[b, :, e], kind="stable")[:C]:
+                h = np.einsum("d,dai->ai", np.asarray(x[b, t], np.float64), w["wi_XDAI"][e])
+                want[b, t] += p[b, t, e] * ((silu(h[0]) * h[1]) @ w["wo_XID"][e])
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
+    assert {"moe_predictor", "moe_predictor_agreement"} <= set(aux)
+    model = gm.build("moe", "tiny", seed=6, router="expert_choice", routing_mode="threshold", capacity_factor=2.0)
+    # A predictor that fires for some tokens and not others (its init is near zero).
+    ffn = model.decoder.stacks[1].units.layers[1].ffn
+    ffn.predictor_DX[...] = jnp.asarray(RNG.normal(size=ffn.predictor_DX.shape), jnp.float32)
+    assert_causal(model, jnp.asarray(RNG.integers(0, 256, (2, 20)), jnp.int32), (0, 9, 19))
+    topk = gm.build("moe", "tiny", seed=6, router="expert_choice", capacity_factor=2.0)
+    x = jnp.asarray(RNG.integers(0, 256, (1, 20)), jnp.int32)
+    base = topk(x)[0]
+    changed = topk(x.at[:, 19].set((x[:, 19] + 1) % 256))[0]
+    assert np.abs(np.asarray(changed[:, :19] - base[:, :19])).max() > 0  # top-k routing sees the future
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_grouped_matmul_rows_past_the_groups_are_zero(impl):
+    x = RNG.normal(size=(12, 3)).astype(np.float32)
+    w = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+    sizes = jnp.asarray([4, 3])  # rows 7..11 belong to no group
+    out = grouped_matmul(x, w, sizes, impl=impl, tile=2)
+    np.testing.assert_allclose(out[:4], x[:4] @ w[0], rtol=1e-5)
+    np.testing.assert_allclose(out[4:7], x[4:7] @ w[1], rtol=1e-5)
+    np.testing.assert_array_equal(out[7:], 0.0)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, impl=impl, tile=2) ** 2), (0, 1))(x, w)
+    np.testing.assert_array_equal(dx[7:], 0.0)
+    np.testing.assert_allclose(dw[1], 2 * x[4:7].T @ (x[4:7] @ w[1]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mesh", ["data2_expert4", "data2_fsdp2_expert2"])
+def test_expert_parallel_training_equals_one_device(sharded, mesh):
+    """moe_tiny (dropless) with its experts split over the expert mesh axis (shard_map +
+    all_to_all; tests/sharded_check.py) trains like the one-device run."""
+    r = sharded["expert_parallel"][mesh]
+    np.testing.assert_allclose(r["loss"], r["one"], rtol=1e-5)
+    assert r["param_rel_diff"] < 1e-4
+
+
+def test_expert_parallel_dispatch_is_used_under_an_expert_mesh():
+    """In-process check that the dispatch really goes through all_to_all (a mesh of one device
+    per axis would silently take the plain path: this needs the 8-device subprocess)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import jax, jax.numpy as jnp
+        from flax import nnx
+        import glocal.models as gm
+        from glocal import sharding as shd
+        model = gm.build("moe", "tiny", seed=3)
+        graph, params = nnx.split(model, nnx.Param)
+        mesh = shd.make_mesh(shd.mesh_shape({"expert": 4}, 4))
+        with jax.set_mesh(mesh), shd.use_rules(shd.rule_table("fsdp")):
+            text = jax.jit(lambda p, x: nnx.merge(graph, p)(x)[0]).lower(params, jnp.zeros((4, 8), jnp.int32)).as_text()
+        print("ALL_TO_ALL", text.count("all_to_all"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "ALL_TO_ALL" in out.stdout, out.stderr[-2000:]
+    assert int(out.stdout.split("ALL_TO_ALL")[1]) >= 2  # dispatch and return

@@ -28,7 +28,8 @@ GMM_IMPLS = ("auto", "ragged_dot", "tiled")
 
 
 def grouped_matmul(x_MD, w_XDN, group_sizes_X, *, impl: str = "auto", tile: int | None = None):
-    """``[M, D] x [X, D, N] -> [M, N]`` for rows sorted by group (``group_sizes_X`` sums to M)."""
+    """``[M, D] x [X, D, N] -> [M, N]`` for rows sorted by group; ``group_sizes_X`` may sum to
+    less than M (trailing rows belong to no group and give zeros, as with ragged_dot)."""
     if impl not in GMM_IMPLS:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {GMM_IMPLS}.")
     x_MD, w_XDN, group_sizes_X = jnp.asarray(x_MD), jnp.asarray(w_XDN), jnp.asarray(group_sizes_X)
@@ -44,26 +45,40 @@ def grouped_matmul(x_MD, w_XDN, group_sizes_X, *, impl: str = "auto", tile: int 
 
 
 def _layout(group_sizes_X, M: int, tile: int):
-    """Where each sorted row goes in the tile-padded buffer, and each tile's group."""
+    """Where each sorted row goes in the tile-padded buffer, and each tile's group (X for
+    tiles past the last group: rows beyond ``sum(group_sizes)`` belong to no group, their
+    output is zero and their tiles are skipped)."""
     X = group_sizes_X.shape[0]
     Z = -(-M // tile) + X  # enough tiles whatever the sizes: sum(ceil(s / tile)) <= M / tile + X
     ends = jnp.cumsum(group_sizes_X)
     padded = -(-group_sizes_X // tile) * tile
     padded_ends = jnp.cumsum(padded)
     row_group = jnp.searchsorted(ends, jnp.arange(M), side="right")
-    dest_M = jnp.arange(M) - (ends - group_sizes_X)[row_group] + (padded_ends - padded)[row_group]
-    tile_group_Z = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(Z) * tile, side="right"), X - 1)
+    safe = jnp.minimum(row_group, X - 1)
+    dest_M = jnp.where(row_group < X, jnp.arange(M) - (ends - group_sizes_X)[safe] + (padded_ends - padded)[safe],
+                       Z * tile)  # rows of no group: dropped by the scatter, read back as zeros
+    tile_group_Z = jnp.searchsorted(padded_ends, jnp.arange(Z) * tile, side="right")
     return dest_M, tile_group_Z, Z
 
 
 def _to_tiles(a_MD, dest_M, Z, tile):
-    return jnp.zeros((Z * tile, a_MD.shape[1]), a_MD.dtype).at[dest_M].set(a_MD).reshape(Z, tile, -1)
+    return jnp.zeros((Z * tile, a_MD.shape[1]), a_MD.dtype).at[dest_M].set(a_MD, mode="drop").reshape(Z, tile, -1)
+
+
+def _from_tiles(out_ZTN, dest_M):
+    return out_ZTN.reshape(-1, out_ZTN.shape[-1]).at[dest_M].get(mode="fill", fill_value=0)
 
 
 def _tile_products(xt_ZTD, w_XDN, tile_group_Z):
+    X, N = w_XDN.shape[0], w_XDN.shape[2]
+
     def body(_, xs):
         xt, g = xs
-        return None, jnp.dot(xt, w_XDN[g], preferred_element_type=jnp.float32)
+        # (The empty branch derives its zeros from the operands so that inside shard_map both
+        # branches vary over the same mesh axes.)
+        out = jax.lax.cond(g < X, lambda: jnp.dot(xt, w_XDN[jnp.minimum(g, X - 1)], preferred_element_type=jnp.float32),
+                           lambda: jnp.zeros((xt.shape[0], N), jnp.float32) + 0 * (xt[:, :1] * w_XDN[0, :1, :]))
+        return None, out
     _, out = jax.lax.scan(body, None, (xt_ZTD, tile_group_Z))
     return out
 
@@ -77,7 +92,7 @@ def _tiled_fwd(x_MD, w_XDN, group_sizes_X, tile):
     M = x_MD.shape[0]
     dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
     out = _tile_products(_to_tiles(x_MD, dest_M, Z, tile), w_XDN, tile_group_Z)
-    out_MN = out.reshape(Z * tile, -1)[dest_M].astype(x_MD.dtype)
+    out_MN = _from_tiles(out, dest_M).astype(x_MD.dtype)
     return out_MN, (x_MD, w_XDN, group_sizes_X)
 
 
@@ -87,16 +102,31 @@ def _tiled_bwd(tile, res, dout_MN):
     dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
     dt_ZTN = _to_tiles(dout_MN, dest_M, Z, tile)
     dx = _tile_products(dt_ZTN, jnp.swapaxes(w_XDN, 1, 2), tile_group_Z)
-    dx_MD = dx.reshape(Z * tile, -1)[dest_M].astype(x_MD.dtype)
+    dx_MD = _from_tiles(dx, dest_M).astype(x_MD.dtype)
     xt_ZTD = _to_tiles(x_MD, dest_M, Z, tile)
+
+    X = w_XDN.shape[0]
 
     def body(dw, xs):
         xt, dt, g = xs
-        contrib = jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return dw.at[g].add(contrib), None
+        add = lambda dw: dw.at[jnp.minimum(g, X - 1)].add(
+            jax.lax.dot_general(xt, dt, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32))
+        return jax.lax.cond(g < X, add, lambda dw: dw, dw), None
 
-    dw, _ = jax.lax.scan(body, jnp.zeros(w_XDN.shape, jnp.float32), (xt_ZTD, dt_ZTN, tile_group_Z))
-    return dx_MD, dw.astype(w_XDN.dtype), None
+    # Zeros that vary like the operands (see _tile_products).
+    zeros = jnp.zeros(w_XDN.shape, jnp.float32) + 0 * (xt_ZTD[0, :1, :, None] * dt_ZTN[0, :1, None, :]
+                                                       * w_XDN[:1, :1, :1])
+    dw, _ = jax.lax.scan(body, zeros, (xt_ZTD, dt_ZTN, tile_group_Z))
+    return _like(dx_MD, x_MD), _like(dw.astype(w_XDN.dtype), w_XDN), None
+
+
+def _like(ct, primal):
+    """Inside ``shard_map``: sum a cotangent over the mesh axes along which it varies but its
+    primal does not (a weight replicated over the data axes gathers every shard's gradient),
+    which autodiff does by itself outside a custom VJP."""
+    varying = lambda a: set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()))
+    extra = tuple(sorted(varying(ct) - varying(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -81,6 +82,23 @@ class MoESpec:
                              f"num_experts={self.num_experts}.")
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+
+
+def _expert_parallel_axes(num_experts: int, num_rows: int) -> tuple[str, ...]:
+    """The mesh axes that the active rule table shards ``expert`` over (size > 1), when the
+    experts and the token rows split evenly across them; ``()`` otherwise (no mesh, or a table
+    that replicates experts: the plain dispatch runs and XLA places it)."""
+    from glocal.sharding import BATCH_AXES, _RULES, mesh_axes_of
+
+    rules, mesh = _RULES.get(), jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return ()
+    axes = tuple(a for a in mesh_axes_of("expert", rules) if mesh.shape.get(a, 1) > 1)
+    size = math.prod(mesh.shape[a] for a in axes)
+    rows = math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)
+    if not axes or num_experts % size or num_rows % rows:
+        return ()
+    return axes
 
 
 def _activate(h_NAI, activation: str):
@@ -201,6 +219,9 @@ class MoEFFN(nnx.Module):
         return y_ND.reshape(B, T, D), aux
 
     def _dropless(self, x_ND, idx_NK, w_NK):
+        axes = _expert_parallel_axes(self.moe.num_experts, x_ND.shape[0])
+        if axes:
+            return self._dropless_expert_parallel(x_ND, idx_NK, w_NK, axes)
         N, K = idx_NK.shape
         X = self.moe.num_experts
         expert_M = idx_NK.reshape(-1)
@@ -210,6 +231,53 @@ class MoEFFN(nnx.Module):
         out_MD = self._experts_grouped(x_ND[token_M], group_sizes_X)
         out_MD = out_MD * w_NK.reshape(-1)[order_M][:, None].astype(out_MD.dtype)
         return jnp.zeros_like(x_ND).at[token_M].add(out_MD)
+
+    def _dropless_expert_parallel(self, x_ND, idx_NK, w_NK, axes):
+        """Dropless dispatch with the experts split over the ``axes`` mesh axes (E_p shards of
+        X / E_p experts): inside ``shard_map`` each device sorts its tokens' assignments by
+        destination shard, one ``all_to_all`` sends them (padded to a static ``n k`` rows per
+        destination, so nothing can overflow), the shard runs a grouped matmul over its own
+        experts only (padding rows belong to no group and are skipped), and a second
+        ``all_to_all`` returns the outputs. Expert weights enter sharded over ``axes`` alone:
+        fsdp / tensor shards are gathered at the boundary, like any FSDP layer."""
+        from jax.sharding import PartitionSpec as P
+
+        from glocal.sharding import BATCH_AXES
+
+        mesh = jax.sharding.get_abstract_mesh()
+        E_p = math.prod(mesh.shape[a] for a in axes)
+        X, D = self.moe.num_experts, x_ND.shape[1]
+        XL = X // E_p  # experts per shard
+        _, _, A, I = self.wi_XDAI.shape
+        wi = self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I)
+        wo = self.wo_XID[...].astype(self.dtype)
+        gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
+        exchange = functools.partial(jax.lax.all_to_all, axis_name=axes, split_axis=0, concat_axis=0)
+
+        def local(x, idx, w, wi, wo):
+            n, K = idx.shape
+            M = n * K
+            expert = idx.reshape(-1)
+            order = jnp.argsort(expert, stable=True)
+            expert, token, weight = expert[order], (jnp.arange(M) // K)[order], w.reshape(-1)[order]
+            dest = expert // XL
+            counts = jnp.zeros((E_p,), jnp.int32).at[dest].add(1)
+            rank = jnp.arange(M) - (jnp.cumsum(counts) - counts)[dest]
+            send_x = jnp.zeros((E_p, M, D), x.dtype).at[dest, rank].set(x[token])
+            send_e = jnp.full((E_p, M), XL, jnp.int32).at[dest, rank].set(expert % XL)  # XL: padding
+            recv_x, recv_e = exchange(send_x), exchange(send_e)
+            flat_e = recv_e.reshape(-1)
+            order2 = jnp.argsort(flat_e, stable=True)  # padding (XL) sorts last: past every group
+            sizes = jnp.zeros((XL,), jnp.int32).at[flat_e].add(1, mode="drop")
+            h = gmm(recv_x.reshape(-1, D)[order2], wi, sizes)
+            out = gmm(_activate(h.reshape(-1, A, I), self.activation), wo, sizes)
+            back = exchange(jnp.zeros_like(out).at[order2].set(out).reshape(E_p, M, D))
+            y = back[dest, rank] * weight[:, None].astype(back.dtype)
+            return jnp.zeros_like(x).at[token].add(y)
+
+        rows = P(BATCH_AXES, None)
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(axes, None, None), P(axes, None, None)),
+                             out_specs=rows)(x_ND, idx_NK, w_NK, wi, wo)
 
     def _capacity(self, x_BTD, idx_BTK, w_BTK):
         m = self.moe

@@ -146,6 +146,11 @@ class DecoderConfig(ModelConfig):
     def uses_moe(self) -> bool:
         return self.ffn == "moe"
 
+    def routing_modes(self) -> tuple[str, ...]:
+        """``("topk", "threshold")`` when a router is non-causal in training (expert choice):
+        evaluation reports both; empty otherwise."""
+        return ("topk", "threshold") if self.uses_moe and self.router == "expert_choice" else ()
+
     def validate_moe(self) -> None:
         for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("moe_impl", MOE_IMPLS),
                               ("routing_mode", ROUTING_MODES), ("moe_gmm_impl", GMM_IMPLS)):

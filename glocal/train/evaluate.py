@@ -3,6 +3,7 @@ on the same validation split and batches the training run used."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
@@ -33,9 +34,46 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     from flax import nnx
 
     params = jax.device_put(nnx.state(model, nnx.Param), setup.param_sh)
+    where = (f"over {len(batches) * batches[0]['inputs'].shape[0]} windows of {tcfg.seq_len} tokens "
+             f"({corpus.description})")
+    modes = mcfg.routing_modes() if hasattr(mcfg, "routing_modes") else ()
+    if not modes:
+        with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
+            loss, bpb = evaluate(setup, params, batches)
+        log(f"{workdir} ({gm.model_name(mcfg)}) step {step}: validation loss {loss:.4f} nats/token = "
+            f"{bpb:.3f} bits-per-byte {where}")
+        return {"step": step, "eval_loss": loss, "eval_bpb": bpb}
+    # A non-causal router (top-k over the sequence) and its causal stand-in share the weights:
+    # report both, and how often the causal rule makes the training-time choice.
+    out = {"step": step}
+    for mode in modes:
+        setup_m = build_setup(dataclasses.replace(mcfg, routing_mode=mode), tcfg)
+        with jax.set_mesh(setup_m.mesh), shd.use_rules(setup_m.rules):
+            loss, bpb = evaluate(setup_m, params, batches)
+        note = "causal" if mode == "threshold" else "non-causal: sees later tokens"
+        log(f"{workdir} ({gm.model_name(mcfg)}) step {step}, routing_mode={mode} ({note}): validation loss "
+            f"{loss:.4f} nats/token = {bpb:.3f} bits-per-byte {where}")
+        out[f"eval_loss_{mode}"], out[f"eval_bpb_{mode}"] = loss, bpb
+    out["routing_agreement"] = _agreement(dataclasses.replace(mcfg, routing_mode="topk"), setup, params, batches)
+    log(f"  routing agreement (causal rule == top-k choice, per token and expert/step): "
+        f"{out['routing_agreement']:.4f}")
+    return out
+
+
+def _agreement(cfg, setup, params, batches) -> float:
+    """Mean of the models' ``*_agreement`` statistics over the validation batches."""
+    from flax import nnx
+
+    graphdef = nnx.split(gm.build_from_config(cfg), nnx.Param)[0]  # (one host copy: small models)
+
+    @jax.jit
+    def stats(p, inputs):
+        out = nnx.merge(graphdef, p)(inputs)
+        aux = out[1] if isinstance(out, tuple) else {}
+        return [jax.numpy.mean(v) for k, (v, w) in sorted(aux.items()) if k.endswith("_agreement")]
+
+    values = []
     with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
-        loss, bpb = evaluate(setup, params, batches)
-    log(f"{workdir} ({gm.model_name(mcfg)}) step {step}: validation loss {loss:.4f} nats/token = "
-        f"{bpb:.3f} bits-per-byte over {len(batches) * batches[0]['inputs'].shape[0]} windows of "
-        f"{tcfg.seq_len} tokens ({corpus.description})")
-    return {"step": step, "eval_loss": loss, "eval_bpb": bpb}
+        for batch in batches:
+            values += [float(v) for v in stats(params, batch["inputs"])]
+    return sum(values) / max(len(values), 1)

@@ -60,10 +60,11 @@ def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
     parts.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=mask))
     main = optax.chain(*parts)
+    kinds = jax.tree_util.tree_map_with_path(lambda path, v: param_kind(path), params,
+                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if "router_bias" not in jax.tree.leaves(kinds):
+        return main
     labels = jax.tree_util.tree_map_with_path(
         lambda path, v: v.replace("router_bias" if param_kind(path) == "router_bias" else "main"), params,
         is_leaf=lambda x: isinstance(x, nnx.Variable))
-    if "router_bias" not in {v.value if isinstance(v, nnx.Variable) else v for v in jax.tree.leaves(
-            labels, is_leaf=lambda x: isinstance(x, nnx.Variable))}:
-        return main
     return optax.multi_transform({"main": main, "router_bias": optax.sgd(1.0)}, labels)

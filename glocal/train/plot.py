@@ -1,5 +1,7 @@
 """``glocal plot DIR [DIR...] -o curves.png``: training and validation loss of several runs
-against tokens seen and against wall-clock time, one figure, one colour per run."""
+against tokens seen and against wall-clock time, one figure, one colour per run; for
+mixture-of-experts runs a third panel shows expert load (max / mean, averaged over layers)
+and the dropped-assignment fraction."""
 
 from __future__ import annotations
 
@@ -58,7 +60,9 @@ def plot_runs(workdirs, output="curves.png") -> pathlib.Path:
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    fig, (ax_tok, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    routed = any("moe_load_max_over_mean" in r for _, train, _ in runs for r in train)
+    fig, axes = plt.subplots(1, 3 if routed else 2, figsize=(18 if routed else 12, 4.5))
+    ax_tok, ax_time = axes[0], axes[1]
     kinds = fig.canvas.get_supported_filetypes()
     if out.suffix.lstrip(".").lower() not in kinds:
         plt.close(fig)
@@ -74,6 +78,22 @@ def plot_runs(workdirs, output="curves.png") -> pathlib.Path:
             if evals:
                 ax.plot([r[x] for r in evals], [r["eval_bpb"] for r in evals], "o--", color=c,
                         label=f"{label} validation")
+    if routed:  # mixture-of-experts runs: how balanced the routers are
+        ax_moe = axes[2]
+        for i, (wd, train, _) in enumerate(runs):
+            rows = [r for r in train if "moe_load_max_over_mean" in r]
+            if not rows:
+                continue
+            c = colors[i % len(colors)]
+            ax_moe.plot([r["tokens"] for r in rows], [r["moe_load_max_over_mean"] for r in rows], color=c,
+                        label=f"{_label(wd)} max/mean expert load")
+            if any(r.get("moe_dropped", 0) for r in rows):
+                ax_moe.plot([r["tokens"] for r in rows], [r["moe_dropped"] for r in rows], ":", color=c,
+                            label=f"{_label(wd)} dropped fraction")
+        ax_moe.set_xlabel("tokens seen")
+        ax_moe.set_ylabel("expert load max / mean (1 = balanced)")
+        ax_moe.grid(alpha=0.3)
+        ax_moe.legend(fontsize=8)
     ax_tok.set_xlabel("tokens seen")
     ax_time.set_xlabel("wall-clock seconds")
     for ax in (ax_tok, ax_time):

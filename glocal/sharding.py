@@ -187,6 +187,11 @@ def use_rules(rules):
         _RULES.reset(token)
 
 
+def active_rules():
+    """The rule table ``use_rules`` made current (None outside one)."""
+    return _RULES.get()
+
+
 def constrain(x: jax.Array, names: Iterable[str | None]) -> jax.Array:
     """Pin activation ``x`` to the sharding its logical ``names`` map to.
 

@@ -331,3 +331,28 @@ def test_expert_parallel_dispatch_is_used_under_an_expert_mesh():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert "ALL_TO_ALL" in out.stdout, out.stderr[-2000:]
     assert int(out.stdout.split("ALL_TO_ALL")[1]) >= 2  # dispatch and return
+
+
+def test_expert_choice_run_evaluates_under_both_routings(tmp_path):
+    """Train a few steps with expert choice, then `glocal eval`: both routing modes' losses
+    and their agreement are reported; generation decodes with the causal rule."""
+    import glocal
+    from glocal import workdir as workdirs
+    from glocal.train.evaluate import evaluate_workdir
+    from glocal.train.trainer import train
+    from tests.test_data import make_folder
+
+    run = {"batch_size": "4", "seq_len": "32", "eval_batches": "1", "log_every": "1", "sample_tokens": "0",
+           "steps": "3", "checkpoint_every": "0", "tensorboard": "false", "data": str(make_folder(tmp_path / "c")),
+           "router": "expert_choice", "capacity_factor": "2.0"}
+    out = train("moe_tiny", tmp_path / "wd", run)
+    assert out["history"][-1]["moe_predictor_agreement"] > 0
+    lines = []
+    r = evaluate_workdir(tmp_path / "wd", log=lines.append)
+    assert {"eval_loss_topk", "eval_loss_threshold"} <= set(r) and 0.0 <= r["routing_agreement"] <= 1.0
+    assert np.isfinite(r["eval_loss_threshold"]) and any("routing_mode=threshold (causal)" in s for s in lines)
+    model, _ = workdirs.load_model(tmp_path / "wd")
+    assert model.config.routing_mode == "topk"
+    from glocal.generation import causal_variant
+    assert causal_variant(model).config.routing_mode == "threshold"
+    assert len(glocal.generate(model, [[1, 2, 3]], 4)[0]) == 4

@@ -88,9 +88,9 @@ def _expert_parallel_axes(num_experts: int, num_rows: int) -> tuple[str, ...]:
     """The mesh axes that the active rule table shards ``expert`` over (size > 1), when the
     experts and the token rows split evenly across them; ``()`` otherwise (no mesh, or a table
     that replicates experts: the plain dispatch runs and XLA places it)."""
-    from glocal.sharding import BATCH_AXES, _RULES, mesh_axes_of
+    from glocal.sharding import BATCH_AXES, active_rules, mesh_axes_of
 
-    rules, mesh = _RULES.get(), jax.sharding.get_abstract_mesh()
+    rules, mesh = active_rules(), jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty:
         return ()
     axes = tuple(a for a in mesh_axes_of("expert", rules) if mesh.shape.get(a, 1) > 1)

@@ -1,7 +1,7 @@
 """~125M-active MoE for accelerators (Switch / ST-MoE practice): ``transformer_base``'s shape
 (d=768, 12 layers, 12 heads) with every other FFN routed (6 MoE layers), 8 experts of width
 1664, top-2: active parameters per token match the dense 3328-wide FFN (~121M in all);
-total ~290M. Train in bfloat16 compute with ``dtype=bfloat16``; ``moe_impl=capacity
+total 259M. Train in bfloat16 compute with ``dtype=bfloat16``; ``moe_impl=capacity
 capacity_factor=1.25`` for static shapes on TPU."""
 
 FAMILY = "moe"

@@ -1,7 +1,7 @@
 """Small MoE that trains on a 2-core CPU: ``transformer_small``'s shape (d=256, 4 layers,
 GQA 4:2) with every FFN routed: 8 experts of width 384, top-2, so each token uses the same
 FFN parameters as the baseline's SwiGLU 768 (active parameters match; total FFN parameters
-are 4x). Dropless dispatch, Switch balance loss 0.01, router z-loss 0.001."""
+are 4x: 10.4M parameters in all, 3.35M active). Dropless dispatch, Switch balance loss 0.01, router z-loss 0.001."""
 
 FAMILY = "moe"
 

@@ -305,6 +305,16 @@ def param_count(module: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
+def active_param_count(module: nnx.Module) -> float:
+    """Parameters one token uses: all of them, except that routed FFNs (modules with
+    ``active_params()``, e.g. mixture-of-experts) count only the experts a token visits."""
+    n = float(param_count(module))
+    for _, node in nnx.iter_graph(module):
+        if hasattr(node, "active_params") and isinstance(node, nnx.Module):
+            n += node.active_params() - param_count(node)
+    return n
+
+
 def check_tokens(tokens_BT, vocab_size: int) -> None:
     """Reject out-of-range token ids when they are concrete (inside jit they are not)."""
     if isinstance(tokens_BT, jax.core.Tracer):

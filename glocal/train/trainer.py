@@ -39,6 +39,7 @@ from glocal.train import data, distributed
 from glocal.train.checkpoints import CheckpointMismatch, TrainCheckpointer
 from glocal.train.lock import WorkdirBusy, WorkdirLock
 from glocal.train.config import TrainConfig, split_overrides
+from glocal.models.base import active_param_count
 from glocal.train.metrics import MetricsWriter, peak_flops
 from glocal.train.optim import make_optimizer, schedule
 from glocal.train.step import make_eval_step, make_train_step
@@ -239,7 +240,9 @@ def train(config_name: str | None, workdir, overrides: dict[str, str] | None = N
     mcfg, tcfg = resolve_configs(config_name, workdir, overrides or {})
     tokenizer = get_tokenizer("byte")
     setup = build_setup(mcfg, tcfg, devices)
-    log(f"model {gm.model_name(mcfg)}: {setup.n_params / 1e6:.2f}M parameters, "
+    active = active_param_count(nnx.eval_shape(lambda: gm.build_from_config(mcfg)))
+    routed = f" ({active / 1e6:.2f}M active per token)" if active < setup.n_params else ""
+    log(f"model {gm.model_name(mcfg)}: {setup.n_params / 1e6:.2f}M parameters{routed}, "
         f"{setup.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(setup.mesh.shape)}, "
         f"rules {tcfg.sharding}")
     for line in shd.describe_dropped(setup.abstract_params, setup.mesh, setup.rules)[:5]:

@@ -55,6 +55,9 @@ FAMILY_VARIANTS = {
     # Blocks of 3 with a 3-vector prefix and GQA in both decoders.
     "block": {"odd": dict(block_size=3, prefix_len=3, d_block=48, block_heads=4, block_kv_heads=2, token_heads=2,
                           token_kv_heads=1, max_seq_len=48, seed=4)},
+    # Three recursions with plain cycle sharing (capacities 1, 2/3, 1/3), and full recursion.
+    "mor": {"cycle3": dict(sharing="cycle", num_layers=3, num_recursions=3, seed=5),
+            "full": dict(recursion_router="none", seed=6)},
 }
 CASES = [(f, None) for f in FAMILIES] + [(f, v) for f in FAMILIES for v in FAMILY_VARIANTS.get(f, {})]
 CASE_IDS = [f if v is None else f"{f}-{v}" for f, v in CASES]
@@ -70,7 +73,13 @@ NEW_TOKENS = 14  # greedy generation: longest prompt + 14 <= T, so the reference
 
 
 def model_for(family, variant=None):
+    """The family's tiny model (or a variant). A router that is non-causal in training
+    (``routing_modes()``: expert choice) is checked in its causal mode, the one that
+    evaluation and decoding use."""
     kw = dict(FAMILY_VARIANTS[family][variant]) if variant else {}
+    cfg = gm.get_config(family, "tiny", **{k: v for k, v in kw.items() if k != "seed"})
+    if cfg.routing_modes():
+        kw["routing_mode"] = "threshold"
     return build(family, "tiny", **kw)
 
 

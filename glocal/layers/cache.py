@@ -123,6 +123,48 @@ class RingKVCache(KVCache):
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class CompactKVCache(KVCache):
+    """A ``KVCache`` whose slots fill in arrival order, not by position: a layer that sees only
+    some tokens (mixture-of-recursions' deeper steps) stores just those, so ``size`` can be a
+    fraction of the sequence. ``count_B`` says how many slots each row holds; positions stay in
+    ``pos_BS`` (masks and RoPE use the original positions). Tokens that arrive when a row is
+    full are not stored (callers size caches so that this cannot happen)."""
+
+    count_B: jax.Array  # int32 slots used per row
+
+    @classmethod
+    def create(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> "CompactKVCache":
+        base = KVCache.create(batch_size, size, num_kv_heads, head_dim, dtype)
+        return cls(base.k_BKSE, base.v_BKSE, base.pos_BS, jnp.zeros((batch_size,), jnp.int32))
+
+    def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None, layer=None) -> "CompactKVCache":
+        if valid_BT is None:
+            valid_BT = jnp.ones(positions_BT.shape, bool)
+        count_B = self.count_B if layer is None else self.count_B[layer]
+        slot_BT = count_B[:, None] + jnp.cumsum(valid_BT, axis=1, dtype=jnp.int32) - 1
+        slot_BT = jnp.where(valid_BT & (slot_BT < self.size), slot_BT, self.size)  # out of range: dropped
+        row_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
+        lead = () if layer is None else (layer,)
+        write = lambda buf, idx, new: buf.at[idx].set(new.astype(buf.dtype), mode="drop")
+        count_B = jnp.minimum(count_B + jnp.sum(valid_BT, axis=1, dtype=jnp.int32), self.size)
+        return dataclasses.replace(
+            self,
+            k_BKSE=write(self.k_BKSE, lead + (row_BT, slice(None), slot_BT), k_BTKE),
+            v_BKSE=write(self.v_BKSE, lead + (row_BT, slice(None), slot_BT), v_BTKE),
+            pos_BS=write(self.pos_BS, lead + (row_BT, slot_BT), positions_BT.astype(jnp.int32)),
+            count_B=count_B if layer is None else self.count_B.at[layer].set(count_B),
+        )
+
+    def clear_rows(self, rows_B, layer=None) -> "CompactKVCache":
+        out = super().clear_rows(rows_B, layer)
+        count = self.count_B if layer is None else self.count_B[layer]
+        count = jnp.where(rows_B, 0, count)
+        return dataclasses.replace(out, count_B=count if layer is None else self.count_B.at[layer].set(count))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class LayerView:
     """One layer of a cache stacked over layers, read and written through the stack.
 

@@ -14,6 +14,7 @@ from glocal.models.based import Based, BasedConfig
 from glocal.models.block_transformer import BlockTransformer, BlockTransformerCache, BlockTransformerConfig
 from glocal.models.fit import FIT, FITCache, FITConfig
 from glocal.models.moe import MoE, MoEConfig
+from glocal.models.mor import MoR, MoRCache, MoRConfig
 from glocal.models.transformer import Transformer, TransformerCache, TransformerConfig
 
 register("transformer", TransformerConfig, Transformer)
@@ -21,10 +22,11 @@ register("fit", FITConfig, FIT)
 register("block", BlockTransformerConfig, BlockTransformer)
 register("based", BasedConfig, Based)
 register("moe", MoEConfig, MoE)
+register("mor", MoRConfig, MoR)
 
 __all__ = [
     "Based", "BasedConfig", "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "DecoderConfig", "FIT", "FITCache",
-    "FITConfig", "LanguageModel", "MoE", "MoEConfig", "ModelBase", "ModelCache", "Transformer", "TransformerCache",
+    "FITConfig", "LanguageModel", "MoE", "MoEConfig", "MoR", "MoRCache", "MoRConfig", "ModelBase", "ModelCache", "Transformer", "TransformerCache",
     "TransformerConfig", "build", "build_from_config", "config_class", "get_config", "list_models",
     "list_presets", "model_name", "register", "split_config_name",
 ]

@@ -1,0 +1,311 @@
+"""Mixture-of-Recursions (Bae et al. 2025): one shared stack of ``b`` layers applied up to
+``num_recursions`` (N_r) times, a router deciding per token how many times.
+
+    tokens -> Embed -> [first layer] -> r = 1..N_r: route, Shared_b on the routed tokens
+           -> [last layer] -> Norm -> head
+
+Parameter sharing (``sharing``): ``cycle`` (``num_layers = b N_r``, every unrolled layer is a
+shared one) or ``middle_cycle`` (``num_layers = b N_r + 2``: the first and last layers are
+unique; the paper's main variant). ``router="none"`` is the plain recursive baseline (every
+token takes every step).
+
+Expert-choice router (``router="expert_choice"``): per step r a linear router ``w_r`` (no
+bias) gives ``g = alpha * sigmoid(x . w_r)``. Two routing modes share the weights:
+
+* ``topk`` (training; non-causal, the paper's): among the tokens selected at step r-1 (all at
+  r = 1), the ``k_r = max(1, floor(cap_r T))`` with the largest logits, sorted by position; the
+  shared layers run on the compacted ``[B, k_r, D]`` sequence with RoPE at the *original*
+  positions (causal order is kept by the sort), and ``x <- x + g * Shared(x)`` for them (the
+  stack's output includes its residual, so a selected token becomes ``(1 + g) h + g Delta``);
+  the others keep ``x``. A BCE loss (``router_aux_weight``) teaches ``sigmoid(logit)`` the
+  top-k membership, over each step's candidates, summed over steps.
+* ``threshold`` (evaluation, decoding; causal): a token continues to step r if it reached step
+  r - 1, its logit is > 0 (``sigmoid > 0.5``), and fewer than ``ceil(cap_r (t + 1))`` tokens of
+  its row up to its position t have (a running budget: it bounds step r's cache by
+  ``cap_r`` of the length whatever the router says). Steps with ``cap_r = 1`` take every
+  candidate, as top-k does. Teacher forcing runs the shared layers on the whole sequence with
+  attention restricted to the tokens active at the step; cached decoding stores only them.
+
+Caches are recursion-wise and compacted (``CompactKVCache``): step r's shared layers hold
+``ceil(cap_r max_len)`` slots, so a sequence costs ``2 K E L (2 + b sum_r cap_r)`` elements
+(middle_cycle) against ``2 K E L (2 + b N_r)`` for full recursion.
+
+Letters (beyond the package legend): R recursion steps; ``_BK`` tensors index the ``k_r``
+tokens routed at a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glocal.configs.base import ConfigError
+from glocal.layers import DecoderStack, LayerKind
+from glocal.layers.cache import CompactKVCache, stack_cache
+from glocal.layers.decoder import merge_aux
+from glocal.layers.params import fan_in_init, param
+from glocal.models.base import DecoderConfig, ModelBase, ModelCache
+
+SHARING = ("cycle", "middle_cycle")
+RECURSION_ROUTERS = ("expert_choice", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoRConfig(DecoderConfig):
+    d_model: int = 64
+    num_layers: int = 6  # unrolled depth: b * num_recursions (+ 2 for middle_cycle)
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    d_ff: int = 256
+    num_recursions: int = 2  # N_r
+    sharing: str = "middle_cycle"  # cycle | middle_cycle
+    recursion_router: str = "expert_choice"  # expert_choice | none (full recursion)
+    capacities: tuple[float, ...] | None = None  # cap_r per step; None = (N_r - r + 1) / N_r
+    router_alpha: float = 0.1  # g = alpha * sigmoid(logit)
+    router_aux_weight: float = 1e-3  # BCE of the router logit against top-k membership
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_positive("d_model", "num_layers", "d_ff", "num_recursions")
+        self.require_heads("d_model", "num_heads", "num_kv_heads", "head_dim")
+        for name, allowed in (("sharing", SHARING), ("recursion_router", RECURSION_ROUTERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        unique = 2 if self.sharing == "middle_cycle" else 0
+        R = self.num_recursions
+        if self.num_layers - unique < R or (self.num_layers - unique) % R:
+            form = "b x num_recursions + 2 (first and last unique)" if unique else "b x num_recursions"
+            ok = [b * R + unique for b in range(1, 5)]
+            raise ConfigError(f"num_layers={self.num_layers} does not split into {form} with num_recursions={R}; "
+                              f"use num_layers in {ok}... or another num_recursions.")
+        caps = self.capacity_schedule
+        if len(caps) != R:
+            raise ConfigError(f"capacities has {len(caps)} entries; give one per recursion step ({R}).")
+        if any(not 0 < c <= 1 for c in caps) or any(b > a for a, b in zip(caps, caps[1:])):
+            raise ConfigError(f"capacities={caps} must lie in (0, 1] and never increase from one step to the next "
+                              f"(a token can only continue if it took the previous step), e.g. "
+                              f"{tuple(round((R - r) / R, 3) for r in range(R))}.")
+
+    @property
+    def base_depth(self) -> int:
+        return (self.num_layers - (2 if self.sharing == "middle_cycle" else 0)) // self.num_recursions
+
+    @property
+    def capacity_schedule(self) -> tuple[float, ...]:
+        R = self.num_recursions
+        if self.recursion_router == "none":
+            return (1.0,) * R
+        return tuple(self.capacities) if self.capacities is not None else tuple((R - r) / R for r in range(R))
+
+    def routing_modes(self) -> tuple[str, ...]:
+        if self.recursion_router == "expert_choice":
+            return ("topk", "threshold")
+        return super().routing_modes()
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoRCache(ModelCache):
+    """``first`` / ``last``: the unique layers' KV caches (empty tuples for ``cycle``);
+    ``steps``: per recursion step, the shared layers' compacted caches."""
+
+    first: tuple
+    steps: tuple
+    last: tuple
+    length_B: jax.Array
+
+
+def _slots(cap: float, n: int) -> int:
+    """``ceil(cap n)``, robust to float rounding (2/3 of 6 is 4, not 5)."""
+    return max(1, math.ceil(cap * n - 1e-6))
+
+
+def _admit(want_BT, positions_BT, count_B, cap: float):
+    """Threshold routing's running budget: token t of a row is admitted if it wants to be and
+    fewer than ``ceil(cap (t + 1))`` tokens of its row were admitted before it (``count_B`` of
+    them in earlier calls). Causal, and never more than ``ceil(cap L)`` tokens in L."""
+    limit_BT = jnp.ceil(cap * (positions_BT + 1).astype(jnp.float32) - 1e-6).astype(jnp.int32)
+
+    def step(count_B, xs):
+        want_B, limit_B = xs
+        ok_B = want_B & (count_B < limit_B)
+        return count_B + ok_B.astype(jnp.int32), ok_B
+
+    _, ok_TB = jax.lax.scan(step, count_B, (want_BT.T, limit_BT.T))
+    return ok_TB.T
+
+
+class MoR(ModelBase):
+    packed_documents = False
+    packing_note = "its top-k router ranks the tokens of the whole window against each other"
+
+    def __init__(self, cfg: MoRConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed = self._make_embed(cfg.d_model, rngs)
+        spec = cfg.layer(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                         head_dim=cfg.head_dim, d_ff=cfg.d_ff)
+        stack = lambda n: DecoderStack(spec, [LayerKind("global", cfg.ffn)], n, scan=cfg.scan_layers,
+                                       remat=cfg.remat, rngs=rngs)
+        middle = cfg.sharing == "middle_cycle"
+        self.first = stack(1) if middle else None
+        self.shared = stack(cfg.base_depth)
+        self.last = stack(1) if middle else None
+        if cfg.recursion_router == "expert_choice":
+            self.router_RD = param(rngs, fan_in_init(cfg.d_model), (cfg.num_recursions, cfg.d_model),
+                                   (None, "embed"), jnp.float32)
+        self._init_output(cfg.d_model, rngs)
+
+    # -- teacher forcing ------------------------------------------------------------------------
+    def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
+        self._check_inputs(tokens_BT, positions_BT, segment_ids_BT)
+        B, T = tokens_BT.shape
+        pos_BT = self._positions(B, T)
+        x_BTD, auxes = self.embed(tokens_BT), []
+        if self.first is not None:
+            x_BTD, _, a = self.first(x_BTD, positions_BT=pos_BT)
+            auxes.append(a)
+        cfg = self.config
+        if cfg.recursion_router == "none":
+            for _ in range(cfg.num_recursions):
+                x_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT)
+                auxes.append(a)
+        elif cfg.routing_mode == "topk":
+            x_BTD, a = self._recurse_topk(x_BTD, pos_BT)
+            auxes.append(a)
+        else:
+            x_BTD, a = self._recurse_threshold(x_BTD, pos_BT)
+            auxes.append(a)
+        if self.last is not None:
+            x_BTD, _, a = self.last(x_BTD, positions_BT=pos_BT)
+            auxes.append(a)
+        return self._output(self._logits(x_BTD), *auxes)
+
+    def _router(self, x_BTD, r: int):
+        """The step-r router logit (float32) and gate ``alpha * sigmoid(logit)``."""
+        logit_BT = jnp.einsum("btd,d->bt", x_BTD.astype(jnp.float32), self.router_RD[...][r])
+        return logit_BT, self.config.router_alpha * jax.nn.sigmoid(logit_BT)
+
+    def _recurse_topk(self, x_BTD, pos_BT, trace: list | None = None):
+        """Top-k routing; ``trace`` (a list) receives each step's sorted indices ``[B, k_r]``."""
+        cfg = self.config
+        B, T, _ = x_BTD.shape
+        b_B1 = jnp.arange(B)[:, None]
+        cand_BT = jnp.ones((B, T), bool)
+        aux, bce, agree = {}, 0.0, []
+        for r, cap in enumerate(cfg.capacity_schedule):
+            logit_BT, gate_BT = self._router(x_BTD, r)
+            k = max(1, math.floor(cap * T + 1e-6))
+            _, idx_BK = jax.lax.top_k(jnp.where(cand_BT, logit_BT, -jnp.inf), k)
+            idx_BK = jnp.sort(idx_BK, axis=-1)  # causal order among the routed tokens
+            member_BT = jnp.zeros((B, T), bool).at[b_B1, idx_BK].set(True)
+            # BCE over this step's candidates: sigmoid(logit) should say "selected".
+            m = member_BT.astype(jnp.float32)
+            loss_BT = jnp.maximum(logit_BT, 0) - logit_BT * m + jnp.log1p(jnp.exp(-jnp.abs(logit_BT)))
+            bce = bce + jnp.sum(loss_BT * cand_BT) / jnp.maximum(jnp.sum(cand_BT), 1)
+            # How often the causal rule (logit > 0, or a full step) makes the same choice.
+            rule_BT = (logit_BT > 0) | (cap >= 1.0)
+            agree.append(jnp.sum((rule_BT == member_BT) & cand_BT) / jnp.maximum(jnp.sum(cand_BT), 1))
+            if trace is not None:
+                trace.append(idx_BK)
+            y_BKD, _, a = self.shared(x_BTD[b_B1, idx_BK], positions_BT=pos_BT[b_B1, idx_BK])
+            aux = merge_aux(aux, a)
+            x_BTD = x_BTD.at[b_B1, idx_BK].add(gate_BT[b_B1, idx_BK][..., None].astype(x_BTD.dtype) * y_BKD)
+            cand_BT = member_BT
+        aux["mor_router_bce"] = (bce, cfg.router_aux_weight)
+        aux["mor_router_agreement"] = (jnp.stack(agree).astype(jnp.float32), None)  # per step
+        return x_BTD, aux
+
+    def _recurse_threshold(self, x_BTD, pos_BT, caches=None, valid_BT=None):
+        """Causal routing; with ``caches`` (one per step) each step stores only its tokens."""
+        cfg = self.config
+        B, T, _ = x_BTD.shape
+        active_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
+        aux, new_caches = {}, []
+        for r, cap in enumerate(cfg.capacity_schedule):
+            logit_BT, gate_BT = self._router(x_BTD, r)
+            want_BT = active_BT & ((logit_BT > 0) | (cap >= 1.0))
+            count_B = jnp.zeros((B,), jnp.int32) if caches is None else caches[r][0].count_B[0]
+            active_BT = _admit(want_BT, pos_BT, count_B, cap)
+            if caches is None:
+                # Attention among the tokens active at this step only (segment 1 vs 0).
+                y_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
+                aux = merge_aux(aux, a)
+            else:
+                y_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=caches[r], valid_BT=active_BT)
+                new_caches.append(c)
+            x_BTD = jnp.where(active_BT[..., None], x_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, x_BTD)
+        return (x_BTD, aux) if caches is None else (x_BTD, tuple(new_caches))
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (3x forward), routing-aware: step r runs the shared layers
+        on ``cap_r`` of the tokens (attention over ``cap_r T`` keys), plus the unique layers,
+        the routers and the head."""
+        cfg = self.config
+        f = sum(s.flops_per_row(seq_len) for s in (self.first, self.last) if s is not None)
+        for cap in cfg.capacity_schedule:
+            k = max(1, math.floor(cap * seq_len + 1e-6))
+            f += (k / seq_len) * self.shared.flops_per_row(k)
+        if cfg.recursion_router == "expert_choice":
+            f += 2.0 * self.router_RD.size
+        return 3 * (f + self._head_flops())
+
+    # -- cached decoding (threshold routing: causal) --------------------------------------------
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> MoRCache:
+        max_len = self._cache_length(max_len)
+        unique = lambda s: () if s is None else s.init_cache(batch_size, max_len)
+        mixer = self.shared.units.layers[0].mixer
+        steps = tuple(
+            (stack_cache(CompactKVCache.create(batch_size, _slots(cap, max_len), mixer.attn.num_kv_heads,
+                                               mixer.attn.head_dim, mixer.dtype), self.config.base_depth),)
+            for cap in self.config.capacity_schedule)
+        return MoRCache(unique(self.first), steps, unique(self.last), jnp.zeros((batch_size,), jnp.int32))
+
+    def cache_nbytes(self, batch_size: int, length: int) -> int:
+        """Unique layers: one slot per token; step r: ``ceil(cap_r length)`` slots in each of the
+        b shared layers (``2 K E`` elements and an int32 position per slot, an int32 count per
+        row and layer); plus the int32 lengths."""
+        mixer = self.shared.units.layers[0].mixer
+        per_slot = 2 * mixer.attn.num_kv_heads * mixer.attn.head_dim * jnp.dtype(mixer.dtype).itemsize + 4
+        b = self.config.base_depth
+        n = sum(s.cache_nbytes(batch_size, length) for s in (self.first, self.last) if s is not None)
+        for cap in self.config.capacity_schedule:
+            n += b * batch_size * (_slots(cap, length) * per_slot + 4)
+        return n + 4 * batch_size
+
+    def prefill(self, tokens_BT, lengths_B, cache: MoRCache):
+        self._check_fresh(cache)
+        return self._extend(tokens_BT, lengths_B, cache)
+
+    def decode(self, tokens_B, cache: MoRCache):
+        return self._extend(tokens_B[:, None], jnp.ones_like(cache.length_B), cache)
+
+    def _extend(self, tokens_BT, lengths_B, cache: MoRCache):
+        self._check_inputs(tokens_BT)
+        cfg = self.config
+        T = tokens_BT.shape[1]
+        pos_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        valid_BT = jnp.arange(T)[None] < lengths_B[:, None]
+        x_BTD, first, last = self.embed(tokens_BT), cache.first, cache.last
+        if self.first is not None:
+            x_BTD, first, _ = self.first(x_BTD, positions_BT=pos_BT, caches=cache.first, valid_BT=valid_BT)
+        if cfg.recursion_router == "none":
+            steps = []
+            for r in range(cfg.num_recursions):
+                x_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=cache.steps[r], valid_BT=valid_BT)
+                steps.append(c)
+            steps = tuple(steps)
+        else:
+            x_BTD, steps = self._recurse_threshold(x_BTD, pos_BT, cache.steps, valid_BT)
+        if self.last is not None:
+            x_BTD, last, _ = self.last(x_BTD, positions_BT=pos_BT, caches=cache.last, valid_BT=valid_BT)
+        last_B = jnp.maximum(lengths_B - 1, 0)
+        logits_BV = self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
+        return logits_BV, MoRCache(first, steps, last, cache.length_B + lengths_B)
+
+
+__all__ = ["MoR", "MoRCache", "MoRConfig"]

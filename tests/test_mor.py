@@ -146,3 +146,30 @@ def test_cache_bytes_follow_the_recursion_wise_formula():
 def test_config_errors_explain_the_fix(overrides, message):
     with pytest.raises(ConfigError, match=message):
         gm.get_config("mor", "tiny", **overrides)
+
+
+def test_token_choice_depths_and_losses():
+    """Each token leaves at its chosen depth as h0 + p * out; losses against NumPy."""
+    model = gm.build("mor", "tiny", recursion_router="token_choice", num_layers=5, num_recursions=3, seed=8)
+    x = jnp.asarray(RNG.integers(0, 256, (2, 18)), jnp.int32)
+    h0, pos = stem(model, x)
+    got, aux = model._recurse_depths(h0, pos)
+    logits = np.asarray(jnp.einsum("btd,dr->btr", h0, model.router_DR[...]), np.float64)
+    depth = logits.argmax(-1)
+    assert len(set(depth.ravel().tolist())) > 1  # the check below covers several depths
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    h, want = h0, np.zeros(h0.shape)
+    for r in range(3):
+        active = depth >= r
+        y, _, _ = model.shared(h, positions_BT=pos, segment_ids_BT=jnp.asarray(active, jnp.int32))
+        for b in range(2):
+            for t in range(18):
+                if depth[b, t] == r:
+                    want[b, t] = np.asarray(h0[b, t]) + p[b, t, r] * np.asarray(y[b, t])
+        h = jnp.where(jnp.asarray(active)[..., None], y, h)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    f = np.bincount(depth.ravel(), minlength=3) / depth.size
+    assert float(aux["mor_depth_balance"][0]) == pytest.approx(3 * np.sum(f * p.mean((0, 1))), rel=1e-5)
+    lse = np.log(np.exp(logits).sum(-1))
+    assert float(aux["mor_depth_z"][0]) == pytest.approx(np.mean(lse**2), rel=1e-5)

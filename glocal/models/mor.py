@@ -26,6 +26,12 @@ bias) gives ``g = alpha * sigmoid(x . w_r)``. Two routing modes share the weight
   candidate, as top-k does. Teacher forcing runs the shared layers on the whole sequence with
   attention restricted to the tokens active at the step; cached decoding stores only them.
 
+Token-choice router (``router="token_choice"``): one softmax over depths on the recursion's
+input; each token runs ``1 + argmax`` steps (causal by construction), leaves as
+``h0 + p * out``; Switch balance loss over depths and z-loss. Its steps are computed on the
+whole sequence with masks (static shapes; no ragged re-batching) and its caches hold every
+token (a depth has no capacity).
+
 Caches are recursion-wise and compacted (``CompactKVCache``): step r's shared layers hold
 ``ceil(cap_r max_len)`` slots, so a sequence costs ``2 K E L (2 + b sum_r cap_r)`` elements
 (middle_cycle) against ``2 K E L (2 + b N_r)`` for full recursion.
@@ -51,7 +57,7 @@ from glocal.layers.params import fan_in_init, param
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
 
 SHARING = ("cycle", "middle_cycle")
-RECURSION_ROUTERS = ("expert_choice", "none")
+RECURSION_ROUTERS = ("expert_choice", "token_choice", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +70,12 @@ class MoRConfig(DecoderConfig):
     d_ff: int = 256
     num_recursions: int = 2  # N_r
     sharing: str = "middle_cycle"  # cycle | middle_cycle
-    recursion_router: str = "expert_choice"  # expert_choice | none (full recursion)
+    recursion_router: str = "expert_choice"  # expert_choice | token_choice | none (full recursion)
     capacities: tuple[float, ...] | None = None  # cap_r per step; None = (N_r - r + 1) / N_r
     router_alpha: float = 0.1  # g = alpha * sigmoid(logit)
     router_aux_weight: float = 1e-3  # BCE of the router logit against top-k membership
+    depth_balance_weight: float = 0.1  # token choice: Switch balance loss over depths
+    depth_z_weight: float = 1e-5  # token choice: router z-loss
 
     def validate(self) -> None:
         super().validate()
@@ -98,7 +106,7 @@ class MoRConfig(DecoderConfig):
     @property
     def capacity_schedule(self) -> tuple[float, ...]:
         R = self.num_recursions
-        if self.recursion_router == "none":
+        if self.recursion_router != "expert_choice":  # every step may see every token
             return (1.0,) * R
         return tuple(self.capacities) if self.capacities is not None else tuple((R - r) / R for r in range(R))
 
@@ -158,6 +166,9 @@ class MoR(ModelBase):
         if cfg.recursion_router == "expert_choice":
             self.router_RD = param(rngs, fan_in_init(cfg.d_model), (cfg.num_recursions, cfg.d_model),
                                    (None, "embed"), jnp.float32)
+        elif cfg.recursion_router == "token_choice":
+            self.router_DR = param(rngs, fan_in_init(cfg.d_model), (cfg.d_model, cfg.num_recursions),
+                                   ("embed", None), jnp.float32)
         self._init_output(cfg.d_model, rngs)
 
     # -- teacher forcing ------------------------------------------------------------------------
@@ -174,6 +185,9 @@ class MoR(ModelBase):
             for _ in range(cfg.num_recursions):
                 x_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT)
                 auxes.append(a)
+        elif cfg.recursion_router == "token_choice":
+            x_BTD, a = self._recurse_depths(x_BTD, pos_BT)
+            auxes.append(a)
         elif cfg.routing_mode == "topk":
             x_BTD, a = self._recurse_topk(x_BTD, pos_BT)
             auxes.append(a)
@@ -241,6 +255,42 @@ class MoR(ModelBase):
             x_BTD = jnp.where(active_BT[..., None], x_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, x_BTD)
         return (x_BTD, aux) if caches is None else (x_BTD, tuple(new_caches))
 
+    def _recurse_depths(self, x_BTD, pos_BT, caches=None, valid_BT=None):
+        """Token choice: one router on the recursion's input picks each token's depth
+        ``d = 1 + argmax softmax`` (causal: its own state alone). Step r runs the tokens with
+        ``d >= r`` (attention among them; with caches, only they are stored); a token leaves at
+        its depth as ``h0 + p_d * out`` (``h0`` the recursion's input, ``out`` the stack output,
+        residual included), the others continue with ``out``. Switch balance loss over depths
+        (``R sum_d f_d P_d``, 1 when balanced) and router z-loss."""
+        cfg = self.config
+        B, T, _ = x_BTD.shape
+        R = cfg.num_recursions
+        logits_BTR = jnp.einsum("btd,dr->btr", x_BTD.astype(jnp.float32), self.router_DR[...])
+        probs_BTR = jax.nn.softmax(logits_BTR, axis=-1)
+        depth_BT = jnp.argmax(logits_BTR, axis=-1)  # 0-based: the token runs steps 0..depth
+        gate_BT = jnp.take_along_axis(probs_BTR, depth_BT[..., None], axis=-1)[..., 0]
+        h0_BTD, out_BTD = x_BTD, x_BTD
+        valid_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
+        aux, new_caches = {}, []
+        for r in range(R):
+            active_BT = (depth_BT >= r) & valid_BT
+            if caches is None:
+                y_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
+                aux = merge_aux(aux, a)
+            else:
+                y_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=caches[r], valid_BT=active_BT)
+                new_caches.append(c)
+            ends_BT = (depth_BT == r)[..., None]
+            out_BTD = jnp.where(ends_BT, h0_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, out_BTD)
+            x_BTD = jnp.where(active_BT[..., None], y_BTD, x_BTD)
+        if caches is not None:
+            return out_BTD, tuple(new_caches)
+        f_R = jnp.mean(jax.nn.one_hot(depth_BT, R), axis=(0, 1))
+        aux["mor_depth_balance"] = (R * jnp.sum(f_R * jnp.mean(probs_BTR, axis=(0, 1))), cfg.depth_balance_weight)
+        aux["mor_depth_z"] = (jnp.mean(jnp.square(jax.nn.logsumexp(logits_BTR, axis=-1))), cfg.depth_z_weight)
+        aux["mor_depth_fraction"] = (f_R, None)  # per depth
+        return out_BTD, aux
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (3x forward), routing-aware: step r runs the shared layers
         on ``cap_r`` of the tokens (attention over ``cap_r T`` keys), plus the unique layers,
@@ -252,6 +302,8 @@ class MoR(ModelBase):
             f += (k / seq_len) * self.shared.flops_per_row(k)
         if cfg.recursion_router == "expert_choice":
             f += 2.0 * self.router_RD.size
+        elif cfg.recursion_router == "token_choice":  # every step over every token (masked), + router
+            f += 2.0 * self.router_DR.size
         return 3 * (f + self._head_flops())
 
     # -- cached decoding (threshold routing: causal) --------------------------------------------
@@ -293,7 +345,9 @@ class MoR(ModelBase):
         x_BTD, first, last = self.embed(tokens_BT), cache.first, cache.last
         if self.first is not None:
             x_BTD, first, _ = self.first(x_BTD, positions_BT=pos_BT, caches=cache.first, valid_BT=valid_BT)
-        if cfg.recursion_router == "none":
+        if cfg.recursion_router == "token_choice":
+            x_BTD, steps = self._recurse_depths(x_BTD, pos_BT, cache.steps, valid_BT)
+        elif cfg.recursion_router == "none":
             steps = []
             for r in range(cfg.num_recursions):
                 x_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=cache.steps[r], valid_BT=valid_BT)

@@ -6,7 +6,7 @@
 
 from glocal.kernels.masks import Causal, Full, SlidingWindow
 from glocal.layers.attention import Attention
-from glocal.layers.cache import Cache, KVCache, LayerView, RingKVCache
+from glocal.layers.cache import Cache, CompactKVCache, KVCache, LayerView, RingKVCache
 from glocal.layers.cross import CrossAttention
 from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
@@ -14,10 +14,12 @@ from glocal.layers.norms import LayerNorm, RMSNorm, make_norm
 from glocal.layers.params import param
 from glocal.layers.rope import apply_rope
 from glocal.layers.spec import FFNS, MIXER_LETTERS, MIXERS, LayerKind, LayerSpec, register_ffn, register_mixer
-from glocal.layers.decoder import DecoderLayer, DecoderStack  # noqa: E402 - registers the built-in kinds
+from glocal.layers.decoder import DecoderChain, DecoderLayer, DecoderStack  # noqa: E402 - registers the built-in kinds
+from glocal.layers.moe import MoEFFN, MoESpec  # noqa: E402
 
 __all__ = [
-    "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CrossAttention", "DecoderLayer",
+    "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CompactKVCache", "CrossAttention",
+    "DecoderChain", "DecoderLayer", "MoEFFN", "MoESpec",
     "DecoderStack", "Embed", "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP",
     "RMSNorm", "RingKVCache", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn",
     "register_mixer",

@@ -1,6 +1,6 @@
 """Grouped matmul: rows sorted by group, each group times its own matrix (MoE experts).
 
-    out[r] = x[r] @ w[g(r)]   with rows of group 0 first, then group 1, ... (``group_sizes_X``)
+    out[o] = x[o] @ w[g(o)]   with rows of group 0 first, then group 1, ... (``group_sizes_X``)
 
 Implementations (``impl``):
 
@@ -14,7 +14,7 @@ Implementations (``impl``):
   accumulates ``x_tile^T dout_tile`` into the tile's group.
 * ``"auto"``: ``"tiled"`` on CPU, ``"ragged_dot"`` elsewhere.
 
-Letters (beyond the package legend): M rows, X groups, N output columns, Z tiles.
+Letters (beyond the package legend): O rows, X groups, Z tiles (I: the output width).
 """
 
 from __future__ import annotations
@@ -27,21 +27,21 @@ import jax.numpy as jnp
 GMM_IMPLS = ("auto", "ragged_dot", "tiled")
 
 
-def grouped_matmul(x_MD, w_XDN, group_sizes_X, *, impl: str = "auto", tile: int | None = None):
-    """``[M, D] x [X, D, N] -> [M, N]`` for rows sorted by group; ``group_sizes_X`` may sum to
-    less than M (trailing rows belong to no group and give zeros, as with ragged_dot)."""
+def grouped_matmul(x_OD, w_XDI, group_sizes_X, *, impl: str = "auto", tile: int | None = None):
+    """``[O, D] x [X, D, I] -> [O, I]`` for rows sorted by group; ``group_sizes_X`` may sum to
+    less than O (trailing rows belong to no group and give zeros, as with ragged_dot)."""
     if impl not in GMM_IMPLS:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {GMM_IMPLS}.")
-    x_MD, w_XDN, group_sizes_X = jnp.asarray(x_MD), jnp.asarray(w_XDN), jnp.asarray(group_sizes_X)
+    x_OD, w_XDI, group_sizes_X = jnp.asarray(x_OD), jnp.asarray(w_XDI), jnp.asarray(group_sizes_X)
     if impl == "auto":
         impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
     if impl == "ragged_dot":
-        return jax.lax.ragged_dot(x_MD, w_XDN, group_sizes_X.astype(jnp.int32),
-                                  preferred_element_type=jnp.float32).astype(x_MD.dtype)
-    M, X = x_MD.shape[0], w_XDN.shape[0]
+        return jax.lax.ragged_dot(x_OD, w_XDI, group_sizes_X.astype(jnp.int32),
+                                  preferred_element_type=jnp.float32).astype(x_OD.dtype)
+    M, X = x_OD.shape[0], w_XDI.shape[0]
     if tile is None:  # about one tile per group on average, 8..128 rows
         tile = min(128, max(8, 1 << max(0, -(-M // X) - 1).bit_length()))
-    return _tiled(x_MD, w_XDN, group_sizes_X.astype(jnp.int32), int(tile))
+    return _tiled(x_OD, w_XDI, group_sizes_X.astype(jnp.int32), int(tile))
 
 
 def _layout(group_sizes_X, M: int, tile: int):
@@ -55,57 +55,57 @@ def _layout(group_sizes_X, M: int, tile: int):
     padded_ends = jnp.cumsum(padded)
     row_group = jnp.searchsorted(ends, jnp.arange(M), side="right")
     safe = jnp.minimum(row_group, X - 1)
-    dest_M = jnp.where(row_group < X, jnp.arange(M) - (ends - group_sizes_X)[safe] + (padded_ends - padded)[safe],
+    dest_O = jnp.where(row_group < X, jnp.arange(M) - (ends - group_sizes_X)[safe] + (padded_ends - padded)[safe],
                        Z * tile)  # rows of no group: dropped by the scatter, read back as zeros
     tile_group_Z = jnp.searchsorted(padded_ends, jnp.arange(Z) * tile, side="right")
-    return dest_M, tile_group_Z, Z
+    return dest_O, tile_group_Z, Z
 
 
-def _to_tiles(a_MD, dest_M, Z, tile):
-    return jnp.zeros((Z * tile, a_MD.shape[1]), a_MD.dtype).at[dest_M].set(a_MD, mode="drop").reshape(Z, tile, -1)
+def _to_tiles(a_OD, dest_O, Z, tile):
+    return jnp.zeros((Z * tile, a_OD.shape[1]), a_OD.dtype).at[dest_O].set(a_OD, mode="drop").reshape(Z, tile, -1)
 
 
-def _from_tiles(out_ZTN, dest_M):
-    return out_ZTN.reshape(-1, out_ZTN.shape[-1]).at[dest_M].get(mode="fill", fill_value=0)
+def _from_tiles(out_ZTI, dest_O):
+    return out_ZTI.reshape(-1, out_ZTI.shape[-1]).at[dest_O].get(mode="fill", fill_value=0)
 
 
-def _tile_products(xt_ZTD, w_XDN, tile_group_Z):
-    X, N = w_XDN.shape[0], w_XDN.shape[2]
+def _tile_products(xt_ZTD, w_XDI, tile_group_Z):
+    X, N = w_XDI.shape[0], w_XDI.shape[2]
 
     def body(_, xs):
         xt, g = xs
         # (The empty branch derives its zeros from the operands so that inside shard_map both
         # branches vary over the same mesh axes.)
-        out = jax.lax.cond(g < X, lambda: jnp.dot(xt, w_XDN[jnp.minimum(g, X - 1)], preferred_element_type=jnp.float32),
-                           lambda: jnp.zeros((xt.shape[0], N), jnp.float32) + 0 * (xt[:, :1] * w_XDN[0, :1, :]))
+        out = jax.lax.cond(g < X, lambda: jnp.dot(xt, w_XDI[jnp.minimum(g, X - 1)], preferred_element_type=jnp.float32),
+                           lambda: jnp.zeros((xt.shape[0], N), jnp.float32) + 0 * (xt[:, :1] * w_XDI[0, :1, :]))
         return None, out
     _, out = jax.lax.scan(body, None, (xt_ZTD, tile_group_Z))
     return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _tiled(x_MD, w_XDN, group_sizes_X, tile):
-    return _tiled_fwd(x_MD, w_XDN, group_sizes_X, tile)[0]
+def _tiled(x_OD, w_XDI, group_sizes_X, tile):
+    return _tiled_fwd(x_OD, w_XDI, group_sizes_X, tile)[0]
 
 
-def _tiled_fwd(x_MD, w_XDN, group_sizes_X, tile):
-    M = x_MD.shape[0]
-    dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
-    out = _tile_products(_to_tiles(x_MD, dest_M, Z, tile), w_XDN, tile_group_Z)
-    out_MN = _from_tiles(out, dest_M).astype(x_MD.dtype)
-    return out_MN, (x_MD, w_XDN, group_sizes_X)
+def _tiled_fwd(x_OD, w_XDI, group_sizes_X, tile):
+    M = x_OD.shape[0]
+    dest_O, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
+    out = _tile_products(_to_tiles(x_OD, dest_O, Z, tile), w_XDI, tile_group_Z)
+    out_OI = _from_tiles(out, dest_O).astype(x_OD.dtype)
+    return out_OI, (x_OD, w_XDI, group_sizes_X)
 
 
-def _tiled_bwd(tile, res, dout_MN):
-    x_MD, w_XDN, group_sizes_X = res
-    M = x_MD.shape[0]
-    dest_M, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
-    dt_ZTN = _to_tiles(dout_MN, dest_M, Z, tile)
-    dx = _tile_products(dt_ZTN, jnp.swapaxes(w_XDN, 1, 2), tile_group_Z)
-    dx_MD = _from_tiles(dx, dest_M).astype(x_MD.dtype)
-    xt_ZTD = _to_tiles(x_MD, dest_M, Z, tile)
+def _tiled_bwd(tile, res, dout_OI):
+    x_OD, w_XDI, group_sizes_X = res
+    M = x_OD.shape[0]
+    dest_O, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
+    dt_ZTI = _to_tiles(dout_OI, dest_O, Z, tile)
+    dx = _tile_products(dt_ZTI, jnp.swapaxes(w_XDI, 1, 2), tile_group_Z)
+    dx_OD = _from_tiles(dx, dest_O).astype(x_OD.dtype)
+    xt_ZTD = _to_tiles(x_OD, dest_O, Z, tile)
 
-    X = w_XDN.shape[0]
+    X = w_XDI.shape[0]
 
     def body(dw, xs):
         xt, dt, g = xs
@@ -114,10 +114,10 @@ def _tiled_bwd(tile, res, dout_MN):
         return jax.lax.cond(g < X, add, lambda dw: dw, dw), None
 
     # Zeros that vary like the operands (see _tile_products).
-    zeros = jnp.zeros(w_XDN.shape, jnp.float32) + 0 * (xt_ZTD[0, :1, :, None] * dt_ZTN[0, :1, None, :]
-                                                       * w_XDN[:1, :1, :1])
-    dw, _ = jax.lax.scan(body, zeros, (xt_ZTD, dt_ZTN, tile_group_Z))
-    return _like(dx_MD, x_MD), _like(dw.astype(w_XDN.dtype), w_XDN), None
+    zeros = jnp.zeros(w_XDI.shape, jnp.float32) + 0 * (xt_ZTD[0, :1, :, None] * dt_ZTI[0, :1, None, :]
+                                                       * w_XDI[:1, :1, :1])
+    dw, _ = jax.lax.scan(body, zeros, (xt_ZTD, dt_ZTI, tile_group_Z))
+    return _like(dx_OD, x_OD), _like(dw.astype(w_XDI.dtype), w_XDI), None
 
 
 def _like(ct, primal):

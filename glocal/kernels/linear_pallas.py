@@ -28,8 +28,8 @@ kernel walks the chunks in reverse carrying the state gradient and writes dq, dk
 and the initial state's gradient at the end. a2 and z2 are symmetric, and their incoming
 gradient is symmetrised, which the closed forms below rely on.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K), N chunks,
-C the chunk length (these names never meet a model's C).
+Letters added here (beyond the package legend): Y query heads per kv head (H / K). (Chunk
+counts and lengths appear only as plain integers ``N`` and ``C`` here, never in tensor names.)
 """
 
 from __future__ import annotations

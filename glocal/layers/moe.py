@@ -12,16 +12,19 @@ nothing is dropped):
 * ``dense``: every expert on every token, masked combine (the reference; X times the FLOPs).
 * ``capacity``: per sequence, each expert has ``ceil(k T / X * capacity_factor)`` buffer
   slots filled in token order; assignments that do not fit are dropped (contribute zero;
-  the residual carries the token). Scatter into ``[B, X, C, D]`` buffers, no one-hot
-  ``[tokens, X, C]`` tensors.
-* ``dropless``: the ``N k`` assignments sorted by expert, two grouped matmuls
+  the residual carries the token). Scatter into ``[B, X, Y, D]`` buffers, no one-hot
+  ``[tokens, X, Y]`` tensors.
+* ``dropless``: the ``B T k`` assignments sorted by expert, two grouped matmuls
   (``glocal.kernels.gmm``: ``jax.lax.ragged_dot`` on GPU/TPU, a tiled scan on CPU, where XLA's
   ragged_dot costs every expert on every row), unsorted and combined. Nothing is dropped.
 
 Routers (``MoESpec.router``, see ``glocal.layers.routing``): ``token_choice`` top-k, and
-``expert_choice`` (each expert takes its top-C tokens of a sequence: non-causal, so it trains
+``expert_choice`` (each expert takes its top-capacity tokens of a sequence: non-causal, so it trains
 a causal predictor beside it; ``routing_mode="threshold"`` routes each token to the experts
 whose predictor says yes, which is what evaluation and decoding use).
+
+Letters (beyond the package legend): O token rows (B T flattened), Z experts chosen per token
+(top-k), Y rows handed to the experts (sorted assignments, or an expert's capacity slots).
 
 Auxiliary losses go through the trainer's ``aux`` mechanism ``{name: (loss, weight)}``:
 ``moe_balance`` (Switch, ``alpha X sum f_e P_e``), ``moe_z`` (router z-loss), ``moe_predictor``
@@ -63,7 +66,7 @@ class MoESpec:
     router: str = "token_choice"  # token_choice | expert_choice
     router_weights: str = "renorm"  # renorm: softmax over the k chosen (Mixtral); softmax: full softmax (Switch)
     impl: str = "dropless"  # dense | capacity | dropless
-    capacity_factor: float = 1.25  # capacity dispatch; expert choice: C = T * factor / X
+    capacity_factor: float = 1.25  # capacity dispatch; expert choice: T * factor / X tokens per expert
     shared_experts: int = 0  # always-on experts (one dense FFN of shared_experts * d_expert)
     balance_weight: float = 1e-2  # alpha of the Switch load-balance loss
     z_weight: float = 1e-3  # router z-loss
@@ -101,12 +104,12 @@ def _expert_parallel_axes(num_experts: int, num_rows: int) -> tuple[str, ...]:
     return axes
 
 
-def _activate(h_NAI, activation: str):
+def _activate(h_OAI, activation: str):
     if activation == "swiglu":
-        return jax.nn.silu(h_NAI[:, 0]) * h_NAI[:, 1]
+        return jax.nn.silu(h_OAI[:, 0]) * h_OAI[:, 1]
     if activation == "geglu":
-        return jax.nn.gelu(h_NAI[:, 0]) * h_NAI[:, 1]
-    return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_NAI[:, 0])
+        return jax.nn.gelu(h_OAI[:, 0]) * h_OAI[:, 1]
+    return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_OAI[:, 0])
 
 
 @register_ffn("moe")
@@ -153,27 +156,27 @@ class MoEFFN(nnx.Module):
         return n
 
     # -- experts on gathered rows -----------------------------------------------------------
-    def _experts_dense(self, x_ND):
-        """Every expert on every row: ``[X, N, D]``."""
-        h = jnp.einsum("nd,xdai->xnai", x_ND, self.wi_XDAI[...].astype(self.dtype))
-        X, N, A, I = h.shape
-        h_XNI = _activate(h.reshape(X * N, A, I), self.activation).reshape(X, N, I)
-        return jnp.einsum("xni,xid->xnd", h_XNI, self.wo_XID[...].astype(self.dtype))
+    def _experts_dense(self, x_OD):
+        """Every expert on every row: ``[X, O, D]``."""
+        h = jnp.einsum("nd,xdai->xnai", x_OD, self.wi_XDAI[...].astype(self.dtype))
+        X, O, A, I = h.shape
+        h_XOI = _activate(h.reshape(X * O, A, I), self.activation).reshape(X, O, I)
+        return jnp.einsum("xni,xid->xnd", h_XOI, self.wo_XID[...].astype(self.dtype))
 
-    def _experts_grouped(self, x_MD, group_sizes_X):
-        """Rows sorted by expert (``group_sizes_X`` rows each): ``[M, D]`` through a grouped matmul."""
+    def _experts_grouped(self, x_YD, group_sizes_X):
+        """Rows sorted by expert (``group_sizes_X`` rows each): ``[Y, D]`` through a grouped matmul."""
         X, D, A, I = self.wi_XDAI.shape
         gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
-        h = gmm(x_MD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
-        h_MI = _activate(h.reshape(-1, A, I), self.activation)
-        return gmm(h_MI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
+        h = gmm(x_YD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
+        h_YI = _activate(h.reshape(-1, A, I), self.activation)
+        return gmm(h_YI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
 
-    def _experts_buffers(self, buf_GXCD):
-        """Per-expert buffers ``[G, X, C, D]`` -> outputs of the same shape."""
-        h = jnp.einsum("gxcd,xdai->gxcai", buf_GXCD, self.wi_XDAI[...].astype(self.dtype))
-        G, X, C, A, I = h.shape
-        h = _activate(h.reshape(G * X * C, A, I), self.activation).reshape(G, X, C, I)
-        return jnp.einsum("gxci,xid->gxcd", h, self.wo_XID[...].astype(self.dtype))
+    def _experts_buffers(self, buf_BXYD):
+        """Per-expert buffers ``[B, X, Y, D]`` -> outputs of the same shape."""
+        h = jnp.einsum("bxyd,xdai->bxyai", buf_BXYD, self.wi_XDAI[...].astype(self.dtype))
+        B, X, Y, A, I = h.shape
+        h = _activate(h.reshape(B * X * Y, A, I), self.activation).reshape(B, X, Y, I)
+        return jnp.einsum("bxyi,xid->bxyd", h, self.wo_XID[...].astype(self.dtype))
 
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, x_BTD):
@@ -193,46 +196,46 @@ class MoEFFN(nnx.Module):
     def _token_choice(self, x_BTD, logits_BTX):
         m = self.moe
         B, T, D = x_BTD.shape
-        X, K, N = m.num_experts, m.top_k, B * T
+        X, Z, O = m.num_experts, m.top_k, B * T
         bias = self.select_bias_X[...] if m.bias_rate > 0 else None
-        idx_NK, w_NK, probs_NX = routing.token_choice(logits_BTX.reshape(N, X), K, m.router_weights, bias)
-        load_X = routing.expert_load(idx_NK, X)
-        x_ND = x_BTD.reshape(N, D)
+        idx_OZ, w_OZ, probs_OX = routing.token_choice(logits_BTX.reshape(O, X), Z, m.router_weights, bias)
+        load_X = routing.expert_load(idx_OZ, X)
+        x_OD = x_BTD.reshape(O, D)
         dropped = jnp.zeros((), jnp.float32)
         if m.impl == "dense":
-            c_NX = jnp.zeros((N, X), jnp.float32).at[jnp.arange(N)[:, None], idx_NK].add(w_NK)
-            y_ND = jnp.einsum("nx,xnd->nd", c_NX.astype(self.dtype), self._experts_dense(x_ND))
+            c_OX = jnp.zeros((O, X), jnp.float32).at[jnp.arange(O)[:, None], idx_OZ].add(w_OZ)
+            y_OD = jnp.einsum("nx,xnd->nd", c_OX.astype(self.dtype), self._experts_dense(x_OD))
         elif m.impl == "capacity":
-            y_ND, dropped = self._capacity(x_BTD, idx_NK.reshape(B, T, K), w_NK.reshape(B, T, K))
+            y_OD, dropped = self._capacity(x_BTD, idx_OZ.reshape(B, T, Z), w_OZ.reshape(B, T, Z))
         else:
-            y_ND = self._dropless(x_ND, idx_NK, w_NK)
+            y_OD = self._dropless(x_OD, idx_OZ, w_OZ)
         aux = {
-            "moe_balance": (routing.balance_loss(probs_NX, idx_NK), m.balance_weight),
+            "moe_balance": (routing.balance_loss(probs_OX, idx_OZ), m.balance_weight),
             "moe_load": (load_X, None),
             "moe_load_max_over_mean": (jnp.max(load_X) * X, None),
             "moe_dropped": (dropped, None),
-            "moe_entropy": (routing.entropy(probs_NX), None),
+            "moe_entropy": (routing.entropy(probs_OX), None),
         }
         if bias is not None:
             step = jax.lax.stop_gradient(m.bias_rate * routing.bias_update_direction(load_X))
             aux["moe_bias"] = (jnp.sum((self.select_bias_X[...] - jax.lax.stop_gradient(self.select_bias_X[...])) * step), 1.0)
-        return y_ND.reshape(B, T, D), aux
+        return y_OD.reshape(B, T, D), aux
 
-    def _dropless(self, x_ND, idx_NK, w_NK):
-        axes = _expert_parallel_axes(self.moe.num_experts, x_ND.shape[0])
+    def _dropless(self, x_OD, idx_OZ, w_OZ):
+        axes = _expert_parallel_axes(self.moe.num_experts, x_OD.shape[0])
         if axes:
-            return self._dropless_expert_parallel(x_ND, idx_NK, w_NK, axes)
-        N, K = idx_NK.shape
+            return self._dropless_expert_parallel(x_OD, idx_OZ, w_OZ, axes)
+        O, Z = idx_OZ.shape
         X = self.moe.num_experts
-        expert_M = idx_NK.reshape(-1)
-        order_M = jnp.argsort(expert_M, stable=True)
-        token_M = (jnp.arange(N * K) // K)[order_M]
-        group_sizes_X = jnp.zeros((X,), jnp.int32).at[expert_M].add(1)
-        out_MD = self._experts_grouped(x_ND[token_M], group_sizes_X)
-        out_MD = out_MD * w_NK.reshape(-1)[order_M][:, None].astype(out_MD.dtype)
-        return jnp.zeros_like(x_ND).at[token_M].add(out_MD)
+        expert_Y = idx_OZ.reshape(-1)
+        order_Y = jnp.argsort(expert_Y, stable=True)
+        token_Y = (jnp.arange(O * Z) // Z)[order_Y]
+        group_sizes_X = jnp.zeros((X,), jnp.int32).at[expert_Y].add(1)
+        out_YD = self._experts_grouped(x_OD[token_Y], group_sizes_X)
+        out_YD = out_YD * w_OZ.reshape(-1)[order_Y][:, None].astype(out_YD.dtype)
+        return jnp.zeros_like(x_OD).at[token_Y].add(out_YD)
 
-    def _dropless_expert_parallel(self, x_ND, idx_NK, w_NK, axes):
+    def _dropless_expert_parallel(self, x_OD, idx_OZ, w_OZ, axes):
         """Dropless dispatch with the experts split over the ``axes`` mesh axes (E_p shards of
         X / E_p experts): inside ``shard_map`` each device sorts its tokens' assignments by
         destination shard, one ``all_to_all`` sends them (padded to a static ``n k`` rows per
@@ -246,7 +249,7 @@ class MoEFFN(nnx.Module):
 
         mesh = jax.sharding.get_abstract_mesh()
         E_p = math.prod(mesh.shape[a] for a in axes)
-        X, D = self.moe.num_experts, x_ND.shape[1]
+        X, D = self.moe.num_experts, x_OD.shape[1]
         XL = X // E_p  # experts per shard
         _, _, A, I = self.wi_XDAI.shape
         wi = self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I)
@@ -255,11 +258,11 @@ class MoEFFN(nnx.Module):
         exchange = functools.partial(jax.lax.all_to_all, axis_name=axes, split_axis=0, concat_axis=0)
 
         def local(x, idx, w, wi, wo):
-            n, K = idx.shape
-            M = n * K
+            n, Z = idx.shape
+            M = n * Z
             expert = idx.reshape(-1)
             order = jnp.argsort(expert, stable=True)
-            expert, token, weight = expert[order], (jnp.arange(M) // K)[order], w.reshape(-1)[order]
+            expert, token, weight = expert[order], (jnp.arange(M) // Z)[order], w.reshape(-1)[order]
             dest = expert // XL
             counts = jnp.zeros((E_p,), jnp.int32).at[dest].add(1)
             rank = jnp.arange(M) - (jnp.cumsum(counts) - counts)[dest]
@@ -277,22 +280,22 @@ class MoEFFN(nnx.Module):
 
         rows = P(BATCH_AXES, None)
         return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(axes, None, None), P(axes, None, None)),
-                             out_specs=rows)(x_ND, idx_NK, w_NK, wi, wo)
+                             out_specs=rows)(x_OD, idx_OZ, w_OZ, wi, wo)
 
-    def _capacity(self, x_BTD, idx_BTK, w_BTK):
+    def _capacity(self, x_BTD, idx_BTZ, w_BTZ):
         m = self.moe
         B, T, D = x_BTD.shape
-        X, K = m.num_experts, m.top_k
-        C = routing.capacity(T, K, X, m.capacity_factor)
-        slot_BTK, keep_BTK = routing.capacity_slots(idx_BTK, X, C)
-        slot_BTK = jnp.where(keep_BTK, slot_BTK, C)  # dropped assignments land in a spare slot
+        X, Z = m.num_experts, m.top_k
+        Y = routing.capacity(T, Z, X, m.capacity_factor)
+        slot_BTZ, keep_BTZ = routing.capacity_slots(idx_BTZ, X, Y)
+        slot_BTZ = jnp.where(keep_BTZ, slot_BTZ, Y)  # dropped assignments land in a spare slot
         b = jnp.arange(B)[:, None, None]
-        buf = jnp.zeros((B, X, C + 1, D), x_BTD.dtype).at[b, idx_BTK, slot_BTK].set(
-            jnp.broadcast_to(x_BTD[:, :, None], (B, T, K, D)))
-        out_BXCD = self._experts_buffers(buf[:, :, :C])
-        out_BXCD = jnp.pad(out_BXCD, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the spare slot reads zeros
-        y_BTKD = out_BXCD[b, idx_BTK, slot_BTK] * (w_BTK * keep_BTK)[..., None].astype(out_BXCD.dtype)
-        return y_BTKD.sum(2).reshape(B * T, D), 1.0 - jnp.mean(keep_BTK.astype(jnp.float32))
+        buf = jnp.zeros((B, X, Y + 1, D), x_BTD.dtype).at[b, idx_BTZ, slot_BTZ].set(
+            jnp.broadcast_to(x_BTD[:, :, None], (B, T, Z, D)))
+        out_BXYD = self._experts_buffers(buf[:, :, :Y])
+        out_BXYD = jnp.pad(out_BXYD, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the spare slot reads zeros
+        y_BTZD = out_BXYD[b, idx_BTZ, slot_BTZ] * (w_BTZ * keep_BTZ)[..., None].astype(out_BXYD.dtype)
+        return y_BTZD.sum(2).reshape(B * T, D), 1.0 - jnp.mean(keep_BTZ.astype(jnp.float32))
 
     def _expert_choice(self, x_BTD, logits_BTX):
         m = self.moe
@@ -312,12 +315,12 @@ class MoEFFN(nnx.Module):
             aux.update(moe_load=(load_X.astype(jnp.float32), None),
                        moe_load_max_over_mean=(jnp.max(load_X) * X, None))
             return y.reshape(B, T, D), aux
-        C = min(T, routing.capacity(T, 1, X, m.capacity_factor))
-        tok_BXC, gate_BXC, member_BTX = routing.expert_choice(logits_BTX, C)
+        Y = min(T, routing.capacity(T, 1, X, m.capacity_factor))
+        tok_BXY, gate_BXY, member_BTX = routing.expert_choice(logits_BTX, Y)
         b = jnp.arange(B)[:, None, None]
-        out_BXCD = self._experts_buffers(x_BTD[b, tok_BXC])
-        out_BXCD = out_BXCD * gate_BXC[..., None].astype(out_BXCD.dtype)
-        y_BTD = jnp.zeros_like(x_BTD).at[b, tok_BXC].add(out_BXCD)
+        out_BXYD = self._experts_buffers(x_BTD[b, tok_BXY])
+        out_BXYD = out_BXYD * gate_BXY[..., None].astype(out_BXYD.dtype)
+        y_BTD = jnp.zeros_like(x_BTD).at[b, tok_BXY].add(out_BXYD)
         aux.update(
             moe_predictor=(routing.predictor_loss(pred_BTX, member_BTX), m.predictor_weight),
             moe_predictor_agreement=(jnp.mean(((pred_BTX > 0) == (member_BTX > 0)).astype(jnp.float32)), None),

@@ -30,6 +30,38 @@ a name the table does not list is an error:
 
 __version__ = "0.1.0"
 
+import os as _os
+
+
+def _avoid_xla_cpu_reduce_fusion_bug() -> None:
+    """jaxlib 0.10.x's XLA:CPU fuses some reductions into YNNPACK kernels that return wrong
+    numbers: a jitted Based forward at 64 x 64 tokens (``clscc`` layers scanned) differs from
+    the same computation run op by op by O(1) (tests/test_based.py keeps a guard). Turning off
+    just the ``reduce`` YNN fusion fixes it. Set before JAX creates its CPU backend (importing
+    glocal first is enough); a user's own ``xla_cpu_experimental_ynn_fusion_type`` wins."""
+    flags = _os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return
+    try:
+        import jaxlib
+    except ImportError:
+        return
+    if not jaxlib.__version__.startswith("0.10."):
+        return
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        import warnings
+
+        warnings.warn("glocal was imported after JAX initialised its backends, so XLA:CPU's YNN reduce fusions "
+                      "(wrong results for some models in jaxlib 0.10.x) stay on; import glocal first or set "
+                      "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-reduce.", stacklevel=3)
+        return
+    _os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_experimental_ynn_fusion_type=-reduce").strip()
+
+
+_avoid_xla_cpu_reduce_fusion_bug()
+
 from glocal.generation import generate  # noqa: E402
 
 __all__ = ["generate"]

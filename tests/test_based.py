@@ -97,3 +97,23 @@ def test_pallas_linear_kernels_train_the_model_like_the_chunked_form(impl):
     np.testing.assert_allclose(got, want, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(ggot), jax.tree.leaves(gwant)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_jitted_forward_equals_op_by_op_at_a_large_batch():
+    """Guard for an XLA:CPU bug in jaxlib 0.10.x: its YNN reduce fusions made this jitted
+    forward (64 x 64 tokens, conv + linear layers scanned) wrong by O(1), even non-finite at
+    64 x 32; importing glocal turns that fusion off (glocal/__init__.py)."""
+    import os
+
+    import jaxlib
+
+    if jaxlib.__version__.startswith("0.10."):
+        assert "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", "")
+    model = gm.build("based", "tiny", num_layers=2, num_heads=1, num_kv_heads=None, ffn="none", norm="layer",
+                     layer_pattern="cl", seed=9)
+    x = jnp.asarray(RNG.integers(0, 256, (64, 64)), jnp.int32)
+    graph, state = nnx.split(model)
+    jitted = jax.jit(lambda s, x: nnx.merge(graph, s)(x))(state, x)
+    with jax.disable_jit():
+        eager = nnx.merge(graph, state)(x)
+    np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)

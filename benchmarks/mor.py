@@ -89,7 +89,7 @@ def section_card(args):
             full_r = nnx.eval_shape(lambda: build("full", L, num_layers=cfg.num_layers, num_recursions=R))
             per_slot = 2 * (cfg.num_kv_heads or cfg.num_heads) * (cfg.d_model // cfg.num_heads) * 4 + 4  # K, V, pos
             unique = 2 * L * per_slot  # the first and last layers
-            shared = lambda n: n - unique - 4 - 4 * cfg.base_depth * R  # the shared layers' slots
+            shared = lambda n: n - unique - 4 - 4 * cfg.base_depth * R - 4 * R  # the shared layers' slots
             ratio = shared(caches[name]) / shared(full_r.cache_nbytes(1, L))
             print(f"{name}: shared-layer KV vs full recursion {ratio:.4f} (formula (N_r + 1) / (2 N_r) = "
                   f"{(R + 1) / (2 * R):.4f}); whole cache vs full recursion "

@@ -58,7 +58,8 @@ FAMILY_VARIANTS = {
     # Three recursions with plain cycle sharing (capacities 1, 2/3, 1/3), and full recursion.
     "mor": {"cycle3": dict(sharing="cycle", num_layers=3, num_recursions=3, seed=5),
             "full": dict(recursion_router="none", seed=6),
-            "tokens": dict(recursion_router="token_choice", num_layers=5, num_recursions=3, seed=7)},
+            "tokens": dict(recursion_router="token_choice", num_layers=5, num_recursions=3, seed=7),
+            "kvshare": dict(kv_sharing=True, num_layers=5, num_recursions=3, seed=8)},
 }
 CASES = [(f, None) for f in FAMILIES] + [(f, v) for f in FAMILIES for v in FAMILY_VARIANTS.get(f, {})]
 CASE_IDS = [f if v is None else f"{f}-{v}" for f, v in CASES]

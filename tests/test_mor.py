@@ -133,7 +133,7 @@ def test_cache_bytes_follow_the_recursion_wise_formula():
         kw = dict(sharing="cycle", num_layers=R, num_recursions=R, max_seq_len=L)
         mor = jax.eval_shape(lambda: gm.build("mor", "tiny", **kw))
         full = jax.eval_shape(lambda: gm.build("mor", "tiny", recursion_router="none", **kw))
-        per_row = lambda m: m.cache_nbytes(1, L) - 4 - 4 * R  # minus the int32 length and counts
+        per_row = lambda m: m.cache_nbytes(1, L) - 4 - 8 * R  # minus the int32 length and counts
         assert per_row(mor) / per_row(full) == pytest.approx((R + 1) / (2 * R), rel=1e-3)
 
 
@@ -173,3 +173,26 @@ def test_token_choice_depths_and_losses():
     assert float(aux["mor_depth_balance"][0]) == pytest.approx(3 * np.sum(f * p.mean((0, 1))), rel=1e-5)
     lse = np.log(np.exp(logits).sum(-1))
     assert float(aux["mor_depth_z"][0]) == pytest.approx(np.mean(lse**2), rel=1e-5)
+
+
+def test_kv_sharing_keeps_only_the_first_steps_cache():
+    """Bytes: the shared layers' KV is 1 / N_r of full recursion's; values: the one cache a
+    KV-sharing model fills in prefill is the first step's cache of the same weights without
+    sharing (the first step is the same computation)."""
+    L, R = 1024, 3
+    kw = dict(sharing="cycle", num_layers=R, num_recursions=R, max_seq_len=L)
+    share = jax.eval_shape(lambda: gm.build("mor", "tiny", kv_sharing=True, **kw))
+    full = jax.eval_shape(lambda: gm.build("mor", "tiny", recursion_router="none", **kw))
+    per_row = lambda m: m.cache_nbytes(1, L) - 4 - 8 * R
+    assert per_row(share) + 4 * (R - 1) == pytest.approx(per_row(full) / R, rel=1e-6)
+    a = gm.build("mor", "tiny", kv_sharing=True, num_layers=5, num_recursions=3, seed=11, routing_mode="threshold")
+    b = gm.build("mor", "tiny", num_layers=5, num_recursions=3, seed=11, routing_mode="threshold")
+    x = jnp.asarray(RNG.integers(0, 256, (2, 12)), jnp.int32)
+    lengths = jnp.asarray([12, 7])
+    _, ca = a.prefill(x, lengths, a.init_cache(2, 32))
+    _, cb = b.prefill(x, lengths, b.init_cache(2, 32))
+    assert len(ca.steps) == 1 and len(cb.steps) == 3
+    for u, v in zip(jax.tree.leaves(ca.steps[0]), jax.tree.leaves(cb.steps[0])):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="kv_sharing=true needs"):
+        gm.get_config("mor", "tiny", kv_sharing=True, recursion_router="token_choice")

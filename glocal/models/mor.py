@@ -32,6 +32,10 @@ input; each token runs ``1 + argmax`` steps (causal by construction), leaves as
 whole sequence with masks (static shapes; no ragged re-batching) and its caches hold every
 token (a depth has no capacity).
 
+Recursive KV sharing (``kv_sharing=True``, expert choice): the first step's shared layers
+store their keys/values and every later step's queries attend to those (the tokens' own
+later-step keys/values are never computed into a cache): 1 / N_r of the shared layers' KV.
+
 Caches are recursion-wise and compacted (``CompactKVCache``): step r's shared layers hold
 ``ceil(cap_r max_len)`` slots, so a sequence costs ``2 K E L (2 + b sum_r cap_r)`` elements
 (middle_cycle) against ``2 K E L (2 + b N_r)`` for full recursion.
@@ -74,6 +78,7 @@ class MoRConfig(DecoderConfig):
     capacities: tuple[float, ...] | None = None  # cap_r per step; None = (N_r - r + 1) / N_r
     router_alpha: float = 0.1  # g = alpha * sigmoid(logit)
     router_aux_weight: float = 1e-3  # BCE of the router logit against top-k membership
+    kv_sharing: bool = False  # steps after the first reuse the first step's keys/values (expert choice)
     depth_balance_weight: float = 0.1  # token choice: Switch balance loss over depths
     depth_z_weight: float = 1e-5  # token choice: router z-loss
 
@@ -91,6 +96,9 @@ class MoRConfig(DecoderConfig):
             ok = [b * R + unique for b in range(1, 5)]
             raise ConfigError(f"num_layers={self.num_layers} does not split into {form} with num_recursions={R}; "
                               f"use num_layers in {ok}... or another num_recursions.")
+        if self.kv_sharing and self.recursion_router != "expert_choice":
+            raise ConfigError(f"kv_sharing=true needs recursion_router='expert_choice' (got "
+                              f"{self.recursion_router!r}); set kv_sharing=false.")
         caps = self.capacity_schedule
         if len(caps) != R:
             raise ConfigError(f"capacities has {len(caps)} entries; give one per recursion step ({R}).")
@@ -120,11 +128,14 @@ class MoRConfig(DecoderConfig):
 @dataclasses.dataclass(frozen=True)
 class MoRCache(ModelCache):
     """``first`` / ``last``: the unique layers' KV caches (empty tuples for ``cycle``);
-    ``steps``: per recursion step, the shared layers' compacted caches."""
+    ``steps``: per recursion step, the shared layers' compacted caches (only the first step's
+    with KV sharing); ``admitted_RB``: tokens each step admitted so far per row (threshold
+    routing's running budget)."""
 
     first: tuple
     steps: tuple
     last: tuple
+    admitted_RB: jax.Array
     length_B: jax.Array
 
 
@@ -210,7 +221,7 @@ class MoR(ModelBase):
         B, T, _ = x_BTD.shape
         b_B1 = jnp.arange(B)[:, None]
         cand_BT = jnp.ones((B, T), bool)
-        aux, bce, agree = {}, 0.0, []
+        aux, bce, agree, kv = {}, 0.0, [], None
         for r, cap in enumerate(cfg.capacity_schedule):
             logit_BT, gate_BT = self._router(x_BTD, r)
             k = max(1, math.floor(cap * T + 1e-6))
@@ -226,26 +237,38 @@ class MoR(ModelBase):
             agree.append(jnp.sum((rule_BT == member_BT) & cand_BT) / jnp.maximum(jnp.sum(cand_BT), 1))
             if trace is not None:
                 trace.append(idx_BK)
-            y_BKD, _, a = self.shared(x_BTD[b_B1, idx_BK], positions_BT=pos_BT[b_B1, idx_BK])
-            aux = merge_aux(aux, a)
+            x_BKD, pos_BK = x_BTD[b_B1, idx_BK], pos_BT[b_B1, idx_BK]
+            if cfg.kv_sharing:  # step 1 fills a KV cache; later steps only read it
+                y_BKD, kv = self._shared_kv_step(x_BKD, pos_BK, kv, jnp.ones((B, k), bool), first=r == 0)
+            else:
+                y_BKD, _, a = self.shared(x_BKD, positions_BT=pos_BK)
+                aux = merge_aux(aux, a)
             x_BTD = x_BTD.at[b_B1, idx_BK].add(gate_BT[b_B1, idx_BK][..., None].astype(x_BTD.dtype) * y_BKD)
             cand_BT = member_BT
         aux["mor_router_bce"] = (bce, cfg.router_aux_weight)
         aux["mor_router_agreement"] = (jnp.stack(agree).astype(jnp.float32), None)  # per step
         return x_BTD, aux
 
-    def _recurse_threshold(self, x_BTD, pos_BT, caches=None, valid_BT=None):
-        """Causal routing; with ``caches`` (one per step) each step stores only its tokens."""
+    def _recurse_threshold(self, x_BTD, pos_BT, caches=None, valid_BT=None, admitted_RB=None):
+        """Causal routing; with ``caches`` (one per step) each step stores only its tokens.
+        Returns ``(x, aux)``, or with caches ``(x, caches, admitted_RB)``."""
         cfg = self.config
         B, T, _ = x_BTD.shape
         active_BT = jnp.ones((B, T), bool) if valid_BT is None else valid_BT
-        aux, new_caches = {}, []
+        aux, new_caches, admitted, kv = {}, [], [], None
         for r, cap in enumerate(cfg.capacity_schedule):
             logit_BT, gate_BT = self._router(x_BTD, r)
             want_BT = active_BT & ((logit_BT > 0) | (cap >= 1.0))
-            count_B = jnp.zeros((B,), jnp.int32) if caches is None else caches[r][0].count_B[0]
+            count_B = jnp.zeros((B,), jnp.int32) if admitted_RB is None else admitted_RB[r]
             active_BT = _admit(want_BT, pos_BT, count_B, cap)
-            if caches is None:
+            admitted.append(count_B + jnp.sum(active_BT, axis=1, dtype=jnp.int32))
+            if cfg.kv_sharing:
+                if r == 0 and caches is not None:
+                    kv = caches[0]
+                y_BTD, kv = self._shared_kv_step(x_BTD, pos_BT, kv, active_BT, first=r == 0)
+                if r == 0 and caches is not None:
+                    new_caches.append(kv)
+            elif caches is None:
                 # Attention among the tokens active at this step only (segment 1 vs 0).
                 y_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
                 aux = merge_aux(aux, a)
@@ -253,7 +276,21 @@ class MoR(ModelBase):
                 y_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=caches[r], valid_BT=active_BT)
                 new_caches.append(c)
             x_BTD = jnp.where(active_BT[..., None], x_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, x_BTD)
-        return (x_BTD, aux) if caches is None else (x_BTD, tuple(new_caches))
+        if caches is None:
+            return x_BTD, aux
+        return x_BTD, tuple(new_caches), jnp.stack(admitted)
+
+    def _shared_kv_step(self, x_BTD, pos_BT, kv, valid_BT, first: bool):
+        """Recursive KV sharing. The first step stores the keys/values of the ``valid_BT`` tokens
+        in ``kv`` (a fresh cache of T slots when None, or the decoding cache); later steps'
+        queries read that cache only: nothing is written and their own keys/values are not used
+        (``valid_BT`` all false), so every step attends to the first step's KV."""
+        if first:
+            kv = self.shared.init_cache(x_BTD.shape[0], x_BTD.shape[1]) if kv is None else kv
+            y_BTD, kv, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=kv, valid_BT=valid_BT)
+            return y_BTD, kv
+        y_BTD, _, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=kv, valid_BT=jnp.zeros_like(valid_BT))
+        return y_BTD, kv
 
     def _recurse_depths(self, x_BTD, pos_BT, caches=None, valid_BT=None):
         """Token choice: one router on the recursion's input picks each token's depth
@@ -311,23 +348,28 @@ class MoR(ModelBase):
         max_len = self._cache_length(max_len)
         unique = lambda s: () if s is None else s.init_cache(batch_size, max_len)
         mixer = self.shared.units.layers[0].mixer
+        caps = self.config.capacity_schedule[:1] if self.config.kv_sharing else self.config.capacity_schedule
         steps = tuple(
             (stack_cache(CompactKVCache.create(batch_size, _slots(cap, max_len), mixer.attn.num_kv_heads,
                                                mixer.attn.head_dim, mixer.dtype), self.config.base_depth),)
-            for cap in self.config.capacity_schedule)
-        return MoRCache(unique(self.first), steps, unique(self.last), jnp.zeros((batch_size,), jnp.int32))
+            for cap in caps)
+        R = self.config.num_recursions
+        return MoRCache(unique(self.first), steps, unique(self.last), jnp.zeros((R, batch_size), jnp.int32),
+                        jnp.zeros((batch_size,), jnp.int32))
 
     def cache_nbytes(self, batch_size: int, length: int) -> int:
         """Unique layers: one slot per token; step r: ``ceil(cap_r length)`` slots in each of the
         b shared layers (``2 K E`` elements and an int32 position per slot, an int32 count per
-        row and layer); plus the int32 lengths."""
+        row and layer; with KV sharing only the first step has a cache); plus int32 lengths and
+        per-step admitted counts."""
         mixer = self.shared.units.layers[0].mixer
         per_slot = 2 * mixer.attn.num_kv_heads * mixer.attn.head_dim * jnp.dtype(mixer.dtype).itemsize + 4
         b = self.config.base_depth
         n = sum(s.cache_nbytes(batch_size, length) for s in (self.first, self.last) if s is not None)
-        for cap in self.config.capacity_schedule:
+        caps = self.config.capacity_schedule
+        for cap in caps[:1] if self.config.kv_sharing else caps:
             n += b * batch_size * (_slots(cap, length) * per_slot + 4)
-        return n + 4 * batch_size
+        return n + 4 * batch_size * (1 + len(caps))
 
     def prefill(self, tokens_BT, lengths_B, cache: MoRCache):
         self._check_fresh(cache)
@@ -342,7 +384,7 @@ class MoR(ModelBase):
         T = tokens_BT.shape[1]
         pos_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
         valid_BT = jnp.arange(T)[None] < lengths_B[:, None]
-        x_BTD, first, last = self.embed(tokens_BT), cache.first, cache.last
+        x_BTD, first, last, admitted = self.embed(tokens_BT), cache.first, cache.last, cache.admitted_RB
         if self.first is not None:
             x_BTD, first, _ = self.first(x_BTD, positions_BT=pos_BT, caches=cache.first, valid_BT=valid_BT)
         if cfg.recursion_router == "token_choice":
@@ -354,12 +396,12 @@ class MoR(ModelBase):
                 steps.append(c)
             steps = tuple(steps)
         else:
-            x_BTD, steps = self._recurse_threshold(x_BTD, pos_BT, cache.steps, valid_BT)
+            x_BTD, steps, admitted = self._recurse_threshold(x_BTD, pos_BT, cache.steps, valid_BT, admitted)
         if self.last is not None:
             x_BTD, last, _ = self.last(x_BTD, positions_BT=pos_BT, caches=cache.last, valid_BT=valid_BT)
         last_B = jnp.maximum(lengths_B - 1, 0)
         logits_BV = self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
-        return logits_BV, MoRCache(first, steps, last, cache.length_B + lengths_B)
+        return logits_BV, MoRCache(first, steps, last, admitted, cache.length_B + lengths_B)
 
 
 __all__ = ["MoR", "MoRCache", "MoRConfig"]

@@ -33,3 +33,5 @@ def test_queries_follow_a_power_law_and_bad_shapes_are_explained():
     assert np.mean(offsets < 16) > 0.2 > np.mean(offsets >= 100)  # most queries come early
     with pytest.raises(ValueError, match="4 \\* num_pairs <= seq_len"):
         mqar(1, 60, 16)
+    with pytest.raises(ValueError, match="vocab_size to at least 258"):
+        mqar(1, 512, 128, vocab_size=256)

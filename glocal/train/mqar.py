@@ -26,18 +26,21 @@ def mqar(num_examples: int, seq_len: int, num_pairs: int, *, vocab_size: int = 8
         raise ValueError(f"MQAR needs 4 * num_pairs <= seq_len (pairs, then room to query each key); got "
                          f"num_pairs={D}, seq_len={L}.")
     if D > V // 2 - 1:
-        raise ValueError(f"num_pairs={D} needs at least {D} keys and values: raise vocab_size above {2 * D + 2}.")
+        raise ValueError(f"num_pairs={D} needs at least {D} keys and values: raise vocab_size to at least "
+                         f"{2 * D + 2}.")
     rng = np.random.default_rng(seed)
-    slots = (L - 2 * D) // 2  # even offsets of the query region where a key (and its value) fit
-    p = np.arange(1, slots + 1, dtype=np.float64) ** (alpha - 1)
-    p /= p.sum()
-    seq = rng.integers(1, V, size=(num_examples, L + 1))  # filler: uniform random tokens
-    targets = np.full((num_examples, L), IGNORE, np.int64)
-    for n in range(num_examples):
-        keys = rng.choice(np.arange(1, V // 2), size=D, replace=False)
-        values = rng.choice(np.arange(V // 2, V), size=D, replace=False)
-        seq[n, 0:2 * D:2], seq[n, 1:2 * D:2] = keys, values
-        where = 2 * D + 2 * rng.choice(slots, size=D, replace=False, p=p)
-        seq[n, where], seq[n, where + 1] = keys, values
-        targets[n, where] = values
+    N, slots = num_examples, (L - 2 * D) // 2  # even offsets of the query region where a key (and its value) fit
+    rows = np.arange(N)[:, None]
+    # Keys and values without replacement, per row: the first D of a random permutation.
+    keys = 1 + rng.permuted(np.broadcast_to(np.arange(V // 2 - 1), (N, V // 2 - 1)), axis=1)[:, :D]
+    values = V // 2 + rng.permuted(np.broadcast_to(np.arange(V - V // 2), (N, V - V // 2)), axis=1)[:, :D]
+    # Query slots without replacement with p(i) ~ i^(alpha - 1): the D largest of log p + Gumbel
+    # noise (the Gumbel top-k trick: the same law as drawing one slot at a time from what is left).
+    log_p = (alpha - 1) * np.log(np.arange(1, slots + 1, dtype=np.float64))
+    where = 2 * D + 2 * np.argsort(-(log_p + rng.gumbel(size=(N, slots))), axis=1)[:, :D]
+    seq = rng.integers(1, V, size=(N, L + 1))  # filler: uniform random tokens
+    seq[:, 0:2 * D:2], seq[:, 1:2 * D:2] = keys, values
+    seq[rows, where], seq[rows, where + 1] = keys, values
+    targets = np.full((N, L), IGNORE, np.int64)
+    targets[rows, where] = values
     return {"inputs": seq[:, :L].astype(np.int32), "targets": targets.astype(np.int32)}

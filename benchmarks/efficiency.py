@@ -1,4 +1,4 @@
-"""Efficiency card: the baseline, FIT, the Block Transformer and Based at matched non-embedding size.
+"""Efficiency card: the baseline, FIT, the Block Transformer, Based, MoE and MoR at the `small` shape.
 
     python benchmarks/efficiency.py                       # every section, `small` presets
     python benchmarks/efficiency.py --sections cache decode --preset small
@@ -38,14 +38,17 @@ from common import machine, median, time_fn  # noqa: E402
 import glocal.models as gm  # noqa: E402
 from glocal.layers.cache import tree_nbytes  # noqa: E402
 
-FAMILIES = ("transformer", "fit", "block", "based")
+FAMILIES = ("transformer", "fit", "block", "based", "moe", "mor")
 SECTIONS = ("params", "flops", "cache", "train", "decode", "bpb")
 
 
 def build(name, preset, max_len, **kw):
-    """The preset with a context of at least ``max_len`` (rounded to whole groups/blocks)."""
+    """The preset with a context of at least ``max_len`` (rounded to whole groups/blocks);
+    a router that is non-causal in training runs its causal mode (what decoding uses)."""
     cfg = gm.get_config(name, preset)
     unit = getattr(cfg, "group_size", None) or getattr(cfg, "block_size", None) or 1
+    if cfg.routing_modes():
+        kw.setdefault("routing_mode", "threshold")
     return gm.build(name, preset, max_seq_len=-(-max_len // unit) * unit, **kw)
 
 

@@ -356,3 +356,12 @@ def test_expert_choice_run_evaluates_under_both_routings(tmp_path):
     from glocal.generation import causal_variant
     assert causal_variant(model).config.routing_mode == "threshold"
     assert len(glocal.generate(model, [[1, 2, 3]], 4)[0]) == 4
+
+
+def test_shared_experts_add_a_dense_ffn_to_the_routed_output():
+    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12, moe=MoESpec(num_experts=4, top_k=2, shared_experts=2))
+    layer = MoEFFN(spec, rngs=nnx.Rngs(3))
+    assert layer.shared.wi_DAI.shape == (8, 2, 24)  # 2 experts' width, always on
+    x = jnp.asarray(RNG.normal(size=(2, 5, 8)), jnp.float32)
+    routed, _ = loop_np(weights(layer), x, 2)
+    np.testing.assert_allclose(layer(x)[0], routed + np.asarray(layer.shared(x), np.float64), rtol=1e-4, atol=1e-5)

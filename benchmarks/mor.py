@@ -17,7 +17,7 @@ Sections:
   decode   prefill and decode tokens/s at batch 1 and 32 after a 2,048-token prompt (greedy
            on-device loop, threshold routing; method of benchmarks/efficiency.py)
   isoflop  trains each model for the same training FLOPs as vanilla's README run (450 steps x
-           16 x 256 tokens), so cheaper models see more tokens; reports validation
+           16 x 256 tokens; --budget-steps), so cheaper models see more tokens; reports validation
            bits-per-byte under causal (threshold) routing and top-k, parameters, tokens seen;
            writes a PNG of bits-per-byte vs training FLOPs (--png)
 
@@ -50,7 +50,7 @@ MODELS = {
     "mor3": ("mor_small_r3", {}),
     "mor3_tc": ("mor_small_r3", {"recursion_router": "token_choice"}),
 }
-BUDGET = dict(steps=450, batch_size=16, seq_len=256)  # vanilla's README run
+BUDGET = dict(steps=450, batch_size=16, seq_len=256)  # vanilla's README run (--budget-steps to change)
 
 
 def build(name, max_len=None, **extra):
@@ -124,6 +124,7 @@ def section_isoflop(args):
     from glocal.train.trainer import train
 
     runs = pathlib.Path(args.runs_dir)
+    BUDGET["steps"] = args.budget_steps
     tokens_per_step = BUDGET["batch_size"] * BUDGET["seq_len"]
     fpt = lambda name: nnx.eval_shape(lambda: build(name, 512)).flops_per_token(BUDGET["seq_len"])
     budget = fpt("vanilla") * BUDGET["steps"] * tokens_per_step
@@ -178,6 +179,7 @@ def main():
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--runs-dir", default="runs/isoflop")
+    p.add_argument("--budget-steps", type=int, default=450, help="vanilla's steps (x 16 x 256 tokens) that set the FLOPs")
     p.add_argument("--png", default="mor_isoflop.png")
     args = p.parse_args()
     print(machine())

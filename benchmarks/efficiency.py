@@ -158,33 +158,39 @@ def decode_programs(model):
     return state, prefill, decode
 
 
+def decode_speeds(model, args):
+    """``(batch, prefill tokens/s, decode tokens/s)`` for each of ``args.batches`` after an
+    ``args.prompt_len``-token prompt; decode = marginal cost per step: t(new) - t(new / 4)
+    cancels the one-off copy of the (non-donated) prefilled cache into the loop and the
+    dispatch overhead."""
+    state, prefill, decode = decode_programs(model)
+    rng = np.random.default_rng(0)
+    for B in args.batches:
+        tokens = jnp.asarray(rng.integers(0, 256, (B, args.prompt_len)), jnp.int32)
+        cache0 = model.init_cache(B, args.prompt_len + args.new)
+        t_pre = median(time_fn(lambda: jax.block_until_ready(prefill(state, tokens, cache0)), warmup=1,
+                               iters=args.iters))
+        logits, cache = prefill(state, tokens, cache0)
+        t_of = lambda n: median(time_fn(lambda: jax.block_until_ready(decode(state, logits, cache, n)),
+                                        warmup=1, iters=args.iters))
+        short = args.new // 4
+        t_dec = (t_of(args.new) - t_of(short)) / (args.new - short) * args.new
+        yield B, B * args.prompt_len / t_pre, B * args.new / t_dec
+
+
 def section_decode(args):
     print(f"\n## prefill and decode after a {args.prompt_len}-token prompt (greedy on-device loop; decode = "
           f"marginal cost per step between {args.new // 4} and {args.new} steps)")
     base = {}
     for name in args.models:
         model = build(name, args.preset, args.prompt_len + args.new)
-        state, prefill, decode = decode_programs(model)
-        rng = np.random.default_rng(0)
-        for B in args.batches:
-            tokens = jnp.asarray(rng.integers(0, 256, (B, args.prompt_len)), jnp.int32)
-            cache0 = model.init_cache(B, args.prompt_len + args.new)
-            t_pre = median(time_fn(lambda: jax.block_until_ready(prefill(state, tokens, cache0)), warmup=1,
-                                   iters=args.iters))
-            logits, cache = prefill(state, tokens, cache0)
-            # Marginal cost per step: t(new) - t(new / 4) cancels the one-off copy of the
-            # (non-donated) prefilled cache into the loop and the dispatch overhead.
-            t_of = lambda n: median(time_fn(lambda: jax.block_until_ready(decode(state, logits, cache, n)),
-                                            warmup=1, iters=args.iters))
-            short = args.new // 4
-            t_dec = (t_of(args.new) - t_of(short)) / (args.new - short) * args.new
-            prefill_tps, decode_tps = B * args.prompt_len / t_pre, B * args.new / t_dec
+        for B, prefill_tps, decode_tps in decode_speeds(model, args):
             if name == "transformer":
                 base[B] = (prefill_tps, decode_tps)
             ratio = (f" (prefill {prefill_tps / base[B][0]:.2f}x, decode {decode_tps / base[B][1]:.2f}x baseline)"
                      if B in base else "")
             print(f"{name:12s} batch {B:3d}: prefill {prefill_tps:10,.0f} tok/s  decode {decode_tps:9,.0f} tok/s "
-                  f"({1e3 * t_dec / args.new:.2f} ms/step){ratio}", flush=True)
+                  f"({1e3 * B / decode_tps:.2f} ms/step){ratio}", flush=True)
             print(f"RESULT decode model={name} batch={B} prompt={args.prompt_len} prefill_tokens_per_s={prefill_tps:.1f} "
                   f"decode_tokens_per_s={decode_tps:.1f}"
                   + (f" decode_ratio_vs_baseline={decode_tps / base[B][1]:.3f}" if B in base else ""))

@@ -32,13 +32,12 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from common import machine, median, time_fn  # noqa: E402
-from efficiency import decode_programs, params  # noqa: E402
+from common import machine  # noqa: E402
+from efficiency import decode_speeds, params  # noqa: E402
 
 import glocal.models as gm  # noqa: E402
 from glocal.layers.cache import tree_nbytes  # noqa: E402
@@ -100,23 +99,11 @@ def section_card(args):
 def section_decode(args):
     print(f"\n## prefill and decode after a {args.prompt_len}-token prompt (greedy, on-device loop)")
     for name in args.models:
-        model = build(name, args.prompt_len + args.new)
-        state, prefill, decode = decode_programs(model)
-        rng = np.random.default_rng(0)
-        for B in args.batches:
-            tokens = jnp.asarray(rng.integers(0, 256, (B, args.prompt_len)), jnp.int32)
-            cache0 = model.init_cache(B, args.prompt_len + args.new)
-            t_pre = median(time_fn(lambda: jax.block_until_ready(prefill(state, tokens, cache0)), warmup=1,
-                                   iters=args.iters))
-            logits, cache = prefill(state, tokens, cache0)
-            t_of = lambda n: median(time_fn(lambda: jax.block_until_ready(decode(state, logits, cache, n)),
-                                            warmup=1, iters=args.iters))
-            short = args.new // 4
-            t_dec = (t_of(args.new) - t_of(short)) / (args.new - short) * args.new
-            print(f"{name:8s} batch {B:3d}: prefill {B * args.prompt_len / t_pre:10,.0f} tok/s  decode "
-                  f"{B * args.new / t_dec:9,.0f} tok/s", flush=True)
-            print(f"RESULT mor_decode model={name} batch={B} prefill_tokens_per_s={B * args.prompt_len / t_pre:.1f} "
-                  f"decode_tokens_per_s={B * args.new / t_dec:.1f}")
+        for B, prefill_tps, decode_tps in decode_speeds(build(name, args.prompt_len + args.new), args):
+            print(f"{name:8s} batch {B:3d}: prefill {prefill_tps:10,.0f} tok/s  decode {decode_tps:9,.0f} tok/s",
+                  flush=True)
+            print(f"RESULT mor_decode model={name} batch={B} prefill_tokens_per_s={prefill_tps:.1f} "
+                  f"decode_tokens_per_s={decode_tps:.1f}")
 
 
 def section_isoflop(args):

@@ -201,7 +201,6 @@ def test_grouped_matmul_matches_a_loop_with_empty_groups():
 
 
 def _one_step(model, tcfg, batch_size=2, T=16, seed=0):
-    from glocal.train.config import TrainConfig  # noqa: F401 - (tcfg is one)
     from glocal.train.optim import make_optimizer
     from glocal.train.step import make_train_step
 

@@ -164,7 +164,11 @@ def test_gradients_match_float64_finite_differences(impl, T, chunk):
 @pytest.mark.parametrize("fmap", ["taylor", "relu"])
 @pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])
 def test_gradients_equal_quadratic_gradients_with_gqa(impl, fmap):
-    q, k, v = rand(2, 37, 4, 4, scale=0.6), rand(2, 37, 2, 4, scale=0.6), rand(2, 37, 2, 5)
+    # Own generator: the inputs must not depend on which tests ran before (relu features can
+    # leave a query with a near-zero normaliser, where float32 gradients are ill-conditioned).
+    rng = np.random.default_rng(37)
+    q, k, v = (rng.normal(size=s).astype(np.float32) * c for s, c in
+               (((2, 37, 4, 4), 0.6), ((2, 37, 2, 4), 0.6), ((2, 37, 2, 5), 1.0)))
     grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(linear_attention(
         q, k, v, impl=impl, feature_map=fmap, chunk_size=16))), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(grad(impl), grad("quadratic")):

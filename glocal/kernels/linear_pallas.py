@@ -251,6 +251,28 @@ def _symmetrise(dkst, taylor):
     return tuple(d)
 
 
+# -- what both backends' calls share ----------------------------------------------------------
+
+
+def _dims(q, v, C: int, taylor: bool):
+    """``(B, K, Y, Tp, F, E, N, state shapes)`` of a heads-major, chunk-padded call."""
+    B, K, Y, Tp, F = q.shape
+    E = v.shape[-1]
+    return B, K, Y, Tp, F, E, Tp // C, state_shapes(F, E, taylor)
+
+
+def _forward_outputs(B, K, Y, Tp, E, N, shapes):
+    """The forward kernels' outputs: o, each chunk's entering state, the final state."""
+    return ([jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
+            + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
+            + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes])
+
+
+def _split_forward(out, ns: int):
+    """``(o, final state, saved entering states)`` from a forward kernel's outputs."""
+    return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
+
+
 # -- TPU (Mosaic): grid (B, K, N), the chunk axis sequential --------------------------------------
 
 
@@ -268,9 +290,7 @@ def _tpu_forward(q, k, v, kst, statics):
     _, taylor, eps, C, T, interpret = statics
     from jax.experimental.pallas import tpu as pltpu
 
-    B, K, Y, Tp, F = q.shape
-    E, N = v.shape[-1], Tp // C
-    shapes = state_shapes(F, E, taylor)
+    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
     ns = len(shapes)
     zeros = lambda s: (0,) * len(s)
 
@@ -302,22 +322,18 @@ def _tpu_forward(q, k, v, kst, statics):
         in_specs=[_block((Y, C, F), lambda b, h, n: (b, h, 0, n, 0)), _block((C, F), lambda b, h, n: (b, h, n, 0)),
                   _block((C, E), lambda b, h, n: (b, h, n, 0))] + whole,
         out_specs=[_block((Y, C, E), lambda b, h, n: (b, h, 0, n, 0))] + per_chunk + whole,
-        out_shape=[jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
-        + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
-        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        out_shape=_forward_outputs(B, K, Y, Tp, E, N, shapes),
         scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
         interpret=interpret, compiler_params=None if interpret else _tpu_params(),
     )(q, k, v, *kst)
-    return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
+    return _split_forward(out, ns)
 
 
 def _tpu_backward(q, k, v, do, saved, dfinal, statics):
     _, taylor, eps, C, T, interpret = statics
     from jax.experimental.pallas import tpu as pltpu
 
-    B, K, Y, Tp, F = q.shape
-    E, N = v.shape[-1], Tp // C
-    shapes = state_shapes(F, E, taylor)
+    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
     ns = len(shapes)
     zeros = lambda s: (0,) * len(s)
     rev = lambda n: N - 1 - n  # walk the chunks last to first
@@ -374,9 +390,7 @@ def _gpu_params(E):
 
 def _gpu_forward(q, k, v, kst, statics):
     _, taylor, eps, C, T, interpret = statics
-    B, K, Y, Tp, F = q.shape
-    E, N = v.shape[-1], Tp // C
-    shapes = state_shapes(F, E, taylor)
+    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
     ns = len(shapes)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
@@ -400,19 +414,15 @@ def _gpu_forward(q, k, v, kst, statics):
         kernel, grid=(B, K),
         in_specs=[whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))] + [whole((), s) for s in shapes],
         out_specs=[whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes] + [whole((), s) for s in shapes],
-        out_shape=[jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
-        + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
-        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
+        out_shape=_forward_outputs(B, K, Y, Tp, E, N, shapes),
         interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
     )(q, k, v, *kst)
-    return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
+    return _split_forward(out, ns)
 
 
 def _gpu_backward(q, k, v, do, saved, dfinal, statics):
     _, taylor, eps, C, T, interpret = statics
-    B, K, Y, Tp, F = q.shape
-    E, N = v.shape[-1], Tp // C
-    shapes = state_shapes(F, E, taylor)
+    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
     ns = len(shapes)
 
     def kernel(q_ref, k_ref, v_ref, do_ref, *refs):

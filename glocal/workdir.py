@@ -5,6 +5,9 @@ Saving and restoring the full training state is ``glocal.train.checkpoints``.
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
                                     (written by glocal.train.checkpoints with the optimizer
                                     state, data iterator and run metadata beside it)
+    DIR/init/params                 optional starting weights (an imported checkpoint,
+                                    ``glocal convert``): the step-0 model, which training
+                                    starts from instead of a random initialisation
 
 ``write_model_file`` never replaces a workdir's model.json with a different model:
 nothing saved is lost silently. ``load_model`` reads a trained model back.
@@ -29,6 +32,7 @@ import glocal.models as gm
 from glocal.errors import UserError
 
 MODEL_FILE = "model.json"
+INIT_DIR = "init"
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -202,14 +206,52 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
+def has_init_params(workdir) -> bool:
+    return (pathlib.Path(workdir) / INIT_DIR / "params").is_dir()
+
+
+def save_init_params(workdir, params) -> None:
+    """Record ``params`` (an nnx.Param state) as the workdir's starting weights."""
+    path = (pathlib.Path(workdir) / INIT_DIR / "params").absolute()
+    if path.exists():
+        raise WorkdirError(f"{path} already exists; starting weights are never replaced.")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+
+
+def restore_init_params(workdir, abstract_params):
+    """The starting weights, placed like ``abstract_params`` (ShapeDtypeStructs, with
+    shardings where the caller wants them)."""
+    path = (pathlib.Path(workdir) / INIT_DIR / "params").absolute()
+    target = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else
+                          jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+    try:
+        with _quiet_failed_read(), ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path, target)
+    except Exception as e:
+        raise WorkdirError(f"the starting weights {path} could not be read ({_reason(e)}); they may be partial or "
+                           f"corrupt: import them again (glocal convert) into a new workdir.") from e
+    if not bool(all_finite(params)):
+        raise WorkdirError(f"the starting weights {path} hold non-finite values; import them again.")
+    return params
+
+
 def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
-    """The workdir's model with the parameters of ``step`` (default: the latest)."""
+    """The workdir's model with the parameters of ``step`` (default: the latest; step 0 or
+    no checkpoint yet: the starting weights of an imported workdir)."""
     workdir = pathlib.Path(workdir)
     record = read_model_file(workdir)
     config = gm.config_class(record["model"]).from_dict(record["config"])
     abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
     graphdef, abstract_params, rest = nnx.split(abstract, nnx.Param, ...)
-    if not _is_remote(workdir) and not (workdir / "checkpoints").is_dir():  # reading creates nothing
+    if jax.tree.leaves(rest):  # non-trained state (buffers) is rebuilt from the config
+        rest = jax.jit(lambda: nnx.split(gm.build_from_config(config), nnx.Param, ...)[2])()
+    init = not _is_remote(workdir) and has_init_params(workdir)
+    ckpt_dir = workdir / "checkpoints"
+    no_checkpoints = not _is_remote(workdir) and (not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()))
+    if init and (step == 0 or (no_checkpoints and step is None)):
+        return nnx.merge(graphdef, restore_init_params(workdir, abstract_params), rest), 0
+    if not _is_remote(workdir) and not ckpt_dir.is_dir():  # reading creates nothing
         raise WorkdirError(f"{workdir} has no checkpoints yet; train first (glocal train --workdir {workdir}).")
     with _manager(workdir) as mngr:
         steps = mngr.all_steps()
@@ -235,6 +277,4 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
             f"checkpoint {workdir}/checkpoints/{step} holds non-finite weights (its run diverged); "
             + (f"use an earlier --step (available: {earlier})" if earlier else "retrain with a lower learning_rate")
             + ".")
-    if jax.tree.leaves(rest):  # non-trained state (buffers) is rebuilt from the config
-        rest = jax.jit(lambda: nnx.split(gm.build_from_config(config), nnx.Param, ...)[2])()
     return nnx.merge(graphdef, restored["params"], rest), step

@@ -44,6 +44,7 @@ class Attention(nnx.Module):
         rope_theta: float | None = 10_000.0,
         softcap: float | None = None,
         qk_norm: bool = False,
+        norm_eps: float = 1e-6,
         impl: str = "auto",
         dtype=None,
         param_dtype=jnp.float32,
@@ -85,7 +86,7 @@ class Attention(nnx.Module):
             self.qkv_DKAE = named_param(qkv, ("embed", "kv_heads", None, "head_dim"))
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
         # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
-        norm = lambda: RMSNorm(E, axis="head_dim", dtype=dtype, rngs=rngs)
+        norm = lambda: RMSNorm(E, eps=norm_eps, axis="head_dim", dtype=dtype, rngs=rngs)
         self.q_norm = norm() if qk_norm else None
         self.k_norm = norm() if qk_norm else None
 

@@ -22,7 +22,7 @@ class AttentionMixer(nnx.Module):
         self.dtype = spec.dtype
         self.attn = Attention(
             spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, mask=mask,
-            rope_theta=spec.rope_theta, softcap=spec.attn_softcap, qk_norm=spec.qk_norm,
+            rope_theta=spec.rope_theta, softcap=spec.attn_softcap, qk_norm=spec.qk_norm, norm_eps=spec.norm_eps,
             impl=spec.attention_impl, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs,
         )
 

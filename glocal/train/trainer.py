@@ -321,7 +321,11 @@ def _restore(setup: Setup, workdir: pathlib.Path, ckpt: TrainCheckpointer, corpu
     except CheckpointMismatch as e:
         raise workdirs.WorkdirError(_explain_mismatch(e, workdir, tcfg)) from None
     if restored is None:
-        params = setup.init_params()
+        if workdirs.has_init_params(workdir):  # an imported checkpoint: fine-tune it
+            params = workdirs.restore_init_params(workdir, _with_shardings(setup.abstract_params, setup.param_sh))
+            log(f"starting from the imported weights in {workdir / workdirs.INIT_DIR}")
+        else:
+            params = setup.init_params()
         return params, setup.init_opt(params), {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     params, opt_state, meta = restored
     log(f"resumed from checkpoint step {meta['step']} ({meta['tokens']:,} tokens)")

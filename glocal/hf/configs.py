@@ -1,0 +1,224 @@
+"""Hugging Face ``config.json`` <-> glocal configs, field by field.
+
+    LlamaForCausalLM    <-> transformer (layer_pattern "g")
+    MistralForCausalLM  <-> transformer, every layer a sliding window (layer_pattern "s")
+    Qwen3ForCausalLM    <-> transformer with qk_norm (layer_types -> a "g"/"s" pattern)
+    MixtralForCausalLM  <-> moe: top-k of num_experts, softmax over the chosen k, every layer
+
+Every field that changes the function a checkpoint computes is read explicitly; a value
+glocal cannot represent (a rope scaling type, biases, another activation, quantisation)
+is an ``HFConfigError`` naming the field, never a silently different model. Fields that
+only matter to training or serving elsewhere (dropout, ``use_cache``, token ids) are
+ignored on import and written back on export.
+
+Window semantics: Hugging Face lets query ``i`` see key ``j`` when ``i - W < j <= i``, i.e.
+``W`` tokens including itself, which is glocal's ``sliding_window`` exactly. A window at
+least as long as the context is plain causal attention and imports as a global layer.
+"""
+
+from __future__ import annotations
+
+from glocal.errors import UserError
+
+ARCHITECTURES = {  # HF class -> (family, kind)
+    "LlamaForCausalLM": ("transformer", "llama"),
+    "MistralForCausalLM": ("transformer", "mistral"),
+    "Qwen3ForCausalLM": ("transformer", "qwen3"),
+    "MixtralForCausalLM": ("moe", "mixtral"),
+}
+MODEL_TYPES = {kind: arch for arch, (_, kind) in ARCHITECTURES.items()}
+
+
+class HFConfigError(UserError, ValueError):
+    """A Hugging Face config that glocal cannot represent exactly (or an export target
+    the glocal model does not fit)."""
+
+
+def architecture(hf: dict) -> str:
+    """The HF class name a config describes (``architectures[0]``, else from ``model_type``)."""
+    archs = hf.get("architectures") or []
+    if archs:
+        arch = archs[0]
+    elif hf.get("model_type") in MODEL_TYPES:
+        arch = MODEL_TYPES[hf["model_type"]]
+    else:
+        arch = None
+    if arch not in ARCHITECTURES:
+        raise HFConfigError(f"config.json describes {arch or hf.get('model_type') or 'an unnamed model'!r}; glocal "
+                            f"imports {', '.join(ARCHITECTURES)} (causal LMs of those shapes).")
+    return arch
+
+
+def rope_theta_of(hf: dict) -> float:
+    """The rotary base, from ``rope_theta`` (transformers 4) or ``rope_parameters``
+    (transformers 5); scaling other than none is refused."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
+    if kind != "default":
+        raise HFConfigError(f"rope scaling type {kind!r} (config.json rope_scaling / rope_parameters) is not supported: "
+                            f"glocal's RoPE is the unscaled rotate-half form. Remove the scaling only if you "
+                            f"accept a different model at long context.")
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    return float(theta)
+
+
+def _require(hf: dict, field: str, ok, what: str) -> None:
+    if field in hf and hf[field] is not None and not ok(hf[field]):
+        raise HFConfigError(f"config.json {field}={hf[field]!r} is not supported: glocal needs {what}.")
+
+
+def layer_pattern(hf: dict, kind: str, num_layers: int, context: int) -> tuple[str, int | None]:
+    """``(layer_pattern, sliding_window)``: per layer "g" (full causal) or "s" (window),
+    folded to the shortest repeating unit."""
+    window = hf.get("sliding_window")
+    if kind == "qwen3":
+        types = hf.get("layer_types")
+        if not hf.get("use_sliding_window", False) and not types:
+            window = None
+        if types is None:
+            start = hf.get("max_window_layers", num_layers)
+            types = ["sliding_attention" if window is not None and i >= start else "full_attention"
+                     for i in range(num_layers)]
+    elif kind in ("mistral", "mixtral"):
+        if hf.get("layer_types"):
+            raise HFConfigError("config.json layer_types on a Mistral/Mixtral model (alternating attention) is not "
+                                "supported; only a window on every layer (or none).")
+        types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
+    else:
+        _require(hf, "sliding_window", lambda v: False, "no sliding window on a Llama model")
+        types = ["full_attention"] * num_layers
+    if len(types) != num_layers or set(types) - {"full_attention", "sliding_attention"}:
+        raise HFConfigError(f"config.json layer_types={types!r}: glocal reads {num_layers} entries of "
+                            f"'full_attention' / 'sliding_attention'.")
+    if window is not None and window >= context:
+        window = None  # sees the whole context: a global layer
+    if window is None:
+        return "g", None
+    letters = "".join("s" if t == "sliding_attention" else "g" for t in types)
+    unit = next(p for p in range(1, num_layers + 1) if num_layers % p == 0 and letters[:p] * (num_layers // p) == letters)
+    return letters[:unit], int(window)
+
+
+def to_glocal(hf: dict, dtype: str = "float32"):
+    """``(family, config)`` for a Hugging Face config dict."""
+    import glocal.models as gm
+
+    arch = architecture(hf)
+    family, kind = ARCHITECTURES[arch]
+    if hf.get("quantization_config"):
+        raise HFConfigError("config.json has quantization_config: quantised checkpoints are not supported; "
+                            "import the unquantised (float32/bfloat16) weights.")
+    _require(hf, "hidden_act", lambda v: v == "silu", "hidden_act='silu' (SwiGLU)")
+    _require(hf, "attention_bias", lambda v: not v, "no q/k/v/o biases (attention_bias=false)")
+    _require(hf, "mlp_bias", lambda v: not v, "no MLP biases (mlp_bias=false)")
+    _require(hf, "logits_soft_cap", lambda v: False, "no logit soft-capping")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(field), int) or hf[field] < 1:
+            raise HFConfigError(f"config.json field {field} is missing or not a positive integer ({hf.get(field)!r}).")
+    D, H = hf["hidden_size"], hf["num_attention_heads"]
+    L = hf["num_hidden_layers"]
+    head_dim = hf.get("head_dim") or D // H
+    context = int(hf.get("max_position_embeddings") or 4096)
+    pattern, window = layer_pattern(hf, kind, L, context)
+    fields = dict(
+        vocab_size=hf["vocab_size"], max_seq_len=context, d_model=D, num_layers=L, num_heads=H,
+        num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=None if head_dim * H == D else head_dim,
+        d_ff=hf["intermediate_size"], mlp="swiglu", norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta_of(hf), qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        layer_pattern=pattern, sliding_window=window, dtype=dtype, param_dtype=dtype,
+    )
+    if kind == "mixtral":
+        fields.update(num_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
+                      router="token_choice", router_weights="renorm", moe_impl="dropless", shared_experts=0,
+                      balance_weight=float(hf.get("router_aux_loss_coef", 0.001)), router_z_weight=0.0,
+                      moe_every=1, first_dense_layers=0)
+    try:
+        config = gm.config_class(family)(**fields)  # (validates)
+    except UserError as e:
+        raise HFConfigError(f"config.json maps to a {family} config glocal rejects: {e}") from None
+    return family, config
+
+
+def bos_eos(hf: dict) -> dict:
+    """The token-id fields carried through an import/export round trip."""
+    return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+
+
+def export_architecture(config, prefer: str | None = None) -> str:
+    """The HF class a glocal config exports as (``prefer``, e.g. the class it was imported
+    from, when the config still fits it), or an ``HFConfigError`` saying why none fits."""
+    from glocal.models.moe import MoEConfig
+    from glocal.models.transformer import TransformerConfig
+
+    def refuse(why: str):
+        raise HFConfigError(f"this {type(config).__name__} has no Hugging Face twin: {why}. "
+                            f"save_pretrained(..., format='glocal') writes safetensors + glocal's config.json instead.")
+
+    if not isinstance(config, TransformerConfig):
+        refuse("only the transformer and moe families map onto Llama/Mistral/Qwen3/Mixtral")
+    checks = [("mlp", "swiglu"), ("norm", "rms"), ("attn_softcap", None), ("logit_softcap", None)]
+    for field, want in checks:
+        if getattr(config, field) != want:
+            refuse(f"{field}={getattr(config, field)!r} (Hugging Face's models use {want!r})")
+    if config.rope_theta is None:
+        refuse("rope_theta=None (no positions)")
+    pattern = set(config.layer_pattern)
+    if pattern - {"g", "s"}:
+        refuse(f"layer_pattern={config.layer_pattern!r} has mixers other than global / sliding-window attention")
+    if isinstance(config, MoEConfig):
+        moe = dict(router=("token_choice",), router_weights=("renorm",), shared_experts=(0,), first_dense_layers=(0,),
+                   moe_every=(1,), d_expert=(None, config.d_ff), router_bias_rate=(0.0,))
+        for field, ok in moe.items():
+            if getattr(config, field) not in ok:
+                refuse(f"{field}={getattr(config, field)!r} (Mixtral: token-choice top-k renormalised over the "
+                       f"chosen experts, every layer routed, no shared experts)")
+        if config.qk_norm or pattern == {"g", "s"}:
+            refuse("Mixtral has no qk-norm and one attention kind on every layer")
+        return "MixtralForCausalLM"
+    if config.qk_norm:
+        return "Qwen3ForCausalLM"
+    if pattern == {"g", "s"}:
+        refuse(f"layer_pattern={config.layer_pattern!r} mixes window and global layers (only Qwen3, which "
+               f"has qk-norm, expresses that)")
+    if pattern == {"s"}:
+        return "MistralForCausalLM"
+    return prefer if prefer in ("LlamaForCausalLM", "MistralForCausalLM") else "LlamaForCausalLM"
+
+
+def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
+    """The ``config.json`` dict of ``arch`` for a glocal config (checked by
+    ``export_architecture``); ``extra`` carries token ids and the like."""
+    family, kind = ARCHITECTURES[arch]
+    E = config.head_dim or config.d_model // config.num_heads
+    types = ["sliding_attention" if config.layer_pattern[i % len(config.layer_pattern)] == "s" else "full_attention"
+             for i in range(config.num_layers)]
+    hf = dict(
+        architectures=[arch], model_type=kind, vocab_size=config.vocab_size, hidden_size=config.d_model,
+        intermediate_size=config.d_ff, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads or config.num_heads, head_dim=E, hidden_act="silu",
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings, attention_bias=False, attention_dropout=0.0,
+        initializer_range=config.init_std, use_cache=True, torch_dtype=dtype,
+    )
+    if kind == "llama":
+        hf.update(mlp_bias=False, pretraining_tp=1)
+    if kind in ("mistral", "mixtral"):
+        hf["sliding_window"] = config.sliding_window if "s" in config.layer_pattern else None
+    if kind == "qwen3":
+        windowed = "sliding_attention" in types
+        hf.update(use_sliding_window=windowed, sliding_window=config.sliding_window if windowed else None,
+                  max_window_layers=types.index("sliding_attention") if windowed else config.num_layers,
+                  layer_types=types)
+    if kind == "mixtral":
+        hf.update(num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
+                  router_aux_loss_coef=config.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
+    hf.update(extra or {})
+    return hf
+
+
+def glocal_config_record(config) -> dict:
+    """``config.json`` for a family without a Hugging Face twin (read back by from_pretrained)."""
+    import glocal.models as gm
+
+    return {"format": "glocal", "model": gm.model_name(config), "config": config.to_dict()}

@@ -1,4 +1,5 @@
-"""The ``glocal`` command: ``glocal train ...``, ``glocal generate ...``, ``glocal models``.
+"""The ``glocal`` command: ``glocal train ...``, ``glocal generate ...``, ``glocal convert`` /
+``glocal export`` (Hugging Face checkpoints), ``glocal models``.
 
 A user error (``glocal.errors.UserError``: a bad config value, path, data file or
 generation argument) prints one ``glocal: error: ...`` message that says how to fix it and
@@ -94,6 +95,35 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from glocal.hf import convert
+
+    convert(args.from_hf, args.workdir, dtype=args.dtype)
+    return 0
+
+
+def _export(args) -> int:
+    from glocal.hf import export
+
+    export(args.workdir, args.to_hf, args.step, format=args.format,
+           max_shard_bytes=_parse_size(args.max_shard_size))
+    return 0
+
+
+def _parse_size(text: str) -> int:
+    """``"2GB"``, ``"500MB"``, ``"123"`` (bytes) -> bytes."""
+    from glocal.errors import UserError
+
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[:-len(unit)]) * scale)
+    if t.isdigit():
+        return int(t)
+    raise UserError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or a number of bytes.")
+
+
 def _models(args) -> int:
     import glocal.models as gm
 
@@ -147,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
     g.add_argument("overrides", nargs="*", help="key=value model overrides (with --config)")
     g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", parents=[debug],
+                       help="import a local Hugging Face folder (Llama, Mistral, Qwen3, Mixtral) into a new workdir")
+    c.add_argument("--from-hf", required=True, metavar="DIR", help="config.json + safetensors (+ tokenizer.json)")
+    c.add_argument("--workdir", required=True, help="a new workdir; generate, eval and train accept it")
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="parameter and compute dtype (default float32)")
+    c.set_defaults(func=_convert)
+
+    x = sub.add_parser("export", parents=[debug],
+                       help="write a workdir's model as a Hugging Face folder (or glocal-format safetensors)")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--to-hf", required=True, metavar="DIR", help="a new folder")
+    x.add_argument("--step", type=int, default=None, help="checkpoint step (default latest; 0: imported weights)")
+    x.add_argument("--format", default="auto", choices=("auto", "hf", "glocal"),
+                   help="hf: Llama/Mistral/Qwen3/Mixtral (error if the model has no twin); glocal: glocal names "
+                        "and config; auto (default): hf when possible")
+    x.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")
+    x.set_defaults(func=_export)
 
     m = sub.add_parser("models", parents=[debug], help="list registered models and presets")
     m.set_defaults(func=_models)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -185,15 +186,17 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
     config = model.config
     folder = pathlib.Path(path).expanduser()
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise HFFolderError(f"{folder} already exists and is not empty; export into a new folder (or pass "
-                            f"overwrite=True to replace the files in it).")
+        raise HFFolderError(f"{folder} already exists and is not empty; export into a new folder (from Python, "
+                            f"overwrite=True replaces the files in it).")
     arch = None
     if format != "glocal":
         try:
             arch = configs.export_architecture(config, prefer=architecture)
-        except configs.HFConfigError:
+        except configs.HFConfigError as e:
             if format == "hf":
                 raise
+            if gm.model_name(config) in ("transformer", "moe"):  # a user may have expected a twin
+                warnings.warn(f"{e} Writing the glocal format.", stacklevel=2)
     folder.mkdir(parents=True, exist_ok=True)
     dtype = str(np.dtype(config.param_dtype))
     extra = dict(config_extra or {})
@@ -229,9 +232,11 @@ def _hf_tensors(model, config) -> list:
             cache[key] = rule.save(np.asarray(jax.device_get(value if r is None else value[r])))
         return cache[key][j]
 
+    # One dtype per checkpoint, as Hugging Face models expect: glocal keeps norm scales and the
+    # router in float32 whatever param_dtype is (an imported bf16 value converts back exactly).
+    dtype = np.dtype(config.param_dtype)
     out = []
     for owner, r, rule in plan:
-        dtype = weights.variable(owner, rule.path).dtype
         for j, (name, shape) in enumerate(zip(rule.names, rule.shapes)):
             out.append((name, shape, dtype, lambda o=owner, r=r, rule=rule, j=j: make(o, r, rule, j)))
     return out

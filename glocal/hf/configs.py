@@ -168,7 +168,7 @@ def export_architecture(config, prefer: str | None = None) -> str:
         refuse(f"layer_pattern={config.layer_pattern!r} has mixers other than global / sliding-window attention")
     if isinstance(config, MoEConfig):
         moe = dict(router=("token_choice",), router_weights=("renorm",), shared_experts=(0,), first_dense_layers=(0,),
-                   moe_every=(1,), d_expert=(None, config.d_ff), router_bias_rate=(0.0,))
+                   moe_every=(1,), router_bias_rate=(0.0,))
         for field, ok in moe.items():
             if getattr(config, field) not in ok:
                 refuse(f"{field}={getattr(config, field)!r} (Mixtral: token-choice top-k renormalised over the "
@@ -210,8 +210,8 @@ def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
         hf.update(use_sliding_window=windowed, sliding_window=config.sliding_window if windowed else None,
                   max_window_layers=types.index("sliding_attention") if windowed else config.num_layers,
                   layer_types=types)
-    if kind == "mixtral":
-        hf.update(num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
+    if kind == "mixtral":  # every layer is routed: the dense width d_ff is unused
+        hf.update(intermediate_size=config.d_expert or config.d_ff, num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
                   router_aux_loss_coef=config.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
     hf.update(extra or {})
     return hf

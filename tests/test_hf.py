@@ -1,0 +1,303 @@
+"""Hugging Face interop against transformers itself: tiny random Llama / Mistral / Qwen3 /
+Mixtral models built with transformers (GQA, a non-default rope theta, an odd vocabulary)
+are imported and must give the same logits (<= 1e-4, float32) and the same 32-token greedy
+continuation; glocal models exported must load in transformers with the same numbers; import
+-> export -> import is bitwise; bad folders give errors that name the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import glocal  # noqa: E402
+import glocal.hf  # noqa: E402
+import glocal.models as gm  # noqa: E402
+from glocal.hf import safetensors as st  # noqa: E402
+
+torch.set_num_threads(1)  # the suite runs two workers on two cores
+V, CONTEXT = 97, 96
+BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=CONTEXT, rope_theta=5000.0, rms_norm_eps=1e-5)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    # A 6-token window: the 24-token prompts and 32-token continuations cross it many times.
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+    # head_dim 24 != hidden / heads = 16, as Qwen3 checkpoints do.
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = getattr(transformers, config_cls)(**{**BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # norms start at 1: randomise them so a swapped scale cannot pass
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One saved transformers model per architecture (saved once for the module)."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for arch in ARCHS:
+        hf_model(arch).save_pretrained(root / arch)
+        out[arch] = root / arch
+    return out
+
+
+def glocal_logits(model, tokens):
+    out = model(jnp.asarray(tokens))
+    return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+
+
+def hf_greedy(model, prompt, n):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # (an explicit mask: left alone, generate masks every pad-id token)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def tokens(seed, shape=(2, 24)):
+    return np.random.default_rng(seed).integers(0, V, shape)
+
+
+def params_of(model):
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_import_matches_transformers(arch, folders):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folders[arch]).eval()
+    model = glocal.hf.from_pretrained(folders[arch])
+    assert gm.model_name(model.config) == ("moe" if arch == "mixtral" else "transformer")
+    x = tokens(1)
+    diff = np.abs(glocal_logits(model, x) - hf_logits(ref, x)).max()
+    assert diff <= 1e-4, f"{arch}: max |logit difference| {diff}"
+    prompt = tokens(2, (24,)).tolist()
+    ours = glocal.generate(model, [prompt], 32)[0]
+    assert ours == hf_greedy(ref, prompt, 32)
+
+
+def test_mistral_window_is_exact(folders):
+    """The window must be W tokens including the query (transformers: j > i - W): one token
+    more or less changes the logits past the window."""
+    model = glocal.hf.from_pretrained(folders["mistral"])
+    assert model.config.layer_pattern == "s" and model.config.sliding_window == 6
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folders["mistral"]).eval()
+    x = tokens(3)
+    want = hf_logits(ref, x)
+    assert np.abs(glocal_logits(model, x) - want).max() <= 1e-4
+    for other in (5, 7):
+        shifted = nnx.merge(nnx.graphdef(gm.build_from_config(model.config.replace(sliding_window=other))),
+                            nnx.state(model))
+        assert np.abs(glocal_logits(shifted, x) - want).max() > 1e-3
+
+
+EXPORTS = {  # a glocal model per target architecture (random init, odd vocabulary, GQA, theta 5000)
+    "llama": ("transformer", dict(layer_pattern="g")),
+    "mistral": ("transformer", dict(layer_pattern="s", sliding_window=6)),
+    "qwen3": ("transformer", dict(qk_norm=True, head_dim=24, layer_pattern="sg", sliding_window=6)),
+    "mixtral": ("moe", dict(num_experts=4, top_k=2, d_expert=None, num_layers=2, first_dense_layers=0, moe_every=1,
+                        router_z_weight=0.0)),
+}
+
+
+@pytest.mark.parametrize("arch", list(EXPORTS))
+def test_export_loads_in_transformers(arch, tmp_path):
+    family, fields = EXPORTS[arch]
+    model = gm.build(family, "tiny", seed=3, vocab_size=V, num_kv_heads=2, rope_theta=5000.0, norm_eps=1e-5,
+                     max_seq_len=CONTEXT, **fields)
+    with jax.default_device(jax.devices("cpu")[0]):  # randomise the norm scales (all ones at init)
+        state = nnx.state(model, nnx.Param)
+        key = iter(jax.random.split(jax.random.key(0), 64))
+        state = jax.tree_util.tree_map_with_path(
+            lambda p, v: v * jax.random.uniform(next(key), v.shape, minval=0.5, maxval=1.5)
+            if "scale" in jax.tree_util.keystr(p) else v, state)
+        nnx.update(model, state)
+    assert glocal.hf.save_pretrained(model, tmp_path / "out", max_shard_bytes=60_000) == "hf"
+    assert (tmp_path / "out" / st.INDEX_FILE).is_file()  # small shards: the index path
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(ref).__name__ == ARCHS[arch][1]
+    x = tokens(4)
+    diff = np.abs(glocal_logits(model, x) - hf_logits(ref, x)).max()
+    assert diff <= 1e-4, f"{arch}: max |logit difference| {diff}"
+    prompt = tokens(5, (24,)).tolist()
+    assert glocal.generate(model, [prompt], 32)[0] == hf_greedy(ref, prompt, 32)
+    back = glocal.hf.from_pretrained(tmp_path / "out")
+    assert back.config == model.config
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(model), params_of(back)))
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_import_export_import_is_bitwise(arch, folders, tmp_path):
+    first = glocal.hf.from_pretrained(folders[arch])
+    glocal.hf.save_pretrained(first, tmp_path / "again")
+    second = glocal.hf.from_pretrained(tmp_path / "again")
+    assert second.config == first.config
+    a, b = params_of(first), params_of(second)
+    assert len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+    # and the files hold the original tensors bit for bit
+    src, out = st.CheckpointReader(folders[arch]), st.CheckpointReader(tmp_path / "again")
+    assert sorted(src.keys()) == sorted(out.keys())
+    assert all(np.array_equal(src.get(n), out.get(n)) for n in src.keys())
+
+
+def test_bfloat16_sharded_checkpoint(tmp_path):
+    """A bf16 checkpoint split over several files imports exactly (float32 upcast or bf16)."""
+    ref = hf_model("llama").to(torch.bfloat16)
+    ref.save_pretrained(tmp_path / "bf16", max_shard_size="40KB")
+    assert (tmp_path / "bf16" / st.INDEX_FILE).is_file()
+    assert st.CheckpointReader(tmp_path / "bf16").dtypes() == {"bfloat16"}
+    f32 = glocal.hf.from_pretrained(tmp_path / "bf16")
+    bf16 = glocal.hf.from_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert {x.dtype for x in params_of(bf16)} >= {jnp.dtype(jnp.bfloat16)}
+    for a, b in zip(params_of(f32), params_of(bf16)):
+        assert np.array_equal(a, b.astype(np.float32))  # bf16 -> f32 is exact
+    x = tokens(6)
+    want = hf_logits(ref.float(), x)  # the same bf16 weights computed in float32
+    assert np.abs(glocal_logits(f32, x) - want).max() <= 1e-4
+    assert np.abs(glocal_logits(bf16, x) - want).max() < 0.5  # bf16 compute: close, not equal
+    glocal.hf.save_pretrained(bf16, tmp_path / "out")
+    assert st.CheckpointReader(tmp_path / "out").dtypes() == {"bfloat16"}
+    src, out = st.CheckpointReader(tmp_path / "bf16"), st.CheckpointReader(tmp_path / "out")
+    assert all(np.array_equal(src.get(n).view(np.uint16), out.get(n).view(np.uint16)) for n in src.keys())
+
+
+def test_tied_embeddings(tmp_path):
+    ref = hf_model("qwen3", tie_word_embeddings=True)
+    ref.save_pretrained(tmp_path / "tied")
+    model = glocal.hf.from_pretrained(tmp_path / "tied")
+    assert model.config.tie_embeddings and model.head is None
+    x = tokens(7)
+    assert np.abs(glocal_logits(model, x) - hf_logits(ref, x)).max() <= 1e-4
+    glocal.hf.save_pretrained(model, tmp_path / "out")
+    assert "lm_head.weight" not in st.CheckpointReader(tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert np.abs(hf_logits(back, x) - hf_logits(ref, x)).max() <= 1e-5
+
+
+# -- bad folders ------------------------------------------------------------------------------
+def _copy(folders, arch, tmp_path):
+    out = tmp_path / arch
+    shutil.copytree(folders[arch], out)
+    return out
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def _rewrite_tensors(folder, edit):
+    reader = st.CheckpointReader(folder)
+    tensors = edit({n: np.array(reader.get(n)) for n in reader.keys()})
+    del reader
+    (folder / st.SINGLE_FILE).unlink()
+    st.write_checkpoint(folder, [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()])
+
+
+def test_missing_tensor_is_named(folders, tmp_path):
+    folder = _copy(folders, "llama", tmp_path)
+    name = "model.layers.1.self_attn.k_proj.weight"
+    _rewrite_tensors(folder, lambda t: {k: v for k, v in t.items() if k != name})
+    with pytest.raises(glocal.hf.HFWeightsError, match=r"no tensor 'model\.layers\.1\.self_attn\.k_proj\.weight'"):
+        glocal.hf.from_pretrained(folder)
+
+
+def test_shape_mismatch_is_named(folders, tmp_path):
+    folder = _copy(folders, "llama", tmp_path)
+    _edit_config(folder, num_key_value_heads=4)  # the weights have 2 kv heads
+    with pytest.raises(glocal.hf.HFWeightsError, match=r"k_proj\.weight.*shape \[32, 64\].*implies \[64, 64\]"):
+        glocal.hf.from_pretrained(folder)
+
+
+def test_unused_tensor_is_refused(folders, tmp_path):
+    folder = _copy(folders, "llama", tmp_path)
+    _rewrite_tensors(folder, lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)})
+    with pytest.raises(glocal.hf.HFWeightsError, match=r"q_proj\.bias"):
+        glocal.hf.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope scaling type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}}, "rope scaling type 'linear'"),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"hidden_size": None}, "hidden_size"),
+])
+def test_unsupported_config_is_named(changes, match, folders, tmp_path):
+    folder = _copy(folders, "llama", tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(glocal.hf.HFConfigError, match=match):
+        glocal.hf.from_pretrained(folder)
+
+
+def test_bad_folders(folders, tmp_path):
+    with pytest.raises(glocal.hf.HFFolderError, match="not a folder"):
+        glocal.hf.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(glocal.hf.HFFolderError, match="no config.json"):
+        glocal.hf.from_pretrained(tmp_path / "empty")
+    folder = _copy(folders, "llama", tmp_path)
+    (folder / st.SINGLE_FILE).write_bytes((folder / st.SINGLE_FILE).read_bytes()[:5000])  # truncated
+    with pytest.raises(glocal.hf.SafetensorsError, match="truncated"):
+        glocal.hf.from_pretrained(folder)
+    (folder / st.SINGLE_FILE).unlink()
+    with pytest.raises(glocal.hf.SafetensorsError, match="neither model.safetensors"):
+        glocal.hf.from_pretrained(folder)
+
+
+def test_export_refusals(tmp_path):
+    based = gm.build("based", "tiny")
+    with pytest.raises(glocal.hf.HFConfigError, match="no Hugging Face twin"):
+        glocal.hf.save_pretrained(based, tmp_path / "a", format="hf")
+    moe = gm.build("moe", "tiny", router="expert_choice")
+    with pytest.raises(glocal.hf.HFConfigError, match="router='expert_choice'"):
+        glocal.hf.save_pretrained(moe, tmp_path / "b", format="hf")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("mine")
+    with pytest.raises(glocal.hf.HFFolderError, match="not empty"):
+        glocal.hf.save_pretrained(gm.build("transformer", "tiny"), tmp_path / "c")
+    assert (tmp_path / "c" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("family", ["fit", "block", "based", "mor"])
+def test_other_families_round_trip_in_glocal_format(family, tmp_path):
+    model = gm.build(family, "tiny", seed=1)
+    assert glocal.hf.save_pretrained(model, tmp_path / family) == "glocal"
+    record = json.loads((tmp_path / family / "config.json").read_text())
+    assert record["format"] == "glocal" and record["model"] == family
+    # readable by the safetensors library itself (what other tools use)
+    from safetensors.numpy import load_file
+    loaded = load_file(str(tmp_path / family / st.SINGLE_FILE))
+    assert sum(a.size for a in loaded.values()) == sum(a.size for a in params_of(model))
+    back = glocal.hf.from_pretrained(tmp_path / family)
+    assert back.config == model.config
+    assert all(np.array_equal(a, b) for a, b in zip(params_of(model), params_of(back)))

@@ -70,7 +70,7 @@ def _generate(args) -> int:
     from glocal import workdir as workdirs
     from glocal.configs.base import parse_overrides
     from glocal.errors import UserError
-    from glocal.tokenizers import get_tokenizer
+    from glocal.tokenizers import decode_continuation, get_tokenizer, stop_ids
 
     overrides = parse_overrides(args.overrides)
     if args.workdir:
@@ -79,7 +79,7 @@ def _generate(args) -> int:
                             "--workdir model keeps the config it was trained with.")
         workdirs.check_workdir(args.workdir, writable=False)
         model, step = workdirs.load_model(args.workdir, args.step)
-        tokenizer = get_tokenizer(workdirs.read_model_file(args.workdir).get("tokenizer"))
+        tokenizer = workdirs.load_tokenizer(args.workdir)
         source = f"# loaded {args.workdir} at step {step}"
     else:
         name, preset = gm.split_config_name(args.config)
@@ -89,9 +89,9 @@ def _generate(args) -> int:
     prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
     new = glocal.generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                          stop_tokens=[tokenizer.eos_id])[0]
+                          stop_tokens=stop_ids(tokenizer))[0]
     print(source, file=sys.stderr)  # (after the arguments passed generate's checks)
-    print(args.prompt + tokenizer.decode(new))
+    print(args.prompt + decode_continuation(tokenizer, prompt, new))
     return 0
 
 

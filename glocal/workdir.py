@@ -2,6 +2,8 @@
 Saving and restoring the full training state is ``glocal.train.checkpoints``.
 
     DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
+    DIR/tokenizer/                  the workdir's copy of a tokenizer made of files; model.json
+                                    names it relative to DIR ("tokenizer": "hf:tokenizer")
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
                                     (written by glocal.train.checkpoints with the optimizer
                                     state, data iterator and run metadata beside it)
@@ -33,6 +35,7 @@ from glocal.errors import UserError
 
 MODEL_FILE = "model.json"
 INIT_DIR = "init"
+TOKENIZER_DIR = "tokenizer"
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -197,6 +200,16 @@ def read_model_file(workdir) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise WorkdirError(f"{path} is corrupt ({e}); restore it from a backup.") from None
+
+
+def load_tokenizer(workdir, spec: str | None = None):
+    """The tokenizer of the workdir's model: ``spec`` (default: the one model.json records,
+    byte for a record without one), a relative path in it taken inside the workdir."""
+    from glocal.tokenizers import get_tokenizer
+
+    if spec is None:
+        spec = read_model_file(workdir).get("tokenizer")
+    return get_tokenizer(spec or "byte", base=workdir)
 
 
 @jax.jit

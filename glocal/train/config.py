@@ -43,6 +43,9 @@ class TrainConfig(Config):
     val_fraction: float = 0.02  # tail held out when the source is one stream
     pack: bool = True  # segment ids + positions reset at document boundaries
     data_threads: int = 2
+    # "" = the workdir's (its model.json), byte on a new one; hf:DIR = a Hugging Face
+    # tokenizer.json, copied into the new workdir. Never inherited by a resume.
+    tokenizer: str = ""
     # evaluation and logging
     eval_every: int = 150  # 0 = only at the end
     eval_batches: int = 8

@@ -51,6 +51,9 @@ class Corpus:
     eos_id: int | None  # segment boundary after this id; None = no document structure
     description: str
     fingerprint: str
+    # UTF-8 bytes of text the validation split holds (a tail cut through a document counts
+    # that document's bytes in proportion to its tokens); None for token arrays.
+    val_bytes: float | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -75,12 +78,16 @@ def _folder_files(root: pathlib.Path) -> list[pathlib.Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _encode(tokenizer, raw: bytes) -> np.ndarray:
+def _encode(tokenizer, docs: list[bytes]) -> list[np.ndarray]:
+    """``[BOS] tokens [EOS]`` per document (the tokenizer adds no special tokens itself)."""
     if getattr(tokenizer, "name", None) == "byte":  # fast path: the ids are the bytes
-        body = np.frombuffer(raw, np.uint8).astype(np.int32)
+        bodies = [np.frombuffer(raw, np.uint8) for raw in docs]
     else:
-        body = np.asarray(tokenizer.encode(raw.decode("utf-8", errors="replace")), np.int32)
-    return np.concatenate([[tokenizer.bos_id], body, [tokenizer.eos_id]]).astype(np.int32)
+        texts = [raw.decode("utf-8", errors="replace") for raw in docs]
+        batch = getattr(tokenizer, "encode_batch", None)  # (a library's batch call runs in parallel)
+        bodies = batch(texts) if batch is not None else [tokenizer.encode(t) for t in texts]
+    return [np.concatenate([[tokenizer.bos_id], np.asarray(b, np.int32), [tokenizer.eos_id]]).astype(np.int32)
+            for b in bodies]
 
 
 def _documents(path: pathlib.Path | None) -> tuple[list[bytes], str]:
@@ -185,27 +192,65 @@ def load_corpus(spec: str, *, tokenizer, vocab_size: int, val_spec: str = "", va
                 data_dtype: str = "uint16", eos_id: int = -1) -> Corpus:
     """Load ``spec`` (and ``val_spec``) into train/validation token streams and check them."""
     docs, tokens, eos, description, fingerprint = _load_one(spec, tokenizer, data_dtype, eos_id)
+    val_bytes = None
     if docs is not None:
-        encoded = [_encode(tokenizer, d) for d in docs]
+        encoded = _encode(tokenizer, docs)
         if val_spec or len(encoded) < VAL_EVERY:
             train = np.concatenate(encoded)
             val = None
         else:  # every 50th document is held out, so validation spans the whole corpus
             train = np.concatenate([e for i, e in enumerate(encoded) if i % VAL_EVERY != VAL_EVERY - 1])
             val = np.concatenate([e for i, e in enumerate(encoded) if i % VAL_EVERY == VAL_EVERY - 1])
+            val_bytes = float(sum(len(d) for d in docs[VAL_EVERY - 1::VAL_EVERY]))
     else:
         train, val = tokens, None
     if val_spec:
         vdocs, vtokens, _, vdesc, vfp = _load_one(val_spec, tokenizer, data_dtype, eos_id)
-        val = np.concatenate([_encode(tokenizer, d) for d in vdocs]) if vdocs is not None else vtokens
+        val = np.concatenate(_encode(tokenizer, vdocs)) if vdocs is not None else vtokens
+        val_bytes = float(sum(map(len, vdocs))) if vdocs is not None else None
         description += f"; validation: {vdesc}"
         fingerprint += f"+{vfp}"
     elif val is None:
         train, val = _split_tail(train, val_fraction)
+        if docs is not None:
+            val_bytes = _tail_bytes(docs, [len(e) for e in encoded], len(val))
         description += f" (last {val_fraction:.0%} held out for validation)"
     for name, split in (("training", train), ("validation", val)):
         check_vocab(split, vocab_size, f"{name} data of {description}")
-    return Corpus(train=train, val=val, eos_id=eos, description=description, fingerprint=fingerprint)
+    return Corpus(train=train, val=val, eos_id=eos, description=description, fingerprint=fingerprint,
+                  val_bytes=val_bytes)
+
+
+def _tail_bytes(docs: list[bytes], lengths: list[int], n: int) -> float:
+    """UTF-8 bytes under the last ``n`` tokens of the documents' concatenated token streams
+    (``lengths`` tokens each): whole documents count in full, the one the cut goes through
+    in proportion to its tokens on the tail side."""
+    total = 0.0
+    for raw, length in zip(reversed(docs), reversed(lengths)):
+        take = min(n, length)
+        total += len(raw) * take / length
+        n -= take
+        if not n:
+            break
+    return total
+
+
+def tokens_per_byte(corpus: Corpus, tokenizer, pack: bool) -> float | None:
+    """Tokens the validation loss is taken over per UTF-8 byte of the validation text, which
+    turns bits/token into bits/byte. 1 for the byte tokenizer (bits/token are bits/byte, as
+    always reported); None when the bytes are unknown (a token-array validation split).
+
+    Counted like the loss mask of ``Windows`` counts targets: every token but the first,
+    less (with packing) the targets after an EOS, i.e. the next document's BOS."""
+    if getattr(tokenizer, "name", None) == "byte":
+        return 1.0
+    if not corpus.val_bytes:
+        return None
+    val = corpus.val
+    targets = len(val) - 1
+    if pack and corpus.eos_id is not None:
+        targets -= int(np.count_nonzero(np.asarray(val[:-1]) == corpus.eos_id))
+    return targets / corpus.val_bytes
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, what: str) -> None:

@@ -1,5 +1,6 @@
 """``glocal eval --workdir DIR``: validation loss and bits-per-byte of a saved checkpoint,
-on the same validation split and batches the training run used."""
+on the same validation split and batches the training run used, tokenised with the
+workdir's tokenizer."""
 
 from __future__ import annotations
 
@@ -11,22 +12,21 @@ import jax
 import glocal.models as gm
 from glocal import workdir as workdirs
 from glocal import sharding as shd
-from glocal.tokenizers import get_tokenizer
 from glocal.train import data
-from glocal.train.trainer import build_setup, evaluate, resolve_configs
+from glocal.train.trainer import bits_label, build_setup, evaluate, resolve_configs, resolve_tokenizer
 
 
 def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, str] | None = None,
                      log=print) -> dict:
     workdir = pathlib.Path(workdir)
-    record = workdirs.read_model_file(workdir)
     mcfg, tcfg = resolve_configs(None, workdir, overrides or {})
-    tokenizer = get_tokenizer(record.get("tokenizer"))
+    tokenizer, _ = resolve_tokenizer(workdir, tcfg.tokenizer, mcfg)
     model, step = workdirs.load_model(workdir, step)
     setup = build_setup(mcfg, tcfg)
     corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
                               val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
                               data_dtype=tcfg.data_dtype, eos_id=tcfg.eos_id)
+    per_byte = data.tokens_per_byte(corpus, tokenizer, tcfg.pack)
     windows = data.Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
     batches = data.eval_batches(windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
                                 num_batches=tcfg.eval_batches * tcfg.grad_accum,
@@ -39,9 +39,9 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     modes = mcfg.routing_modes() if hasattr(mcfg, "routing_modes") else ()
     if not modes:
         with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
-            loss, bpb = evaluate(setup, params, batches)
+            loss, bpb = evaluate(setup, params, batches, per_byte)
         log(f"{workdir} ({gm.model_name(mcfg)}) step {step}: validation loss {loss:.4f} nats/token = "
-            f"{bpb:.3f} bits-per-byte {where}")
+            f"{bpb:.3f} {bits_label(per_byte)} {where}")
         return {"step": step, "eval_loss": loss, "eval_bpb": bpb}
     # A non-causal router (top-k over the sequence) and its causal stand-in share the weights:
     # report both, and how often the causal rule makes the training-time choice.
@@ -49,10 +49,10 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     for mode in modes:
         setup_m = build_setup(dataclasses.replace(mcfg, routing_mode=mode), tcfg)
         with jax.set_mesh(setup_m.mesh), shd.use_rules(setup_m.rules):
-            loss, bpb = evaluate(setup_m, params, batches)
+            loss, bpb = evaluate(setup_m, params, batches, per_byte)
         note = "causal" if mode == "threshold" else "non-causal: sees later tokens"
         log(f"{workdir} ({gm.model_name(mcfg)}) step {step}, routing_mode={mode} ({note}): validation loss "
-            f"{loss:.4f} nats/token = {bpb:.3f} bits-per-byte {where}")
+            f"{loss:.4f} nats/token = {bpb:.3f} {bits_label(per_byte)} {where}")
         out[f"eval_loss_{mode}"], out[f"eval_bpb_{mode}"] = loss, bpb
     out["routing_agreement"] = _agreement(dataclasses.replace(mcfg, routing_mode="topk"), setup, params, batches)
     log(f"  routing agreement (causal rule == top-k choice, per token and expert/step): "

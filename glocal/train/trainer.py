@@ -34,7 +34,7 @@ from glocal import workdir as workdirs
 from glocal import sharding as shd
 from glocal.configs.base import ConfigError
 from glocal.errors import UserError
-from glocal.tokenizers import get_tokenizer
+from glocal.tokenizers import decode_continuation, get_tokenizer, same_tokenizer, stop_ids
 from glocal.train import data, distributed
 from glocal.train.checkpoints import CheckpointMismatch, TrainCheckpointer
 from glocal.train.lock import WorkdirBusy, WorkdirLock
@@ -70,8 +70,9 @@ def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: d
     model_kw, train_kw = split_overrides(overrides)
     previous = previous_run_config(workdir)
     base = TrainConfig.from_dict(previous) if previous else TrainConfig()
-    # One-off options are never inherited from the previous run.
-    tcfg = base.replace(**{**{k: False for k in ONE_OFF_OPTIONS}, **train_kw})
+    # One-off options are never inherited from the previous run; nor is the tokenizer (a
+    # workdir keeps the one its model.json records: see resolve_tokenizer).
+    tcfg = base.replace(**{**{k: False for k in ONE_OFF_OPTIONS}, "tokenizer": "", **train_kw})
     if config_name is None:
         record = workdirs.read_model_file(workdir)
         mcfg = gm.config_class(record["model"]).from_dict(record["config"]).replace(**model_kw)
@@ -82,6 +83,59 @@ def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: d
         raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}; "
                           f"lower seq_len or raise max_seq_len.")
     return mcfg, tcfg
+
+
+def resolve_tokenizer(workdir: pathlib.Path, spec: str, mcfg):
+    """``(tokenizer, record)``: the run's tokenizer and the spec model.json records for it.
+
+    A workdir keeps the tokenizer its model was trained with: where it has a model.json,
+    ``spec`` may be empty or name the same tokenizer (same ids, e.g. the folder its copy was
+    made from: running the first command again resumes); another one is a ConfigError. On a
+    new workdir ``spec`` (default byte) is used; one made of files (with ``save``) is
+    recorded as ``kind:tokenizer``, the copy ``_train_loop`` makes in ``workdir/tokenizer``.
+    A tokenizer with more ids than the model's vocabulary is a ConfigError."""
+    if (workdir / workdirs.MODEL_FILE).is_file():
+        record = workdirs.read_model_file(workdir).get("tokenizer") or "byte"
+        tokenizer = workdirs.load_tokenizer(workdir, record)
+        if spec and spec != record and not same_tokenizer(get_tokenizer(spec), tokenizer):
+            raise ConfigError(f"tokenizer={spec!r} differs from the tokenizer {workdir} was trained with "
+                              f"({record!r} in its {workdirs.MODEL_FILE}); leave tokenizer= out to resume with "
+                              f"that one, or train into a new --workdir.")
+    else:
+        spec = spec or "byte"
+        tokenizer = get_tokenizer(spec)
+        record = (f"{spec.partition(':')[0]}:{workdirs.TOKENIZER_DIR}" if hasattr(tokenizer, "save")
+                  else tokenizer.name)
+    vocab = getattr(mcfg, "vocab_size", None)
+    # (The byte tokenizer is exempt: token-array runs carry it as a placeholder and size
+    # their model to their own ids; text it encodes is checked against the vocabulary anyway.)
+    if getattr(tokenizer, "name", None) != "byte" and vocab is not None and tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {record!r} has {tokenizer.vocab_size:,} ids but the model's vocab_size is "
+                          f"{vocab:,}; set vocab_size>={tokenizer.vocab_size} (a vocabulary larger than the "
+                          f"tokenizer's is fine).")
+    return tokenizer, record
+
+
+def _keep_tokenizer(workdir: pathlib.Path, tokenizer, record: str) -> None:
+    """Copy a tokenizer made of files into a new workdir (``record`` names the copy), so the
+    workdir does not depend on where the files came from."""
+    if (workdir / workdirs.MODEL_FILE).exists() or not hasattr(tokenizer, "save"):
+        return
+    target = workdir / workdirs.TOKENIZER_DIR
+    if target.exists() and any(target.iterdir()):
+        try:  # left by a first run that stopped before writing model.json?
+            same = same_tokenizer(workdirs.load_tokenizer(workdir, record), tokenizer)
+        except UserError:
+            same = False
+        if not same:
+            raise workdirs.WorkdirError(f"{target} already exists and holds another tokenizer; remove it or "
+                                        f"train into a new --workdir.")
+    tokenizer.save(target)
+
+
+def bits_label(tokens_per_byte: float | None) -> str:
+    """What ``evaluate``'s second number is."""
+    return "bits-per-byte" if tokens_per_byte else "bits/token (bytes unknown: token-array validation data)"
 
 
 @dataclasses.dataclass
@@ -166,15 +220,16 @@ def _to_device(batch: dict, sharding) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def evaluate(setup: Setup, params, batches) -> tuple[float, float]:
-    """``(mean loss in nats/token, bits per byte)`` over fixed validation batches.
-    Tokens are bytes for the byte tokenizer, so bits/token = bits/byte."""
+def evaluate(setup: Setup, params, batches, tokens_per_byte: float | None = 1.0) -> tuple[float, float]:
+    """``(mean loss in nats/token, bits per byte)`` over fixed validation batches: bits/token
+    times ``tokens_per_byte`` (``data.tokens_per_byte``: 1 for the byte tokenizer, whose
+    tokens are bytes). With ``None`` (bytes unknown) the second number is bits/token."""
     total, count = 0.0, 0.0
     for b in batches:
         s, n = setup.eval_step(params, _to_device(b, setup.eval_batch_sh))
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
-    return loss, loss / math.log(2)
+    return loss, loss / math.log(2) * (tokens_per_byte or 1.0)
 
 
 def dry_run_report(setup: Setup) -> dict:
@@ -238,13 +293,19 @@ def train(config_name: str | None, workdir, overrides: dict[str, str] | None = N
     log = print if primary else (lambda *a, **k: None)
     workdir = pathlib.Path(workdir)
     mcfg, tcfg = resolve_configs(config_name, workdir, overrides or {})
-    tokenizer = get_tokenizer("byte")
+    tokenizer, record = resolve_tokenizer(workdir, tcfg.tokenizer, mcfg)
     setup = build_setup(mcfg, tcfg, devices)
     active = active_param_count(nnx.eval_shape(lambda: gm.build_from_config(mcfg)))
     routed = f" ({active / 1e6:.2f}M active per token)" if active < setup.n_params else ""
     log(f"model {gm.model_name(mcfg)}: {setup.n_params / 1e6:.2f}M parameters{routed}, "
         f"{setup.flops_per_token / 1e6:.1f} MFLOPs/token; mesh {dict(setup.mesh.shape)}, "
         f"rules {tcfg.sharding}")
+    if getattr(tokenizer, "name", None) != "byte":
+        sources = getattr(tokenizer, "sources", {})
+        log(f"tokenizer {tokenizer.name}: {tokenizer.vocab_size:,} ids; "
+            + ", ".join(f"{k.upper()} {v}" + (f" ({sources[k]})" if k in sources else "")
+                        for k, v in (("bos", tokenizer.bos_id), ("eos", stop_ids(tokenizer)),
+                                     ("pad", tokenizer.pad_id))))
     for line in shd.describe_dropped(setup.abstract_params, setup.mesh, setup.rules)[:5]:
         log(f"  note: {line} (dimension not divisible)")
     if tcfg.pack and not setup.packed_documents:
@@ -261,12 +322,12 @@ def train(config_name: str | None, workdir, overrides: dict[str, str] | None = N
             workdir.mkdir(parents=True, exist_ok=True)
         try:
             with lock:
-                return _train_loop(setup, workdir, tokenizer, hooks, log, primary)
+                return _train_loop(setup, workdir, tokenizer, record, hooks, log, primary)
         except WorkdirBusy as e:
             raise workdirs.WorkdirError(str(e)) from None
 
 
-def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, primary) -> dict:
+def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, record: str, hooks, log, primary) -> dict:
     mcfg, tcfg = setup.mcfg, setup.tcfg
     corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
                               val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
@@ -283,7 +344,8 @@ def _train_loop(setup: Setup, workdir: pathlib.Path, tokenizer, hooks, log, prim
                                     num_hosts=hosts)
 
     if primary:
-        workdirs.write_model_file(workdir, mcfg, tokenizer.name)
+        _keep_tokenizer(workdir, tokenizer, record)
+        workdirs.write_model_file(workdir, mcfg, record)
     ckpt = TrainCheckpointer(workdir, keep_last=tcfg.keep_last, keep_every=tcfg.keep_every,
                              async_save=tcfg.async_checkpoint, log=log)
     try:
@@ -400,12 +462,14 @@ def _run(setup: Setup, workdir, tokenizer, hooks, log, primary, corpus, data_ite
                 f"learning_rate (now {tcfg.learning_rate}), raise warmup_steps or set grad_clip, then resume.")
         ckpt.save(step, params, opt_state, meta_now(step), data_iter)
 
+    per_byte = data.tokens_per_byte(corpus, tokenizer, tcfg.pack)
+
     def run_eval(step, out=say):
         nonlocal last_eval
-        loss, bpb = evaluate(setup, params, val_batches)
+        loss, bpb = evaluate(setup, params, val_batches, per_byte)
         last_eval = {"step": step, "tokens": tokens, "elapsed_s": elapsed(), "eval_loss": loss, "eval_bpb": bpb}
         writer.write(last_eval)
-        out(f"step {step}: validation loss {loss:.4f} nats/token = {bpb:.3f} bits-per-byte")
+        out(f"step {step}: validation loss {loss:.4f} nats/token = {bpb:.3f} {bits_label(per_byte)}")
 
     bar = tqdm(range(start + 1, tcfg.steps + 1), desc="train", unit="step", dynamic_ncols=True,
                disable=not primary, initial=start, total=tcfg.steps)
@@ -473,7 +537,7 @@ def _sample(setup: Setup, params, tokenizer, log) -> str:
     prompt = tokenizer.encode(tcfg.sample_prompt) or [tokenizer.bos_id]
     n = min(tcfg.sample_tokens, setup.mcfg.max_seq_len - len(prompt))
     new = glocal.generate(model, [prompt], n, temperature=0.8, top_k=40, seed=tcfg.seed,
-                          stop_tokens=[tokenizer.eos_id])[0]
-    text = tcfg.sample_prompt + tokenizer.decode(new)
+                          stop_tokens=stop_ids(tokenizer))[0]
+    text = tcfg.sample_prompt + decode_continuation(tokenizer, prompt, new)
     log("sample:\n" + text)
     return text

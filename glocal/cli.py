@@ -86,7 +86,9 @@ def _generate(args) -> int:
         model = gm.build(name, preset, seed=args.seed, **overrides)
         tokenizer = get_tokenizer("byte")
         source = f"# untrained {args.config} (random weights)"
-    prompt = tokenizer.encode(args.prompt) or [tokenizer.bos_id]
+    # Hugging Face tokenizers add their own specials to a prompt (a Llama one prepends BOS).
+    encode = getattr(tokenizer, "encode_prompt", tokenizer.encode)
+    prompt = encode(args.prompt) or [tokenizer.bos_id]
     new = glocal.generate(model, [prompt], args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                           stop_tokens=stop_ids(tokenizer))[0]

@@ -129,6 +129,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A generation prompt as Hugging Face encodes one: with the tokenizer's own special
+        tokens (a Llama tokenizer prepends BOS; a Qwen one adds nothing)."""
+        return self._tok.encode(text, add_special_tokens=True).ids
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Many documents at once (the library encodes them in parallel)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

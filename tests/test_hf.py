@@ -301,3 +301,52 @@ def test_other_families_round_trip_in_glocal_format(family, tmp_path):
     back = glocal.hf.from_pretrained(tmp_path / family)
     assert back.config == model.config
     assert all(np.array_equal(a, b) for a, b in zip(params_of(model), params_of(back)))
+
+
+# -- the command line: convert, generate, fine-tune, export, load in transformers ----------------
+def test_fine_tune_round_trip_through_the_cli(tmp_path, capsys):
+    from glocal import workdir as workdirs
+    from glocal.cli import main
+    from tests.test_hf_tokenizer import SENTENCES, make_tokenizer
+
+    src = tmp_path / "llama"
+    tok = make_tokenizer(src, vocab_size=300)
+    ref = hf_model("llama", vocab_size=301, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # (odd, > tokenizer)
+    ref.save_pretrained(src)
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(SENTENCES * 40))
+    wd, out0, out = tmp_path / "wd", tmp_path / "step0", tmp_path / "tuned"
+
+    assert main(["convert", "--from-hf", str(src), "--workdir", str(wd)]) == 0
+    assert workdirs.read_model_file(wd)["tokenizer"] == "hf:tokenizer"
+    assert main(["convert", "--from-hf", str(src), "--workdir", str(wd)]) == 2  # never over a workdir
+    # generate from the imported weights == transformers' greedy continuation of the same prompt
+    capsys.readouterr()
+    assert main(["generate", "--workdir", str(wd), "--prompt", "the cat", "--max-new-tokens", "8"]) == 0
+    prompt = tok.encode("the cat").ids
+    want = tok.decode(prompt + hf_greedy(ref, prompt, 8), skip_special_tokens=True)
+    assert capsys.readouterr().out.rstrip("\n") == want
+    # step 0 exports the imported tensors bit for bit
+    assert main(["export", "--workdir", str(wd), "--to-hf", str(out0)]) == 0
+    a, b = st.CheckpointReader(src), st.CheckpointReader(out0)
+    assert all(np.array_equal(a.get(n), b.get(n)) for n in a.keys())
+    # fine-tune a few steps on a text file with the imported tokenizer, export, load in transformers
+    run = ["batch_size=2", "seq_len=32", "steps=2", "eval_batches=1", "sample_tokens=0", "warmup_steps=1",
+           "learning_rate=1e-4", "checkpoint_every=2", "tensorboard=false", f"data={text}"]
+    assert main(["train", "--workdir", str(wd), *run]) == 0
+    assert "starting from the imported weights" in capsys.readouterr().out
+    assert main(["export", "--workdir", str(wd), "--to-hf", str(out), "--max-shard-size", "100KB"]) == 0
+    assert (out / st.INDEX_FILE).is_file() and (out / "tokenizer.json").is_file()
+    gen = json.loads((out / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _ = workdirs.load_model(wd)
+    x = tokens(8)
+    assert np.abs(glocal_logits(ours, x) - hf_logits(tuned, x)).max() <= 1e-4
+    # the run started from the imported weights: every tensor moved a little, none was redrawn
+    c = st.CheckpointReader(out)
+    rel = [np.linalg.norm(c.get(n) - a.get(n)) / np.linalg.norm(a.get(n)) for n in a.keys()]
+    assert 0 < max(rel) < 0.05, max(rel)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.decode(hf_tok("the cat sat")["input_ids"], skip_special_tokens=True) == "the cat sat"
+    assert main(["export", "--workdir", str(wd), "--to-hf", str(out)]) == 2  # never over a folder

@@ -24,22 +24,12 @@ from flax import nnx
 
 from glocal import workdir as workdirs
 from glocal.hf import checkpoint, configs
+from glocal.hf.configs import HFConfigError
+from glocal.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
 
 SOURCE_DIR = "hf_source"
-TOKENIZER_DIR = "tokenizer"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-
-
-def copy_tokenizer_files(source, target) -> list[str]:
-    """Copy the tokenizer files of folder ``source`` that exist into ``target``."""
-    source, target = pathlib.Path(source), pathlib.Path(target)
-    names = [n for n in TOKENIZER_FILES if (source / n).is_file()]
-    if names:
-        target.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        shutil.copy2(source / name, target / name)
-    return names
+# The tokenizer's own copy of config.json (it may hold the token ids) stays out of an export.
+_NOT_EXPORTED = (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE)
 
 
 def convert(hf_dir, workdir, dtype: str = "float32", log=print) -> dict:
@@ -51,9 +41,15 @@ def convert(hf_dir, workdir, dtype: str = "float32", log=print) -> dict:
                                     f"--workdir (nothing in an existing one is replaced).")
     hf = checkpoint.read_config(hf_dir)
     model = checkpoint.from_pretrained(hf_dir, dtype=dtype)
-    has_tokenizer = (hf_dir / "tokenizer.json").is_file()
-    workdirs.write_model_file(workdir, model.config, "hf:tokenizer" if has_tokenizer else "byte")
-    copied = copy_tokenizer_files(hf_dir, workdir / TOKENIZER_DIR)
+    tokenizer = HFTokenizer(hf_dir) if (hf_dir / TOKENIZER_FILE).is_file() else None
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise HFConfigError(f"{hf_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's "
+                            f"vocab_size is {model.config.vocab_size}: they do not belong together.")
+    workdirs.write_model_file(workdir, model.config, f"hf:{workdirs.TOKENIZER_DIR}" if tokenizer else "byte")
+    copied = []
+    if tokenizer is not None:
+        tokenizer.save(workdir / workdirs.TOKENIZER_DIR)
+        copied = [f.name for f in tokenizer.files()]
     (workdir / SOURCE_DIR).mkdir()
     for name in (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE):
         if (hf_dir / name).is_file():
@@ -70,20 +66,22 @@ def export(workdir, hf_dir, step: int | None = None, *, format: str = "auto", ma
     """Write the workdir's model at ``step`` (default: latest) to the new folder ``hf_dir``."""
     workdir, hf_dir = pathlib.Path(workdir).expanduser(), pathlib.Path(hf_dir).expanduser()
     workdirs.check_workdir(workdir, writable=False)
-    record = workdirs.read_model_file(workdir)
     model, step = workdirs.load_model(workdir, step)
     source = _read_json(workdir / SOURCE_DIR / checkpoint.CONFIG_FILE)
     extra = configs.bos_eos(source)
-    tokenizer = record.get("tokenizer") or "byte"
-    tok_dir = workdir / TOKENIZER_DIR if tokenizer == "hf:tokenizer" else None
-    if tokenizer.startswith("hf:") and tok_dir is None:
-        tok_dir = pathlib.Path(tokenizer[3:])
-    if tok_dir is not None and not extra:
-        extra = _token_ids(tok_dir)
+    tokenizer = workdirs.load_tokenizer(workdir)
+    hf_tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else None
+    if hf_tokenizer is not None and not extra:  # a model trained here with that tokenizer
+        extra = {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.eos_ids) if
+                 len(tokenizer.eos_ids) > 1 else tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     prefer = (source.get("architectures") or [None])[0]
     written = checkpoint.save_pretrained(model, hf_dir, format=format, architecture=prefer, config_extra=extra,
                                          max_shard_bytes=max_shard_bytes)
-    copied = copy_tokenizer_files(tok_dir, hf_dir) if tok_dir is not None else []
+    copied = []
+    for src in hf_tokenizer.files() if hf_tokenizer is not None else ():
+        if src.name not in _NOT_EXPORTED:
+            shutil.copy2(src, hf_dir / (TOKENIZER_FILE if src == hf_tokenizer.file else src.name))
+            copied.append(src.name)
     generation = workdir / SOURCE_DIR / checkpoint.GENERATION_FILE
     if written == "hf" and generation.is_file():  # the original sampling defaults, not just token ids
         shutil.copy2(generation, hf_dir / checkpoint.GENERATION_FILE)
@@ -98,14 +96,3 @@ def _read_json(path: pathlib.Path) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError:
         return {}
-
-
-def _token_ids(tok_dir: pathlib.Path) -> dict:
-    """BOS/EOS/PAD ids of a Hugging Face tokenizer folder, for a model trained here with it."""
-    try:
-        from glocal.tokenizers import get_tokenizer
-
-        tok = get_tokenizer(f"hf:{tok_dir}")
-    except Exception:  # no hf tokenizer support installed or an unreadable folder: no ids
-        return {}
-    return {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}

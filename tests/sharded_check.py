@@ -69,7 +69,33 @@ def main(corpus: str, out: str) -> None:
         result["expert_parallel"][label] = {"loss": loss(r), "one": result["models"]["moe_tiny"]["one"],
                                             "param_rel_diff": rel(params(out / f"moe_{label}"),
                                                                   params(out / "moe_tiny_one"))}
+    result["hf_sharded"] = hf_sharded_import(out / "hf")
     print("RESULT " + json.dumps(result))
+
+
+def hf_sharded_import(folder: pathlib.Path) -> dict:
+    """A Hugging Face folder loaded straight onto a 2 x 2 x 2 mesh (fsdp_tp): every parameter
+    placed with the sharding its logical axes name, same logits as on one device."""
+    import jax.numpy as jnp
+    import glocal.hf
+    from glocal import sharding as shd
+
+    model = gm.build("transformer", "tiny", seed=5, vocab_size=97, num_kv_heads=2)
+    glocal.hf.save_pretrained(model, folder)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = shd.rule_table("fsdp_tp")
+    placed = glocal.hf.from_pretrained(folder, mesh=mesh, rules=rules)
+    wrong, split = [], 0
+    for (path, v), (_, a) in zip(jax.tree_util.tree_flatten_with_path(nnx.state(placed, nnx.Param))[0],
+                                 jax.tree_util.tree_flatten_with_path(
+                                     nnx.variables(placed, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]):
+        want = shd.logical_to_spec(a.get_metadata()["out_sharding"], v.shape, mesh, rules)
+        if v.sharding.spec != want or v.sharding.mesh.shape != mesh.shape:
+            wrong.append(f"{jax.tree_util.keystr(path)}: {v.sharding.spec} != {want}")
+        split += any(s is not None for s in want)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 16)))
+    diff = float(np.abs(np.asarray(placed(x)) - np.asarray(model(x))).max())
+    return {"wrong": wrong, "split_params": split, "logit_diff": diff}
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ while the safetensors shards are written.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import pathlib
 import warnings
@@ -113,17 +114,26 @@ def _assemble(config, plan, reader, mesh, rules):
     for entries in groups.values():
         owner, _, _, rule = entries[0]
         var = weights.variable(owner, rule.path)
-        buf = np.empty(var.shape, dtype=var.dtype)
+        sharding = _sharding(var, mesh, rules)
+        # A stacked parameter is filled one layer at a time in place on the device, so host
+        # memory never holds a second copy of it.
+        stacked = _zeros(var.shape, var.dtype, sharding) if entries[0][1] is not None else None
         for _, r, i, rule in entries:
-            arrays = [_tensor(reader, name, shape, i, rule.path) for name, shape in zip(rule.names, rule.shapes)]
+            names = list(zip(rule.names, rule.shapes))
+            value = np.asarray(rule.load(*[_tensor(reader, n, shape, i, rule.path) for n, shape in names]),
+                               dtype=var.dtype)
+            want = var.shape if r is None else var.shape[1:]
+            if value.shape != tuple(want):  # a rule/config bug, not a user error
+                raise AssertionError(f"{rule.path}: built {value.shape}, expected {want}")
+            if r is None:
+                stacked = _put(value, sharding)
+            else:
+                stacked = _set_row(sharding)(stacked, value, r)
+            del value
+            for n, _ in names:
+                reader.release(n)
             used.update(rule.names)
-            value = rule.load(*arrays)
-            target = buf if r is None else buf[r]
-            if value.shape != target.shape:  # a rule/config bug, not a user error
-                raise AssertionError(f"{rule.path}: built {value.shape}, expected {target.shape}")
-            target[...] = value
-        var.set_value(_place(buf, var, mesh, rules))
-        del buf
+        var.set_value(stacked)
     extra = [n for n in reader.keys() if n not in used and not n.endswith(weights.IGNORED_SUFFIXES)
              and not (config.tie_embeddings and n == "lm_head.weight")]
     if extra:
@@ -160,12 +170,28 @@ def _active_mesh():
     return None if mesh is None or getattr(mesh, "empty", True) else mesh
 
 
-def _place(buf: np.ndarray, var, mesh, rules):
+def _sharding(var, mesh, rules):
     if mesh is None or rules is None:
-        return jnp.asarray(buf)
-    names = var.get_metadata().get("out_sharding") or (None,) * buf.ndim
-    sharding = jax.sharding.NamedSharding(mesh, shd.logical_to_spec(names, buf.shape, mesh, rules))
-    return jax.make_array_from_callback(buf.shape, sharding, lambda index: buf[index])
+        return None
+    names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+    return jax.sharding.NamedSharding(mesh, shd.logical_to_spec(names, var.shape, mesh, rules))
+
+
+def _put(value: np.ndarray, sharding):
+    if sharding is None:
+        return jnp.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _zeros(shape, dtype, sharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.cache
+def _set_row(sharding):
+    """``x[r] = v`` with ``x`` donated (updated in place), keeping ``sharding``."""
+    return jax.jit(lambda x, v, r: jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), r, 0),
+                   donate_argnums=0, out_shardings=sharding)
 
 
 # -- saving -----------------------------------------------------------------------------------

@@ -93,6 +93,19 @@ class SafetensorsFile:
                                    f"truncated or corrupt.")
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._start + begin).reshape(shape)
 
+    def release(self, name: str) -> None:
+        """Drop the pages of ``name`` from this process's memory (after it was copied): the
+        file stays in the OS page cache, but the loader's resident size does not grow by the
+        whole checkpoint. Reading it again just maps the pages back."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.header[name]["data_offsets"]
+        page = mmap.PAGESIZE
+        lo = (self._start + begin + page - 1) // page * page  # whole pages inside the tensor only
+        hi = (self._start + end) // page * page
+        if hi > lo:
+            self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
 
 def entry_dtype(entry: dict) -> str:
     return str(entry.get("dtype"))
@@ -143,6 +156,9 @@ class CheckpointReader:
         if name not in file.header:
             raise SafetensorsError(f"the index says {name!r} is in {file.path.name}, but that file does not hold it.")
         return file.get(name)
+
+    def release(self, name: str) -> None:
+        self._file(self.where[name]).release(name)
 
     def dtypes(self) -> set[str]:
         return {str(self.info(n)[1]) for n in self.where}

@@ -31,6 +31,9 @@ ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
     # A 6-token window: the 24-token prompts and 32-token continuations cross it many times.
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+    # Sliding layers after the first (max_window_layers=1), q/k/v biases.
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 6,
+                                                  "max_window_layers": 1}),
     # head_dim 24 != hidden / heads = 16, as Qwen3 checkpoints do.
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
@@ -46,6 +49,8 @@ def hf_model(arch: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith("proj.bias"):  # (zero at init)
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -99,6 +104,29 @@ def test_import_matches_transformers(arch, folders):
     assert ours == hf_greedy(ref, prompt, 32)
 
 
+# Short original context so all three llama3 regimes (kept, blended, divided) occur at head_dim 16.
+LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64, "rope_theta": 5000.0}
+
+
+@pytest.mark.parametrize("scaling", [LLAMA3, {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}],
+                         ids=["llama3", "linear"])
+def test_rope_scaling_both_ways(scaling, tmp_path):
+    ref = hf_model("llama", rope_parameters=scaling)
+    ref.save_pretrained(tmp_path / "src")
+    model = glocal.hf.from_pretrained(tmp_path / "src")
+    assert model.config.rope_scaling == scaling["rope_type"] and model.config.rope_factor == scaling["factor"]
+    x = tokens(9, (2, 80))
+    assert np.abs(glocal_logits(model, x) - hf_logits(ref, x)).max() <= 1e-4
+    unscaled = nnx.merge(nnx.graphdef(gm.build_from_config(model.config.replace(rope_scaling=None))),
+                         nnx.state(model))
+    assert np.abs(glocal_logits(unscaled, x) - hf_logits(ref, x)).max() > 1e-3  # the scaling matters here
+    glocal.hf.save_pretrained(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert np.abs(hf_logits(back, x) - hf_logits(ref, x)).max() <= 1e-5
+    assert glocal.hf.from_pretrained(tmp_path / "out").config == model.config
+
+
 def test_mistral_window_is_exact(folders):
     """The window must be W tokens including the query (transformers: j > i - W): one token
     more or less changes the logits past the window."""
@@ -117,6 +145,7 @@ def test_mistral_window_is_exact(folders):
 EXPORTS = {  # a glocal model per target architecture (random init, odd vocabulary, GQA, theta 5000)
     "llama": ("transformer", dict(layer_pattern="g")),
     "mistral": ("transformer", dict(layer_pattern="s", sliding_window=6)),
+    "qwen2": ("transformer", dict(qkv_bias=True, layer_pattern="gs", sliding_window=6)),
     "qwen3": ("transformer", dict(qk_norm=True, head_dim=24, layer_pattern="sg", sliding_window=6)),
     "mixtral": ("moe", dict(num_experts=4, top_k=2, d_expert=None, num_layers=2, first_dense_layers=0, moe_every=1,
                         router_z_weight=0.0)),
@@ -133,7 +162,8 @@ def test_export_loads_in_transformers(arch, tmp_path):
         key = iter(jax.random.split(jax.random.key(0), 64))
         state = jax.tree_util.tree_map_with_path(
             lambda p, v: v * jax.random.uniform(next(key), v.shape, minval=0.5, maxval=1.5)
-            if "scale" in jax.tree_util.keystr(p) else v, state)
+            if "scale" in jax.tree_util.keystr(p) else
+            v + 0.5 * jax.random.normal(next(key), v.shape) if "_b_" in jax.tree_util.keystr(p) else v, state)
         nnx.update(model, state)
     assert glocal.hf.save_pretrained(model, tmp_path / "out", max_shard_bytes=60_000) == "hf"
     assert (tmp_path / "out" / st.INDEX_FILE).is_file()  # small shards: the index path
@@ -246,7 +276,8 @@ def test_unused_tensor_is_refused(folders, tmp_path):
 
 @pytest.mark.parametrize("changes,match", [
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope scaling type 'yarn'"),
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}}, "rope scaling type 'linear'"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}}, "rope scaling type 'dynamic'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "rope_theta": 5000.0}}, "lacks the field"),
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),
     ({"attention_bias": True}, "attention_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),

@@ -2,7 +2,8 @@
 
     LlamaForCausalLM    <-> transformer (layer_pattern "g")
     MistralForCausalLM  <-> transformer, every layer a sliding window (layer_pattern "s")
-    Qwen3ForCausalLM    <-> transformer with qk_norm (layer_types -> a "g"/"s" pattern)
+    Qwen2ForCausalLM    <-> transformer with qkv_bias (layer_types -> a "g"/"s" pattern)
+    Qwen3ForCausalLM    <-> transformer with qk_norm (the same layer types)
     MixtralForCausalLM  <-> moe: top-k of num_experts, softmax over the chosen k, every layer
 
 Every field that changes the function a checkpoint computes is read explicitly; a value
@@ -23,6 +24,7 @@ from glocal.errors import UserError
 ARCHITECTURES = {  # HF class -> (family, kind)
     "LlamaForCausalLM": ("transformer", "llama"),
     "MistralForCausalLM": ("transformer", "mistral"),
+    "Qwen2ForCausalLM": ("transformer", "qwen2"),
     "Qwen3ForCausalLM": ("transformer", "qwen3"),
     "MixtralForCausalLM": ("moe", "mixtral"),
 }
@@ -49,18 +51,42 @@ def architecture(hf: dict) -> str:
     return arch
 
 
-def rope_theta_of(hf: dict) -> float:
-    """The rotary base, from ``rope_theta`` (transformers 4) or ``rope_parameters``
-    (transformers 5); scaling other than none is refused."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
-    if kind != "default":
+def rope_fields(hf: dict) -> dict:
+    """glocal's rope fields from ``rope_theta`` + ``rope_scaling`` (transformers 4) or
+    ``rope_parameters`` (transformers 5): no scaling, ``linear`` or ``llama3``; other
+    scalings (dynamic NTK, YaRN, LongRoPE) are refused."""
+    params = dict(hf.get("rope_scaling") or {})
+    params.update(hf.get("rope_parameters") or {})
+    kind = params.get("rope_type", params.get("type")) or "default"
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFConfigError("config.json partial_rotary_factor != 1 (RoPE on part of each head) is not supported.")
+    if kind == "default":
+        return {"rope_theta": theta, "rope_scaling": None}
+    if kind not in ("linear", "llama3"):
         raise HFConfigError(f"rope scaling type {kind!r} (config.json rope_scaling / rope_parameters) is not supported: "
-                            f"glocal's RoPE is the unscaled rotate-half form. Remove the scaling only if you "
-                            f"accept a different model at long context.")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    return float(theta)
+                            f"glocal implements none, 'linear' and 'llama3'. Dropping the scaling would give a "
+                            f"different model at long context.")
+    try:
+        fields = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(params["factor"])}
+        if kind == "llama3":
+            fields.update(rope_low_freq_factor=float(params["low_freq_factor"]),
+                          rope_high_freq_factor=float(params["high_freq_factor"]),
+                          rope_original_context=int(params["original_max_position_embeddings"]))
+    except KeyError as e:
+        raise HFConfigError(f"config.json rope scaling {kind!r} lacks the field {e.args[0]!r}.") from None
+    return fields
+
+
+def rope_config(config) -> dict:
+    """The inverse of ``rope_fields`` in transformers 4's spelling, which 5 reads as well."""
+    if config.rope_scaling is None:
+        return {"rope_theta": config.rope_theta}
+    scaling = {"rope_type": config.rope_scaling, "factor": config.rope_factor}
+    if config.rope_scaling == "llama3":
+        scaling.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
+                       original_max_position_embeddings=config.rope_original_context)
+    return {"rope_theta": config.rope_theta, "rope_scaling": scaling}
 
 
 def _require(hf: dict, field: str, ok, what: str) -> None:
@@ -72,7 +98,7 @@ def layer_pattern(hf: dict, kind: str, num_layers: int, context: int) -> tuple[s
     """``(layer_pattern, sliding_window)``: per layer "g" (full causal) or "s" (window),
     folded to the shortest repeating unit."""
     window = hf.get("sliding_window")
-    if kind == "qwen3":
+    if kind in ("qwen2", "qwen3"):
         types = hf.get("layer_types")
         if not hf.get("use_sliding_window", False) and not types:
             window = None
@@ -125,7 +151,7 @@ def to_glocal(hf: dict, dtype: str = "float32"):
         vocab_size=hf["vocab_size"], max_seq_len=context, d_model=D, num_layers=L, num_heads=H,
         num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=None if head_dim * H == D else head_dim,
         d_ff=hf["intermediate_size"], mlp="swiglu", norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta_of(hf), qk_norm=kind == "qwen3", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **rope_fields(hf), qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         layer_pattern=pattern, sliding_window=window, dtype=dtype, param_dtype=dtype,
     )
     if kind == "mixtral":
@@ -173,14 +199,18 @@ def export_architecture(config, prefer: str | None = None) -> str:
             if getattr(config, field) not in ok:
                 refuse(f"{field}={getattr(config, field)!r} (Mixtral: token-choice top-k renormalised over the "
                        f"chosen experts, every layer routed, no shared experts)")
-        if config.qk_norm or pattern == {"g", "s"}:
-            refuse("Mixtral has no qk-norm and one attention kind on every layer")
+        if config.qk_norm or config.qkv_bias or pattern == {"g", "s"}:
+            refuse("Mixtral has no qk-norm, no q/k/v biases and one attention kind on every layer")
         return "MixtralForCausalLM"
+    if config.qkv_bias and config.qk_norm:
+        refuse("qkv_bias with qk_norm (Qwen2 has the biases, Qwen3 the norm)")
+    if config.qkv_bias:
+        return "Qwen2ForCausalLM"
     if config.qk_norm:
         return "Qwen3ForCausalLM"
     if pattern == {"g", "s"}:
-        refuse(f"layer_pattern={config.layer_pattern!r} mixes window and global layers (only Qwen3, which "
-               f"has qk-norm, expresses that)")
+        refuse(f"layer_pattern={config.layer_pattern!r} mixes window and global layers (only Qwen2 / Qwen3, "
+               f"which have q/k/v biases / qk-norm, express that)")
     if pattern == {"s"}:
         return "MistralForCausalLM"
     return prefer if prefer in ("LlamaForCausalLM", "MistralForCausalLM") else "LlamaForCausalLM"
@@ -197,15 +227,17 @@ def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
         architectures=[arch], model_type=kind, vocab_size=config.vocab_size, hidden_size=config.d_model,
         intermediate_size=config.d_ff, num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
         num_key_value_heads=config.num_kv_heads or config.num_heads, head_dim=E, hidden_act="silu",
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, **rope_config(config),
         tie_word_embeddings=config.tie_embeddings, attention_bias=False, attention_dropout=0.0,
         initializer_range=config.init_std, use_cache=True, torch_dtype=dtype,
     )
     if kind == "llama":
         hf.update(mlp_bias=False, pretraining_tp=1)
+    if kind == "qwen2":
+        hf.pop("attention_bias")  # (Qwen2's q/k/v biases are not optional)
     if kind in ("mistral", "mixtral"):
         hf["sliding_window"] = config.sliding_window if "s" in config.layer_pattern else None
-    if kind == "qwen3":
+    if kind in ("qwen2", "qwen3"):
         windowed = "sliding_attention" in types
         hf.update(use_sliding_window=windowed, sliding_window=config.sliding_window if windowed else None,
                   max_window_layers=types.index("sliding_attention") if windowed else config.num_layers,

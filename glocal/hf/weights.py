@@ -9,6 +9,7 @@ G = H / K query heads per kv head, X experts):
 
     q_proj [H E, D]  k_proj / v_proj [K E, D]  -> qkv_DKAE [D, K, G + 2, E]
         (query head h = k G + g reads kv head k in both: transformers' repeat_kv)
+    q_proj.bias [H E], k/v_proj.bias [K E]     -> qkv_b_KAE [K, G + 2, E]   (Qwen2)
     o_proj [D, H E]                            -> o_HED [H, E, D]
     gate_proj, up_proj [I, D]                  -> wi_DAI [D, 2, I]   (A: gate, up)
     down_proj [D, I]                           -> wo_ID [I, D]
@@ -54,7 +55,7 @@ def _t(w: np.ndarray) -> np.ndarray:
     return np.swapaxes(w, -1, -2)
 
 
-def attention_rules(pre: str, D: int, H: int, K: int, E: int, qk_norm: bool) -> list[Rule]:
+def attention_rules(pre: str, D: int, H: int, K: int, E: int, qk_norm: bool, qkv_bias: bool = False) -> list[Rule]:
     G = H // K
 
     def load_qkv(q, k, v):
@@ -72,6 +73,11 @@ def attention_rules(pre: str, D: int, H: int, K: int, E: int, qk_norm: bool) -> 
         norm_rule("mixer_norm.scale", pre + "input_layernorm.weight", D),
         norm_rule("ffn_norm.scale", pre + "post_attention_layernorm.weight", D),
     ]
+    if qkv_bias:
+        rules.append(Rule(
+            "mixer.attn.qkv_b_KAE", (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), ((H * E,), (K * E,), (K * E,)),
+            lambda q, k, v: np.concatenate([q.reshape(K, G, E), k.reshape(K, 1, E), v.reshape(K, 1, E)], 1),
+            lambda b: (b[:, :G].reshape(H * E), b[:, G].reshape(K * E), b[:, G + 1].reshape(K * E))))
     if qk_norm:
         rules += [norm_rule("mixer.attn.q_norm.scale", a + "q_norm.weight", E),
                   norm_rule("mixer.attn.k_norm.scale", a + "k_norm.weight", E)]
@@ -120,7 +126,7 @@ def layer_rules(config, i: int, *, fused_experts: bool = False) -> list[Rule]:
     H = config.num_heads
     K = config.num_kv_heads or H
     E = config.head_dim or config.d_model // H
-    rules = attention_rules(pre, config.d_model, H, K, E, config.qk_norm)
+    rules = attention_rules(pre, config.d_model, H, K, E, config.qk_norm, config.qkv_bias)
     if config.uses_moe:
         return rules + mixtral_rules(pre, config.d_model, config.d_expert or config.d_ff, config.num_experts,
                                      fused_experts)

@@ -28,7 +28,7 @@ from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
 from glocal.sharding import constrain
 from glocal.layers.params import as_dtype, fan_in_init, named_param, param
-from glocal.layers.rope import apply_rope
+from glocal.layers.rope import RopeScaling, apply_rope
 
 
 class Attention(nnx.Module):
@@ -42,8 +42,10 @@ class Attention(nnx.Module):
         mask: masks_lib.Mask = masks_lib.Causal(),
         kv_dim: int | None = None,
         rope_theta: float | None = 10_000.0,
+        rope_scaling: RopeScaling | None = None,
         softcap: float | None = None,
         qk_norm: bool = False,
+        qkv_bias: bool = False,
         norm_eps: float = 1e-6,
         impl: str = "auto",
         dtype=None,
@@ -67,6 +69,7 @@ class Attention(nnx.Module):
             raise ValueError(f"unknown attention impl {impl!r}; choose one of {kernels.IMPLEMENTATIONS}.")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mask, self.rope_theta, self.softcap, self.impl = mask, rope_theta, softcap, impl
+        self.rope_scaling = rope_scaling
         self.dtype = as_dtype(dtype)
         self.cross = kv_dim is not None
         kv_dim = d_model if kv_dim is None else kv_dim
@@ -84,6 +87,14 @@ class Attention(nnx.Module):
         else:
             qkv = jnp.concatenate([q.reshape(d_model, K, H // K, E), k[:, :, None], v[:, :, None]], axis=2)
             self.qkv_DKAE = named_param(qkv, ("embed", "kv_heads", None, "head_dim"))
+        # Optional q/k/v biases (Qwen2), laid out like the kernels' output axes; no output bias.
+        zeros = lambda k, shape, d: jnp.zeros(shape, d)
+        if qkv_bias and self.cross:
+            self.q_b_HE = param(rngs, zeros, (H, E), ("heads", "head_dim"), param_dtype)
+            self.kv_b_KAE = param(rngs, zeros, (K, 2, E), ("kv_heads", None, "head_dim"), param_dtype)
+        elif qkv_bias:
+            self.qkv_b_KAE = param(rngs, zeros, (K, H // K + 2, E), ("kv_heads", None, "head_dim"), param_dtype)
+        self.qkv_bias = qkv_bias
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
         # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
         norm = lambda: RMSNorm(E, eps=norm_eps, axis="head_dim", dtype=dtype, rngs=rngs)
@@ -119,12 +130,23 @@ class Attention(nnx.Module):
         G = self.num_heads // self.num_kv_heads
         return w[:, :, :G].reshape(w.shape[0], self.num_heads, -1), w[:, :, G:]
 
+    def _biases(self):
+        """``(q [H, E], kv [K, 2, E])`` biases in the compute dtype (zeros when off: a
+        constant XLA folds away)."""
+        if not self.qkv_bias:
+            return 0, 0
+        if self.cross:
+            return self.q_b_HE[...].astype(self.dtype), self.kv_b_KAE[...].astype(self.dtype)
+        b = self.qkv_b_KAE[...].astype(self.dtype)
+        G = self.num_heads // self.num_kv_heads
+        return b[:, :G].reshape(self.num_heads, -1), b[:, G:]
+
     def project_q(self, x_BTD, positions_BT=None):
-        q_BTHE = _matmul(x_BTD.astype(self.dtype), self._kernels()[0])
+        q_BTHE = _matmul(x_BTD.astype(self.dtype), self._kernels()[0]) + self._biases()[0]
         return self._norm_rope(q_BTHE, self.q_norm, positions_BT)
 
     def project_kv(self, kv_BSD, positions_BS=None):
-        kv_BSKAE = _matmul(kv_BSD.astype(self.dtype), self._kernels()[1])
+        kv_BSKAE = _matmul(kv_BSD.astype(self.dtype), self._kernels()[1]) + self._biases()[1]
         return self._norm_rope(kv_BSKAE[..., 0, :], self.k_norm, positions_BS), kv_BSKAE[..., 1, :]
 
     def project_qkv(self, x_BTD, positions_BT=None):
@@ -134,6 +156,8 @@ class Attention(nnx.Module):
         B, T, _ = x_BTD.shape
         G = self.num_heads // self.num_kv_heads
         qkv_BTKAE = _matmul(x_BTD.astype(self.dtype), self.qkv_DKAE[...].astype(self.dtype))
+        if self.qkv_bias:
+            qkv_BTKAE = qkv_BTKAE + self.qkv_b_KAE[...].astype(self.dtype)
         q_BTHE = qkv_BTKAE[:, :, :, :G].reshape(B, T, self.num_heads, self.head_dim)
         return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
                 self._norm_rope(qkv_BTKAE[:, :, :, G], self.k_norm, positions_BT), qkv_BTKAE[:, :, :, G + 1])
@@ -144,7 +168,7 @@ class Attention(nnx.Module):
         if norm is not None:
             x_BTHE = norm(x_BTHE)
         if self.rope_theta is not None and positions_BT is not None:
-            x_BTHE = apply_rope(x_BTHE, positions_BT, theta=self.rope_theta)
+            x_BTHE = apply_rope(x_BTHE, positions_BT, theta=self.rope_theta, scaling=self.rope_scaling)
         return x_BTHE
 
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,

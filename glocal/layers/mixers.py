@@ -22,8 +22,8 @@ class AttentionMixer(nnx.Module):
         self.dtype = spec.dtype
         self.attn = Attention(
             spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, mask=mask,
-            rope_theta=spec.rope_theta, softcap=spec.attn_softcap, qk_norm=spec.qk_norm, norm_eps=spec.norm_eps,
-            impl=spec.attention_impl, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs,
+            rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, softcap=spec.attn_softcap,
+            qk_norm=spec.qk_norm, qkv_bias=spec.qkv_bias, norm_eps=spec.norm_eps, impl=spec.attention_impl, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs,
         )
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):

@@ -3,28 +3,71 @@
 Positions are an argument, not implied by array index, so grouped models (FIT groups,
 Block Transformer blocks) and caches can re-index tokens freely. Convention: the head
 dimension is split in halves ``(x1, x2)`` and pair ``(x1[i], x2[i])`` is rotated by angle
-``pos * theta ** (-2i / E)`` (the "rotate-half" layout used by Llama checkpoints).
+``pos * f_i`` with ``f_i = theta ** (-2i / E)`` (the "rotate-half" layout used by Llama
+checkpoints). ``RopeScaling`` rescales the frequencies for longer contexts:
+
+* ``linear`` (position interpolation): every ``f_i / factor``.
+* ``llama3`` (Llama 3.1): wavelengths ``2 pi / f_i`` longer than ``original_context /
+  low_freq_factor`` are divided by ``factor``, shorter than ``original_context /
+  high_freq_factor`` kept, and the band between blended linearly in
+  ``original_context / wavelength``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax.numpy as jnp
 
+ROPE_SCALINGS = ("linear", "llama3")
 
-def rope_angles(positions_BT, head_dim: int, theta: float = 10_000.0):
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    kind: str  # linear | llama3
+    factor: float
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_context: int = 8192  # llama3: the pre-training context
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope scaling {self.kind!r}; choose one of {ROPE_SCALINGS}.")
+        if self.factor <= 0:
+            raise ValueError(f"rope scaling factor must be positive, got {self.factor}.")
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor, got "
+                             f"{self.low_freq_factor} and {self.high_freq_factor}.")
+
+    def apply(self, inv_freq):
+        if self.kind == "linear":
+            return inv_freq / self.factor
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (self.original_context / wavelength - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / self.factor + smooth * inv_freq
+        low = wavelength > self.original_context / self.low_freq_factor
+        high = wavelength < self.original_context / self.high_freq_factor
+        return jnp.where(low, inv_freq / self.factor, jnp.where(high, inv_freq, blended))
+
+
+def rope_angles(positions_BT, head_dim: int, theta: float = 10_000.0, scaling: RopeScaling | None = None):
     """``[B, T, E/2]`` rotation angles in float32 (one per rotated pair)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
     inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    if scaling is not None:
+        inv_freq = scaling.apply(inv_freq)
     return positions_BT.astype(jnp.float32)[..., None] * inv_freq
 
 
-def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0):
+def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0, scaling: RopeScaling | None = None):
     """Rotate ``x [B, T, H, E]`` by ``positions [B, T]`` (or ``[T]``); returns x's dtype."""
     if positions_BT.ndim == 1:
         positions_BT = positions_BT[None]
     E = x_BTHE.shape[-1]
-    angles = rope_angles(positions_BT, E, theta)[:, :, None, :]  # [B, T, 1, E/2]
+    angles = rope_angles(positions_BT, E, theta, scaling)[:, :, None, :]  # [B, T, 1, E/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x = x_BTHE.astype(jnp.float32)
     x1, x2 = x[..., : E // 2], x[..., E // 2 :]

@@ -74,6 +74,7 @@ def _register(table: dict, what: str, name: str):
 
 if TYPE_CHECKING:
     from glocal.layers.moe import MoESpec
+    from glocal.layers.rope import RopeScaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,9 @@ class LayerSpec:
     norm: str = "rms"
     norm_eps: float = 1e-6
     rope_theta: float | None = 10_000.0  # None: no positions
+    rope_scaling: "RopeScaling | None" = None  # longer-context frequency scaling (glocal.layers.rope)
     qk_norm: bool = False
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     attn_softcap: float | None = None
     sliding_window: int | None = None  # tokens a "window" mixer sees, the query included
     feature_dim: int = 16  # F: q/k features per head of a "linear" mixer

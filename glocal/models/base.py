@@ -61,6 +61,7 @@ from glocal.layers.cache import tree_nbytes
 from glocal.layers.decoder import merge_aux
 from glocal.kernels.gmm import GMM_IMPLS
 from glocal.layers.mlp import ACTIVATIONS
+from glocal.layers.rope import RopeScaling
 from glocal.layers.moe import MOE_IMPLS, ROUTER_WEIGHTS, ROUTERS, ROUTING_MODES, MoESpec
 from glocal.layers.spec import FFNS, LayerSpec
 from glocal.layers.stack import REMAT_POLICIES
@@ -101,7 +102,13 @@ class DecoderConfig(ModelConfig):
     norm: str = "rms"  # rms | layer
     norm_eps: float = 1e-6
     rope_theta: float | None = 10_000.0  # None: no rotary positions
+    rope_scaling: str | None = None  # None | linear | llama3 (glocal.layers.rope.RopeScaling)
+    rope_factor: float = 1.0  # context extension factor of rope_scaling
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_context: int = 8192  # llama3 only: the pre-training context
     qk_norm: bool = False  # per-head RMSNorm on queries and keys
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     attn_softcap: float | None = None  # c * tanh(scores / c) before the softmax
     logit_softcap: float | None = None  # the same on the output logits
     tie_embeddings: bool = False  # output head = the token embedding table
@@ -139,6 +146,13 @@ class DecoderConfig(ModelConfig):
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
+        if self.rope_scaling is not None:
+            if self.rope_theta is None:
+                raise ConfigError("rope_scaling is set but rope_theta=None (no rotary positions); unset one.")
+            try:
+                self.rope_scaling_spec()
+            except ValueError as e:
+                raise ConfigError(f"rope_scaling={self.rope_scaling!r}: {e}") from None
         if self.uses_moe:
             self.validate_moe()
 
@@ -199,10 +213,18 @@ class DecoderConfig(ModelConfig):
             what = head_dim if E is not None else f"the head size {width} / {heads}"
             raise ConfigError(f"{what} must be even for RoPE (and positive), got {size}.")
 
+    def rope_scaling_spec(self) -> RopeScaling | None:
+        if self.rope_scaling is None:
+            return None
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_context)
+
     def layer(self, **shape) -> LayerSpec:
         """A ``LayerSpec`` of the given shape with this config's shared layer numerics."""
         return LayerSpec(**shape, mlp=self.mlp, norm=self.norm, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                         qk_norm=self.qk_norm, attn_softcap=self.attn_softcap, attention_impl=self.attention_impl,
+                         rope_scaling=self.rope_scaling_spec(),
+                         qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, attn_softcap=self.attn_softcap,
+                         attention_impl=self.attention_impl,
                          moe=self.moe_spec() if self.uses_moe else None, dtype=self.dtype,
                          param_dtype=self.param_dtype)
 

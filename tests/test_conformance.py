@@ -47,7 +47,10 @@ FAMILIES = gm.list_models()
 # ("seed" is passed to the builder). Keep them tiny: each costs a few compiles.
 FAMILY_VARIANTS = {
     # Sliding window 6 < sequence length: the ring buffers wrap many times.
-    "transformer": {"window": dict(num_layers=3, layer_pattern="ssg", sliding_window=6, max_seq_len=64)},
+    # Checkpoint-import options: q/k/v biases, qk-norm and llama3 rope scaling (all regimes at E 16).
+    "transformer": {"window": dict(num_layers=3, layer_pattern="ssg", sliding_window=6, max_seq_len=64),
+                    "imported": dict(qkv_bias=True, qk_norm=True, rope_scaling="llama3", rope_factor=4.0,
+                                     rope_original_context=64, num_kv_heads=2, max_seq_len=64, seed=9)},
     # Latents wider than tokens, GQA in the local layers, 3 latents per group of 6, tied
     # head, LayerNorm (its bias makes the zero latents of group 0 project to non-zero keys).
     "fit": {"wide": dict(d_latent=48, latent_heads=2, num_heads=4, num_kv_heads=2, num_latents=3, group_size=6,

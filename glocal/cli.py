@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("convert", parents=[debug],
-                       help="import a local Hugging Face folder (Llama, Mistral, Qwen3, Mixtral) into a new workdir")
+                       help="import a local Hugging Face folder (Llama, Mistral, Qwen2, Qwen3, Mixtral) into a new workdir")
     c.add_argument("--from-hf", required=True, metavar="DIR", help="config.json + safetensors (+ tokenizer.json)")
     c.add_argument("--workdir", required=True, help="a new workdir; generate, eval and train accept it")
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--to-hf", required=True, metavar="DIR", help="a new folder")
     x.add_argument("--step", type=int, default=None, help="checkpoint step (default latest; 0: imported weights)")
     x.add_argument("--format", default="auto", choices=("auto", "hf", "glocal"),
-                   help="hf: Llama/Mistral/Qwen3/Mixtral (error if the model has no twin); glocal: glocal names "
+                   help="hf: Llama/Mistral/Qwen2/Qwen3/Mixtral (error if the model has no twin); glocal: glocal names "
                         "and config; auto (default): hf when possible")
     x.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")
     x.set_defaults(func=_export)

@@ -366,6 +366,8 @@ def test_fine_tune_round_trip_through_the_cli(tmp_path, capsys):
            "learning_rate=1e-4", "checkpoint_every=2", "tensorboard=false", f"data={text}"]
     assert main(["train", "--workdir", str(wd), *run]) == 0
     assert "starting from the imported weights" in capsys.readouterr().out
+    assert main(["eval", "--workdir", str(wd)]) == 0  # the same data (runs.jsonl), through the tokenizer
+    assert "bits-per-byte" in capsys.readouterr().out
     assert main(["export", "--workdir", str(wd), "--to-hf", str(out), "--max-shard-size", "100KB"]) == 0
     assert (out / st.INDEX_FILE).is_file() and (out / "tokenizer.json").is_file()
     gen = json.loads((out / "generation_config.json").read_text())

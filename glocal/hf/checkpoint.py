@@ -58,7 +58,7 @@ def read_config(folder) -> dict:
 # -- loading ----------------------------------------------------------------------------------
 def from_pretrained(path, dtype: str = "float32", *, mesh=None, rules=None):
     """A glocal model (what ``glocal.models.build`` returns) with the weights of the local
-    Hugging Face folder ``path``: Llama, Mistral, Qwen3 -> ``transformer``, Mixtral ->
+    Hugging Face folder ``path``: Llama, Mistral, Qwen2, Qwen3 -> ``transformer``, Mixtral ->
     ``moe``; also folders written by ``save_pretrained(..., format="glocal")`` (any family).
     ``dtype`` is the parameter and compute dtype. Sharded placement: pass ``mesh`` and
     ``rules`` (a ``glocal.sharding`` rule table), or call inside ``jax.set_mesh`` +
@@ -201,7 +201,7 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
 
     ``format="hf"``: a Hugging Face folder (``config.json``, ``generation_config.json``,
     ``model.safetensors`` or shards above ``max_shard_bytes`` + index) that transformers loads
-    as Llama / Mistral / Qwen3 / Mixtral; an error if the model has no such twin.
+    as Llama / Mistral / Qwen2 / Qwen3 / Mixtral; an error if the model has no such twin.
     ``format="glocal"``: the parameters under their glocal names + glocal's ``config.json``
     (any family; ``from_pretrained`` reads it back). ``"auto"``: hf when possible.
     ``architecture`` prefers an HF class the config fits (e.g. Mistral for a model

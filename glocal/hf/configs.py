@@ -182,7 +182,7 @@ def export_architecture(config, prefer: str | None = None) -> str:
                             f"save_pretrained(..., format='glocal') writes safetensors + glocal's config.json instead.")
 
     if not isinstance(config, TransformerConfig):
-        refuse("only the transformer and moe families map onto Llama/Mistral/Qwen3/Mixtral")
+        refuse("only the transformer and moe families map onto Llama/Mistral/Qwen2/Qwen3/Mixtral")
     checks = [("mlp", "swiglu"), ("norm", "rms"), ("attn_softcap", None), ("logit_softcap", None)]
     for field, want in checks:
         if getattr(config, field) != want:

@@ -28,6 +28,7 @@ import glocal.models as gm
 from glocal import sharding as shd
 from glocal.errors import UserError
 from glocal.hf import configs, safetensors as st, weights
+from glocal.train.checkpoints import path_name
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -86,19 +87,9 @@ def _glocal_plan(config, reader) -> list:
     abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
     plan = []
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]:
-        name = _dotted(path)
+        name = path_name(path, ".")
         plan.append((name, None, weights.Rule(name, (name,), (tuple(value.shape),), lambda w: w, lambda w: (w,))))
     return plan
-
-
-def _dotted(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-    return ".".join(p for p in parts if p != "value")
 
 
 def _assemble(config, plan, reader, mesh, rules):
@@ -271,5 +262,5 @@ def _hf_tensors(model, config) -> list:
 def _glocal_tensors(model) -> list:
     out = []
     for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-        out.append((_dotted(path), tuple(var.shape), var.dtype, lambda v=var: np.asarray(jax.device_get(v))))
+        out.append((path_name(path, "."), tuple(var.shape), var.dtype, lambda v=var: np.asarray(jax.device_get(v))))
     return out

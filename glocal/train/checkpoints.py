@@ -131,7 +131,7 @@ def tree_difference(saved, target) -> str | None:
     Paths are compared by their key names, so a checkpoint's metadata tree (dicts and lists)
     matches the live tree (named tuples, dataclasses) it was saved from."""
     def leaves(tree):
-        return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return {path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
     have, want = leaves(saved), leaves(target)
     if have == want:
@@ -149,11 +149,13 @@ def tree_difference(saved, target) -> str | None:
     return "; ".join(parts)
 
 
-def _path_name(path) -> str:
+def path_name(path, sep: str = "/") -> str:
+    """A pytree key path as names (dict keys, attributes, indices) joined by ``sep``; the
+    ``value`` attribute of an nnx Variable is left out (``embed/table_VD``)."""
     out = []
     for key in path:
         for attr in ("key", "name", "idx"):
             if hasattr(key, attr):
                 out.append(str(getattr(key, attr)))
                 break
-    return "/".join(out)
+    return sep.join(part for part in out if part != "value")

@@ -98,9 +98,11 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
+    from glocal.configs.base import parse_overrides
     from glocal.hf import convert
 
-    convert(args.from_hf, args.workdir, dtype=args.dtype)
+    convert(args.from_hf, args.workdir, dtype=args.dtype, tokenizer=args.tokenizer,
+            overrides=parse_overrides(args.overrides))
     return 0
 
 
@@ -108,7 +110,7 @@ def _export(args) -> int:
     from glocal.hf import export
 
     export(args.workdir, args.to_hf, args.step, format=args.format,
-           max_shard_bytes=_parse_size(args.max_shard_size))
+           max_shard_bytes=_parse_size(args.max_shard_size), dtype=args.dtype)
     return 0
 
 
@@ -118,12 +120,16 @@ def _parse_size(text: str) -> int:
 
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
     t = text.strip().upper()
+    size = None
     for unit, scale in units.items():
         if t.endswith(unit) and t[:-len(unit)].strip().replace(".", "", 1).isdigit():
-            return int(float(t[:-len(unit)]) * scale)
-    if t.isdigit():
-        return int(t)
-    raise UserError(f"--max-shard-size {text!r} is not a size; write e.g. 2GB, 500MB or a number of bytes.")
+            size = int(float(t[:-len(unit)]) * scale)
+            break
+    if size is None and t.isdigit():
+        size = int(t)
+    if size is not None and size > 0:
+        return size
+    raise UserError(f"--max-shard-size {text!r} is not a positive size; write e.g. 2GB, 500MB or a number of bytes.")
 
 
 def _models(args) -> int:
@@ -186,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--workdir", required=True, help="a new workdir; generate, eval and train accept it")
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="parameter and compute dtype (default float32)")
+    c.add_argument("--tokenizer", default=None, metavar="hf:DIR",
+                   help="a tokenizer folder, when the model folder has no tokenizer.json")
+    c.add_argument("overrides", nargs="*", help="key=value model options that keep the weights as they are, "
+                                                "e.g. remat=full attention_impl=blockwise max_seq_len=4096")
     c.set_defaults(func=_convert)
 
     x = sub.add_parser("export", parents=[debug],
@@ -197,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: Llama/Mistral/Qwen2/Qwen3/Mixtral (error if the model has no twin); glocal: glocal names "
                         "and config; auto (default): hf when possible")
     x.add_argument("--max-shard-size", default="2GB", help="split safetensors above this size (default 2GB)")
+    x.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="tensor dtype of the files (default: the model's parameter dtype)")
     x.set_defaults(func=_export)
 
     m = sub.add_parser("models", parents=[debug], help="list registered models and presets")

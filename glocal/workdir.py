@@ -36,6 +36,7 @@ from glocal.errors import UserError
 MODEL_FILE = "model.json"
 INIT_DIR = "init"
 TOKENIZER_DIR = "tokenizer"
+HF_SOURCE_DIR = "hf_source"  # an imported workdir's original config files (glocal convert)
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -261,13 +262,16 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
         rest = jax.jit(lambda: nnx.split(gm.build_from_config(config), nnx.Param, ...)[2])()
     init = not _is_remote(workdir) and has_init_params(workdir)
     ckpt_dir = workdir / "checkpoints"
-    no_checkpoints = not _is_remote(workdir) and (not ckpt_dir.is_dir() or not any(ckpt_dir.iterdir()))
-    if init and (step == 0 or (no_checkpoints and step is None)):
+    if init and step == 0:
         return nnx.merge(graphdef, restore_init_params(workdir, abstract_params), rest), 0
     if not _is_remote(workdir) and not ckpt_dir.is_dir():  # reading creates nothing
+        if init:  # an imported workdir before any training
+            return nnx.merge(graphdef, restore_init_params(workdir, abstract_params), rest), 0
         raise WorkdirError(f"{workdir} has no checkpoints yet; train first (glocal train --workdir {workdir}).")
     with _manager(workdir) as mngr:
         steps = mngr.all_steps()
+        if not steps and init and step is None:  # (e.g. only a crashed first save's temporary folder)
+            return nnx.merge(graphdef, restore_init_params(workdir, abstract_params), rest), 0
         if not steps:
             raise WorkdirError(f"{workdir} has no checkpoints yet; train first (glocal train --workdir {workdir}).")
         step = max(steps) if step is None else step

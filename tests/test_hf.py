@@ -391,3 +391,128 @@ def test_sharded_import_places_each_tensor(sharded):
     r = sharded["hf_sharded"]
     assert r["wrong"] == [] and r["split_params"] >= 5
     assert r["logit_diff"] <= 1e-4  # (sharded matmuls sum in another order: ~4e-6 seen)
+
+
+# -- review cases: folder hygiene, config rules that must match transformers' ------------------
+def test_overwrite_removes_stale_shards(tmp_path):
+    a = gm.build("transformer", "tiny", seed=1, vocab_size=V)
+    b = gm.build("transformer", "tiny", seed=2, vocab_size=V)
+    glocal.hf.save_pretrained(a, tmp_path / "out", max_shard_bytes=20_000)
+    assert (tmp_path / "out" / st.INDEX_FILE).is_file()
+    glocal.hf.save_pretrained(b, tmp_path / "out", overwrite=True)  # one file now: the old shards must go
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    assert all(np.array_equal(x, y) for x, y in zip(params_of(b), params_of(glocal.hf.from_pretrained(tmp_path / "out"))))
+    # a folder holding both layouts is ambiguous (loaders disagree on which wins): refused
+    glocal.hf.save_pretrained(a, tmp_path / "both", max_shard_bytes=20_000)
+    shutil.copy(tmp_path / "out" / st.SINGLE_FILE, tmp_path / "both" / st.SINGLE_FILE)
+    with pytest.raises(glocal.hf.SafetensorsError, match="both model.safetensors and"):
+        glocal.hf.from_pretrained(tmp_path / "both")
+
+
+def test_models_without_a_dense_mlp_are_not_exported_as_llama(tmp_path):
+    routed = gm.build("transformer", "tiny", ffn="moe", num_experts=4)
+    with pytest.raises(glocal.hf.HFConfigError, match="ffn='moe'"):
+        glocal.hf.save_pretrained(routed, tmp_path / "a", format="hf")
+    with pytest.warns(UserWarning, match="no Hugging Face twin"):
+        assert glocal.hf.save_pretrained(routed, tmp_path / "b") == "glocal"
+    assert glocal.hf.from_pretrained(tmp_path / "b").config == routed.config
+
+
+def test_fused_mixtral_layout_reads_the_same(folders, tmp_path):
+    """transformers 5 keeps experts fused in memory (mlp.experts.gate_up_proj [X, 2I, D], gate
+    rows first; mlp.experts.down_proj [X, D, I]); a file in that layout imports identically."""
+    src = st.CheckpointReader(folders["mixtral"])
+    tensors = {}
+    for name in src.keys():
+        if ".block_sparse_moe.experts." in name:
+            continue
+        tensors[name.replace(".block_sparse_moe.gate.", ".mlp.gate.")] = np.array(src.get(name))
+    for i in range(2):
+        e = lambda x, w: np.array(src.get(f"model.layers.{i}.block_sparse_moe.experts.{x}.{w}.weight"))
+        tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([e(x, "w1"), e(x, "w3")]) for x in range(4)])
+        tensors[f"model.layers.{i}.mlp.experts.down_proj"] = np.stack([e(x, "w2") for x in range(4)])
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(folders["mixtral"] / "config.json", fused / "config.json")
+    st.write_checkpoint(fused, [(n, a.shape, a.dtype, lambda a=a: a) for n, a in tensors.items()])
+    a, b = params_of(glocal.hf.from_pretrained(folders["mixtral"])), params_of(glocal.hf.from_pretrained(fused))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _config(arch, **changes):
+    """A config.json dict as transformers writes it, with ``changes`` (None removes a key)."""
+    config_cls, _, extra = ARCHS[arch]
+    hf = getattr(transformers, config_cls)(**{**BASE, **extra}).to_dict()
+    hf["architectures"] = [ARCHS[arch][1]]
+    for k, v in changes.items():
+        if v is None:
+            hf.pop(k, None)
+        else:
+            hf[k] = v
+    return hf
+
+
+def test_qwen2_hub_configs_without_layer_types():
+    from glocal.hf.configs import to_glocal
+
+    # as Qwen2.5 configs on the hub: use_sliding_window + max_window_layers, no layer_types
+    cfg = to_glocal(_config("qwen2", layer_types=None, use_sliding_window=True, max_window_layers=1))[1]
+    assert (cfg.layer_pattern, cfg.sliding_window, cfg.qkv_bias) == ("gs", 6, True)
+    # max_window_layers left out: transformers' 28, so no layer of these 2 slides
+    cfg = to_glocal(_config("qwen2", layer_types=None, use_sliding_window=True, max_window_layers=None))[1]
+    assert (cfg.layer_pattern, cfg.sliding_window) == ("g", None)
+    with pytest.raises(glocal.hf.HFConfigError, match="sliding_attention layers but no window"):
+        to_glocal(_config("qwen2", use_sliding_window=False, layer_types=["full_attention", "sliding_attention"]))
+
+
+def test_missing_config_keys_mean_what_transformers_assumes():
+    from glocal.hf.configs import to_glocal
+
+    cfg = to_glocal(_config("mixtral", rope_parameters=None, rms_norm_eps=None, num_key_value_heads=None,
+                            num_attention_heads=8))[1]
+    assert (cfg.rope_theta, cfg.norm_eps, cfg.num_kv_heads) == (1e6, 1e-5, 8)
+    cfg = to_glocal(_config("mistral", sliding_window=None, max_position_embeddings=8192))[1]
+    assert (cfg.layer_pattern, cfg.sliding_window) == ("s", 4096)  # Mistral's default window
+    assert to_glocal(_config("llama", sliding_window=12))[1].layer_pattern == "g"  # Llama ignores the key
+
+
+def test_rope_scaling_spellings_and_precedence():
+    from glocal.hf.configs import to_glocal
+
+    v4 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+    spelled4 = to_glocal(_config("llama", rope_parameters=None, rope_theta=5000.0, rope_scaling=v4))[1]
+    spelled5 = to_glocal(_config("llama", rope_parameters={**v4, "rope_theta": 5000.0}))[1]
+    assert spelled4 == spelled5 and spelled4.rope_scaling == "llama3"
+    # both present: a non-empty rope_scaling wins, as in transformers 5
+    both = to_glocal(_config("llama", rope_theta=5000.0, rope_scaling=v4,
+                             rope_parameters={"rope_type": "default", "rope_theta": 5000.0}))[1]
+    assert both == spelled4
+    per_type = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    with pytest.raises(glocal.hf.HFConfigError, match="differ per layer type"):
+        to_glocal(_config("qwen3", rope_parameters=per_type))
+
+
+def test_convert_is_all_or_nothing(folders, tmp_path, monkeypatch):
+    from glocal import workdir as workdirs
+    from glocal.train.trainer import train
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(workdirs, "save_init_params", fail)
+    with pytest.raises(OSError, match="disk full"):
+        glocal.hf.convert(folders["llama"], tmp_path / "wd")
+    assert list(tmp_path.iterdir()) == []  # neither the workdir nor a temporary folder is left
+    monkeypatch.undo()
+    glocal.hf.convert(folders["llama"], tmp_path / "wd", overrides={"remat": "full"})
+    assert workdirs.read_model_file(tmp_path / "wd")["config"]["remat"] == "full"
+    shutil.rmtree(tmp_path / "wd" / workdirs.INIT_DIR)  # weights lost afterwards: training must refuse
+    np.save(tmp_path / "ids.npy", tokens(0, (4096,)).astype(np.int32))
+    with pytest.raises(workdirs.WorkdirError, match="imported weights .* are missing"):
+        train(None, tmp_path / "wd", {"steps": "1", "batch_size": "2", "seq_len": "16", "data": str(tmp_path / "ids.npy")})
+    with pytest.raises(glocal.hf.HFConfigError, match="change the shapes"):
+        glocal.hf.convert(folders["llama"], tmp_path / "wd2", overrides={"d_ff": "64"})

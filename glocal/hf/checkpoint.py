@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import glocal.models as gm
 from glocal import sharding as shd
@@ -101,37 +102,28 @@ def _assemble(config, plan, reader, mesh, rules):
     for path, i, rule in plan:
         owner, r = (abstract, None) if i is None else layers[i]
         groups[(id(owner), path)].append((owner, r, i, rule))
-    used = set()
+    _check_tensors(config, plan, reader)  # every name and shape before any is loaded
     for entries in groups.values():
         owner, _, _, rule = entries[0]
         var = weights.variable(owner, rule.path)
         sharding = _sharding(var, mesh, rules)
         # A stacked parameter is filled one layer at a time in place on the device, so host
-        # memory never holds a second copy of it.
+        # memory never holds a second copy of it (and, sharded, each device gets its slice).
         stacked = _zeros(var.shape, var.dtype, sharding) if entries[0][1] is not None else None
+        row_sharding = None if sharding is None else jax.sharding.NamedSharding(mesh, P(*sharding.spec[1:]))
         for _, r, i, rule in entries:
-            names = list(zip(rule.names, rule.shapes))
-            value = np.asarray(rule.load(*[_tensor(reader, n, shape, i, rule.path) for n, shape in names]),
-                               dtype=var.dtype)
+            value = np.asarray(rule.load(*[reader.get(n) for n in rule.names]), dtype=var.dtype)
             want = var.shape if r is None else var.shape[1:]
             if value.shape != tuple(want):  # a rule/config bug, not a user error
                 raise AssertionError(f"{rule.path}: built {value.shape}, expected {want}")
             if r is None:
                 stacked = _put(value, sharding)
             else:
-                stacked = _set_row(sharding)(stacked, value, r)
+                stacked = _set_row(sharding)(stacked, _put(value, row_sharding), r)
             del value
-            for n, _ in names:
+            for n in rule.names:
                 reader.release(n)
-            used.update(rule.names)
         var.set_value(stacked)
-    extra = [n for n in reader.keys() if n not in used and not n.endswith(weights.IGNORED_SUFFIXES)
-             and not (config.tie_embeddings and n == "lm_head.weight")]
-    if extra:
-        raise weights.HFWeightsError(
-            f"{reader.folder} holds {len(extra)} tensors this {gm.model_name(config)} model does not use, e.g. "
-            f"{', '.join(sorted(extra)[:3])}: the checkpoint has parts (biases, extra layers, another architecture) "
-            f"its config.json does not describe; importing without them would give a different model.")
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     missing = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]
                if isinstance(v, jax.ShapeDtypeStruct)]
@@ -142,18 +134,31 @@ def _assemble(config, plan, reader, mesh, rules):
     return nnx.merge(graphdef, params, rest)
 
 
-def _tensor(reader, name: str, shape, layer, path) -> np.ndarray:
-    where = f"glocal parameter {path}" + ("" if layer is None else f" of layer {layer}")
-    if name not in reader:
-        raise weights.HFWeightsError(f"{reader.folder} has no tensor {name!r} (needed for the {where}); the "
-                                     f"checkpoint is incomplete or belongs to another architecture than config.json says.")
-    found, _ = reader.info(name)
-    if tuple(found) != tuple(shape):
-        raise weights.HFWeightsError(f"tensor {name!r} in {reader.folder} has shape {list(found)}, but config.json "
-                                     f"implies {list(shape)} (from hidden_size, num_attention_heads, "
-                                     f"num_key_value_heads, head_dim, intermediate_size, vocab_size); the config and "
-                                     f"the weights disagree.")
-    return reader.get(name)
+def _check_tensors(config, plan, reader) -> None:
+    """Missing tensors, wrong shapes and tensors the config does not explain, from the
+    headers alone (a large import fails in a second, not after minutes)."""
+    used = set()
+    for path, layer, rule in plan:
+        for name, shape in zip(rule.names, rule.shapes):
+            where = f"glocal parameter {path}" + ("" if layer is None else f" of layer {layer}")
+            if name not in reader:
+                raise weights.HFWeightsError(
+                    f"{reader.folder} has no tensor {name!r} (needed for the {where}); the checkpoint is incomplete "
+                    f"or belongs to another architecture than config.json says.")
+            found, _ = reader.info(name)
+            if tuple(found) != tuple(shape):
+                raise weights.HFWeightsError(
+                    f"tensor {name!r} in {reader.folder} has shape {list(found)}, but config.json implies "
+                    f"{list(shape)} (from hidden_size, num_attention_heads, num_key_value_heads, head_dim, "
+                    f"intermediate_size, vocab_size); the config and the weights disagree.")
+            used.add(name)
+    extra = [n for n in reader.keys() if n not in used and not n.endswith(weights.IGNORED_SUFFIXES)
+             and not (config.tie_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise weights.HFWeightsError(
+            f"{reader.folder} holds {len(extra)} tensors this {gm.model_name(config)} model does not use, e.g. "
+            f"{', '.join(sorted(extra)[:3])}: the checkpoint has parts (biases, extra layers, another architecture) "
+            f"its config.json does not describe; importing without them would give a different model.")
 
 
 def _active_mesh():
@@ -187,7 +192,8 @@ def _set_row(sharding):
 
 # -- saving -----------------------------------------------------------------------------------
 def save_pretrained(model, path, *, format: str = "auto", architecture: str | None = None,
-                    config_extra: dict | None = None, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> str:
+                    config_extra: dict | None = None, max_shard_bytes: int = 2 << 30, dtype: str | None = None,
+                    overwrite: bool = False) -> str:
     """Write ``model`` to the folder ``path`` and return the format written.
 
     ``format="hf"``: a Hugging Face folder (``config.json``, ``generation_config.json``,
@@ -196,8 +202,10 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
     ``format="glocal"``: the parameters under their glocal names + glocal's ``config.json``
     (any family; ``from_pretrained`` reads it back). ``"auto"``: hf when possible.
     ``architecture`` prefers an HF class the config fits (e.g. Mistral for a model
-    imported from one); ``config_extra`` adds config fields (token ids). Refuses a
-    non-empty ``path`` unless ``overwrite``: nothing saved is replaced silently."""
+    imported from one); ``config_extra`` adds config fields (token ids); ``dtype`` casts
+    the tensors (default: the model's ``param_dtype``). Refuses a non-empty ``path`` unless
+    ``overwrite``, which first removes the model files there (stale shards would otherwise
+    shadow the new ones): nothing saved is replaced silently."""
     if format not in ("auto", "hf", "glocal"):
         raise ValueError(f"format={format!r}: choose 'auto', 'hf' or 'glocal'.")
     config = model.config
@@ -215,13 +223,17 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
             if gm.model_name(config) in ("transformer", "moe"):  # a user may have expected a twin
                 warnings.warn(f"{e} Writing the glocal format.", stacklevel=2)
     folder.mkdir(parents=True, exist_ok=True)
-    dtype = str(np.dtype(config.param_dtype))
+    if overwrite:
+        for old in [*folder.glob("model*.safetensors"), folder / st.INDEX_FILE, folder / CONFIG_FILE,
+                    folder / GENERATION_FILE]:
+            old.unlink(missing_ok=True)
+    requested, dtype = dtype, str(np.dtype(dtype or config.param_dtype))
     extra = dict(config_extra or {})
     if arch is None:
-        tensors = _glocal_tensors(model)
+        tensors = _glocal_tensors(model, requested)
         record = configs.glocal_config_record(config)
     else:
-        tensors = _hf_tensors(model, config)
+        tensors = _hf_tensors(model, config, dtype)
         record = configs.to_hf(config, arch, dtype, extra)
     st.write_checkpoint(folder, tensors, max_shard_bytes=max_shard_bytes)
     (folder / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
@@ -231,7 +243,7 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
     return "glocal" if arch is None else "hf"
 
 
-def _hf_tensors(model, config) -> list:
+def _hf_tensors(model, config, dtype: str) -> list:
     """``(name, shape, dtype, make)`` in Hugging Face order; ``make`` converts on demand."""
     layers = weights.decoder_layers(model)
     top = {rule.path: rule for rule in weights.top_rules(config)}
@@ -251,7 +263,7 @@ def _hf_tensors(model, config) -> list:
 
     # One dtype per checkpoint, as Hugging Face models expect: glocal keeps norm scales and the
     # router in float32 whatever param_dtype is (an imported bf16 value converts back exactly).
-    dtype = np.dtype(config.param_dtype)
+    dtype = np.dtype(dtype)
     out = []
     for owner, r, rule in plan:
         for j, (name, shape) in enumerate(zip(rule.names, rule.shapes)):
@@ -259,8 +271,10 @@ def _hf_tensors(model, config) -> list:
     return out
 
 
-def _glocal_tensors(model) -> list:
+def _glocal_tensors(model, dtype=None) -> list:
+    """Every parameter under its glocal name, in its own dtype (or ``dtype``)."""
     out = []
     for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-        out.append((path_name(path, "."), tuple(var.shape), var.dtype, lambda v=var: np.asarray(jax.device_get(v))))
+        out.append((path_name(path, "."), tuple(var.shape), np.dtype(dtype or var.dtype),
+                    lambda v=var: np.asarray(jax.device_get(v))))
     return out

@@ -19,6 +19,8 @@ least as long as the context is plain causal attention and imports as a global l
 
 from __future__ import annotations
 
+import warnings
+
 from glocal.errors import UserError
 
 ARCHITECTURES = {  # HF class -> (family, kind)
@@ -29,6 +31,27 @@ ARCHITECTURES = {  # HF class -> (family, kind)
     "MixtralForCausalLM": ("moe", "mixtral"),
 }
 MODEL_TYPES = {kind: arch for arch, (_, kind) in ARCHITECTURES.items()}
+
+# What transformers (5.18) assumes for a key config.json leaves out, per architecture: a
+# missing key must mean what it means there. (An explicit null kv-head count means "as many
+# as query heads" everywhere; a null head_dim means width / heads.)
+_COMMON = dict(rope_theta=10_000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, hidden_act="silu", head_dim=None)
+DEFAULTS = {
+    "llama": dict(_COMMON, num_key_value_heads=None, max_position_embeddings=2048),
+    "mistral": dict(_COMMON, num_key_value_heads=8, max_position_embeddings=131072, sliding_window=4096),
+    "qwen2": dict(_COMMON, num_key_value_heads=32, max_position_embeddings=32768, use_sliding_window=False,
+                  sliding_window=4096, max_window_layers=28),
+    "qwen3": dict(_COMMON, num_key_value_heads=32, head_dim=128, max_position_embeddings=32768,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28),
+    "mixtral": dict(_COMMON, rope_theta=1_000_000.0, rms_norm_eps=1e-5, num_key_value_heads=8,
+                    max_position_embeddings=131072, sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
+                    router_aux_loss_coef=0.001),
+}
+
+
+def field(hf: dict, kind: str, name: str):
+    """``hf[name]``, or what transformers assumes when config.json leaves it out."""
+    return hf[name] if name in hf else DEFAULTS[kind].get(name)
 
 
 class HFConfigError(UserError, ValueError):
@@ -51,30 +74,37 @@ def architecture(hf: dict) -> str:
     return arch
 
 
-def rope_fields(hf: dict) -> dict:
+def rope_fields(hf: dict, kind: str = "llama") -> dict:
     """glocal's rope fields from ``rope_theta`` + ``rope_scaling`` (transformers 4) or
-    ``rope_parameters`` (transformers 5): no scaling, ``linear`` or ``llama3``; other
-    scalings (dynamic NTK, YaRN, LongRoPE) are refused."""
-    params = dict(hf.get("rope_scaling") or {})
-    params.update(hf.get("rope_parameters") or {})
-    kind = params.get("rope_type", params.get("type")) or "default"
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    ``rope_parameters`` (transformers 5; a non-empty ``rope_scaling`` wins, as there): no
+    scaling, ``linear`` or ``llama3``; other scalings (dynamic NTK, YaRN, LongRoPE) and
+    different parameters per layer type are refused."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    nested = [v for v in params.values() if isinstance(v, dict)]
+    if nested:  # per layer type ({"full_attention": {...}, "sliding_attention": {...}})
+        if any(v != nested[0] for v in nested) or len(nested) != len(params):
+            raise HFConfigError("config.json rope_parameters differ per layer type; glocal uses one RoPE for every "
+                                "layer.")
+        params = dict(nested[0])
+    kind_ = params.get("rope_type", params.get("type")) or "default"
+    theta = float(params.get("rope_theta", field(hf, kind, "rope_theta")))
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFConfigError("config.json partial_rotary_factor != 1 (RoPE on part of each head) is not supported.")
-    if kind == "default":
+    if kind_ == "default":
         return {"rope_theta": theta, "rope_scaling": None}
-    if kind not in ("linear", "llama3"):
-        raise HFConfigError(f"rope scaling type {kind!r} (config.json rope_scaling / rope_parameters) is not supported: "
-                            f"glocal implements none, 'linear' and 'llama3'. Dropping the scaling would give a "
-                            f"different model at long context.")
+    if kind_ not in ("linear", "llama3"):
+        raise HFConfigError(f"rope scaling type {kind_!r} (config.json rope_scaling / rope_parameters) is not "
+                            f"supported: glocal implements none, 'linear' and 'llama3'. Dropping the scaling would "
+                            f"give a different model at long context.")
     try:
-        fields = {"rope_theta": theta, "rope_scaling": kind, "rope_factor": float(params["factor"])}
-        if kind == "llama3":
+        fields = {"rope_theta": theta, "rope_scaling": kind_, "rope_factor": float(params["factor"])}
+        if kind_ == "llama3":
+            original = params.get("original_max_position_embeddings", field(hf, kind, "max_position_embeddings"))
             fields.update(rope_low_freq_factor=float(params["low_freq_factor"]),
                           rope_high_freq_factor=float(params["high_freq_factor"]),
-                          rope_original_context=int(params["original_max_position_embeddings"]))
+                          rope_original_context=int(original))
     except KeyError as e:
-        raise HFConfigError(f"config.json rope scaling {kind!r} lacks the field {e.args[0]!r}.") from None
+        raise HFConfigError(f"config.json rope scaling {kind_!r} lacks the field {e.args[0]!r}.") from None
     return fields
 
 
@@ -97,29 +127,31 @@ def _require(hf: dict, field: str, ok, what: str) -> None:
 def layer_pattern(hf: dict, kind: str, num_layers: int, context: int) -> tuple[str, int | None]:
     """``(layer_pattern, sliding_window)``: per layer "g" (full causal) or "s" (window),
     folded to the shortest repeating unit."""
-    window = hf.get("sliding_window")
+    window = field(hf, kind, "sliding_window")
+    types = hf.get("layer_types")
     if kind in ("qwen2", "qwen3"):
-        types = hf.get("layer_types")
-        if not hf.get("use_sliding_window", False) and not types:
-            window = None
+        if not field(hf, kind, "use_sliding_window"):
+            window = None  # (transformers drops the window, whatever layer_types says)
         if types is None:
-            start = hf.get("max_window_layers", num_layers)
+            start = field(hf, kind, "max_window_layers")
             types = ["sliding_attention" if window is not None and i >= start else "full_attention"
                      for i in range(num_layers)]
     elif kind in ("mistral", "mixtral"):
-        if hf.get("layer_types"):
+        if types:
             raise HFConfigError("config.json layer_types on a Mistral/Mixtral model (alternating attention) is not "
                                 "supported; only a window on every layer (or none).")
         types = ["sliding_attention" if window is not None else "full_attention"] * num_layers
-    else:
-        _require(hf, "sliding_window", lambda v: False, "no sliding window on a Llama model")
-        types = ["full_attention"] * num_layers
+    else:  # Llama has no window: transformers ignores the field
+        window, types = None, ["full_attention"] * num_layers
     if len(types) != num_layers or set(types) - {"full_attention", "sliding_attention"}:
         raise HFConfigError(f"config.json layer_types={types!r}: glocal reads {num_layers} entries of "
                             f"'full_attention' / 'sliding_attention'.")
+    if window is None and "sliding_attention" in types:
+        raise HFConfigError("config.json layer_types has sliding_attention layers but no window (sliding_window "
+                            "null or use_sliding_window false); transformers cannot run such a model either.")
     if window is not None and window >= context:
         window = None  # sees the whole context: a global layer
-    if window is None:
+    if window is None or "sliding_attention" not in types:
         return "g", None
     letters = "".join("s" if t == "sliding_attention" else "g" for t in types)
     unit = next(p for p in range(1, num_layers + 1) if num_layers % p == 0 and letters[:p] * (num_layers // p) == letters)
@@ -135,29 +167,30 @@ def to_glocal(hf: dict, dtype: str = "float32"):
     if hf.get("quantization_config"):
         raise HFConfigError("config.json has quantization_config: quantised checkpoints are not supported; "
                             "import the unquantised (float32/bfloat16) weights.")
-    _require(hf, "hidden_act", lambda v: v == "silu", "hidden_act='silu' (SwiGLU)")
+    _require(hf, "hidden_act", lambda v: v in ("silu", "swish"), "hidden_act='silu' (SwiGLU)")
     _require(hf, "attention_bias", lambda v: not v, "no q/k/v/o biases (attention_bias=false)")
     _require(hf, "mlp_bias", lambda v: not v, "no MLP biases (mlp_bias=false)")
     _require(hf, "logits_soft_cap", lambda v: False, "no logit soft-capping")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(field), int) or hf[field] < 1:
-            raise HFConfigError(f"config.json field {field} is missing or not a positive integer ({hf.get(field)!r}).")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(name), int) or hf[name] < 1:
+            raise HFConfigError(f"config.json field {name} is missing or not a positive integer ({hf.get(name)!r}).")
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     L = hf["num_hidden_layers"]
-    head_dim = hf.get("head_dim") or D // H
-    context = int(hf.get("max_position_embeddings") or 4096)
+    head_dim = field(hf, kind, "head_dim") or D // H
+    context = int(field(hf, kind, "max_position_embeddings"))
     pattern, window = layer_pattern(hf, kind, L, context)
     fields = dict(
         vocab_size=hf["vocab_size"], max_seq_len=context, d_model=D, num_layers=L, num_heads=H,
-        num_kv_heads=hf.get("num_key_value_heads") or H, head_dim=None if head_dim * H == D else head_dim,
-        d_ff=hf["intermediate_size"], mlp="swiglu", norm="rms", norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        **rope_fields(hf), qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2", tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        layer_pattern=pattern, sliding_window=window, dtype=dtype, param_dtype=dtype,
+        num_kv_heads=field(hf, kind, "num_key_value_heads") or H, head_dim=None if head_dim * H == D else head_dim,
+        d_ff=hf["intermediate_size"], mlp="swiglu", norm="rms", norm_eps=float(field(hf, kind, "rms_norm_eps")),
+        **rope_fields(hf, kind), qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2",
+        tie_embeddings=bool(field(hf, kind, "tie_word_embeddings")), layer_pattern=pattern, sliding_window=window,
+        dtype=dtype, param_dtype=dtype,
     )
     if kind == "mixtral":
-        fields.update(num_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
+        fields.update(num_experts=field(hf, kind, "num_local_experts"), top_k=field(hf, kind, "num_experts_per_tok"),
                       router="token_choice", router_weights="renorm", moe_impl="dropless", shared_experts=0,
-                      balance_weight=float(hf.get("router_aux_loss_coef", 0.001)), router_z_weight=0.0,
+                      balance_weight=float(field(hf, kind, "router_aux_loss_coef")), router_z_weight=0.0,
                       moe_every=1, first_dense_layers=0)
     try:
         config = gm.config_class(family)(**fields)  # (validates)
@@ -184,24 +217,30 @@ def export_architecture(config, prefer: str | None = None) -> str:
     if not isinstance(config, TransformerConfig):
         refuse("only the transformer and moe families map onto Llama/Mistral/Qwen2/Qwen3/Mixtral")
     checks = [("mlp", "swiglu"), ("norm", "rms"), ("attn_softcap", None), ("logit_softcap", None)]
-    for field, want in checks:
-        if getattr(config, field) != want:
-            refuse(f"{field}={getattr(config, field)!r} (Hugging Face's models use {want!r})")
+    for name, want in checks:
+        if getattr(config, name) != want:
+            refuse(f"{name}={getattr(config, name)!r} (Hugging Face's models use {want!r})")
     if config.rope_theta is None:
         refuse("rope_theta=None (no positions)")
     pattern = set(config.layer_pattern)
     if pattern - {"g", "s"}:
         refuse(f"layer_pattern={config.layer_pattern!r} has mixers other than global / sliding-window attention")
     if isinstance(config, MoEConfig):
+        if config.moe_impl == "capacity":
+            warnings.warn("moe_impl='capacity' drops tokens over an expert's capacity; the exported Mixtral is "
+                          "dropless, so its outputs differ wherever this model dropped tokens.", stacklevel=3)
         moe = dict(router=("token_choice",), router_weights=("renorm",), shared_experts=(0,), first_dense_layers=(0,),
                    moe_every=(1,), router_bias_rate=(0.0,))
-        for field, ok in moe.items():
-            if getattr(config, field) not in ok:
-                refuse(f"{field}={getattr(config, field)!r} (Mixtral: token-choice top-k renormalised over the "
+        for name, ok in moe.items():
+            if getattr(config, name) not in ok:
+                refuse(f"{name}={getattr(config, name)!r} (Mixtral: token-choice top-k renormalised over the "
                        f"chosen experts, every layer routed, no shared experts)")
         if config.qk_norm or config.qkv_bias or pattern == {"g", "s"}:
             refuse("Mixtral has no qk-norm, no q/k/v biases and one attention kind on every layer")
         return "MixtralForCausalLM"
+    if config.ffn != "mlp":
+        refuse(f"ffn={config.ffn!r} (Llama / Mistral / Qwen layers have a dense SwiGLU MLP; a routed FFN on every "
+               f"layer is the moe family, which exports as Mixtral)")
     if config.qkv_bias and config.qk_norm:
         refuse("qkv_bias with qk_norm (Qwen2 has the biases, Qwen3 the norm)")
     if config.qkv_bias:

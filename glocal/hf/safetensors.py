@@ -67,6 +67,10 @@ class SafetensorsFile:
                     header = json.loads(f.read(n))
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
                     raise SafetensorsError(f"{self.path} has a corrupt safetensors header ({e}).") from None
+                if not isinstance(header, dict) or not all(
+                        k == "__metadata__" or _valid_entry(v) for k, v in header.items()):
+                    raise SafetensorsError(f"{self.path} has a corrupt safetensors header (each entry needs a dtype, "
+                                           f"a shape and two non-negative data offsets).")
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except OSError as e:
             raise SafetensorsError(f"cannot read {self.path}: {e.strerror or e}.") from None
@@ -107,6 +111,15 @@ class SafetensorsFile:
             self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+def _valid_entry(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    return (isinstance(entry.get("dtype"), str) and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets) and offsets[0] <= offsets[1])
+
+
 def entry_dtype(entry: dict) -> str:
     return str(entry.get("dtype"))
 
@@ -118,6 +131,9 @@ class CheckpointReader:
         self.folder = pathlib.Path(folder)
         index, single = self.folder / INDEX_FILE, self.folder / SINGLE_FILE
         self._files: dict[str, SafetensorsFile] = {}
+        if index.is_file() and single.is_file():  # loaders disagree on which wins: refuse to guess
+            raise SafetensorsError(f"{self.folder} holds both {SINGLE_FILE} and {INDEX_FILE}; remove the one that is "
+                                   f"not current (transformers would read {SINGLE_FILE}).")
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -146,16 +162,19 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
-    def info(self, name: str):
-        return self._file(self.where[name]).info(name)
-
-    def get(self, name: str) -> np.ndarray:
+    def _holder(self, name: str) -> SafetensorsFile:
         if name not in self.where:
             raise KeyError(name)
         file = self._file(self.where[name])
         if name not in file.header:
             raise SafetensorsError(f"the index says {name!r} is in {file.path.name}, but that file does not hold it.")
-        return file.get(name)
+        return file
+
+    def info(self, name: str):
+        return self._holder(name).info(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._holder(name).get(name)
 
     def release(self, name: str) -> None:
         self._file(self.where[name]).release(name)
@@ -169,6 +188,9 @@ def write_file(path, tensors: Sequence[tuple[str, tuple[int, ...], np.dtype, Cal
     """Write one file from ``(name, shape, dtype, make)`` entries; ``make()`` produces each
     tensor only when its bytes are written, so one tensor at a time is in memory. Returns
     the bytes of tensor data."""
+    # Wider dtypes first: with no gaps allowed between tensors, that keeps every tensor aligned
+    # to its element size (a single-dtype file keeps its order).
+    tensors = sorted(tensors, key=lambda t: -np.dtype(t[2]).itemsize)
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}

@@ -19,21 +19,31 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import tempfile
 
+import jax
 from flax import nnx
 
+import glocal.models as gm
 from glocal import workdir as workdirs
 from glocal.hf import checkpoint, configs
 from glocal.hf.configs import HFConfigError
 from glocal.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
 
-SOURCE_DIR = "hf_source"
+SOURCE_DIR = workdirs.HF_SOURCE_DIR
 # The tokenizer's own copy of config.json (it may hold the token ids) stays out of an export.
 _NOT_EXPORTED = (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE)
 
 
-def convert(hf_dir, workdir, dtype: str = "float32", log=print) -> dict:
-    """Import the Hugging Face folder ``hf_dir`` into a new workdir; returns a summary."""
+def convert(hf_dir, workdir, dtype: str = "float32", *, tokenizer: str | None = None,
+            overrides: dict | None = None, log=print) -> dict:
+    """Import the Hugging Face folder ``hf_dir`` into a new workdir; returns a summary.
+
+    ``tokenizer`` (``"hf:DIR"``) names a tokenizer when the folder has no tokenizer.json;
+    ``overrides`` sets model fields that do not change the weights' meaning (``remat``,
+    ``attention_impl``, ``max_seq_len``, ``scan_layers``...), e.g. for fine-tuning a large
+    model. Everything is written into a temporary folder that becomes ``workdir`` only when
+    complete, so an interrupted import leaves no half-made workdir behind."""
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
     workdirs.check_workdir(workdir, writable=True)
     if workdir.exists() and any(workdir.iterdir()):
@@ -41,28 +51,50 @@ def convert(hf_dir, workdir, dtype: str = "float32", log=print) -> dict:
                                     f"--workdir (nothing in an existing one is replaced).")
     hf = checkpoint.read_config(hf_dir)
     model = checkpoint.from_pretrained(hf_dir, dtype=dtype)
-    tokenizer = HFTokenizer(hf_dir) if (hf_dir / TOKENIZER_FILE).is_file() else None
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise HFConfigError(f"{hf_dir}/{TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but the model's "
-                            f"vocab_size is {model.config.vocab_size}: they do not belong together.")
-    workdirs.write_model_file(workdir, model.config, f"hf:{workdirs.TOKENIZER_DIR}" if tokenizer else "byte")
-    copied = []
+    if overrides:
+        config = model.config.replace(**overrides)
+        abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
+        shapes = lambda m: [(x.shape, x.dtype) for x in jax.tree.leaves(nnx.state(m, nnx.Param))]
+        if shapes(abstract) != shapes(model):
+            raise HFConfigError(f"the overrides {sorted(overrides)} change the shapes or dtypes of the imported "
+                                f"weights; only options such as remat, attention_impl, max_seq_len or scan_layers "
+                                f"can be set at import (convert with --dtype for another dtype).")
+        model = nnx.merge(nnx.graphdef(abstract), nnx.state(model))
     if tokenizer is not None:
-        tokenizer.save(workdir / workdirs.TOKENIZER_DIR)
-        copied = [f.name for f in tokenizer.files()]
-    (workdir / SOURCE_DIR).mkdir()
-    for name in (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE):
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, workdir / SOURCE_DIR / name)
-    workdirs.save_init_params(workdir, nnx.state(model, nnx.Param))
-    arch = hf.get("architectures", ["?"])[0] if hf.get("format") != "glocal" else hf.get("model")
-    log(f"imported {hf_dir} ({arch}) as {workdirs.read_model_file(workdir)['model']} into {workdir}"
-        + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer.json: byte tokenizer recorded"))
+        tok = HFTokenizer(tokenizer[3:] if tokenizer.startswith("hf:") else tokenizer)
+    else:
+        tok = HFTokenizer(hf_dir) if (hf_dir / TOKENIZER_FILE).is_file() else None
+    if tok is not None and tok.vocab_size > model.config.vocab_size:
+        raise HFConfigError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                            f"{model.config.vocab_size}: they do not belong together.")
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{workdir.name}.converting-", dir=workdir.parent.absolute()))
+    try:
+        workdirs.write_model_file(tmp, model.config, f"hf:{workdirs.TOKENIZER_DIR}" if tok else "byte")
+        if tok is not None:
+            tok.save(tmp / workdirs.TOKENIZER_DIR)
+        (tmp / SOURCE_DIR).mkdir()
+        for name in (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE):
+            if (hf_dir / name).is_file():
+                shutil.copy2(hf_dir / name, tmp / SOURCE_DIR / name)
+        workdirs.save_init_params(tmp, nnx.state(model, nnx.Param))
+        if workdir.exists():
+            workdir.rmdir()  # (empty: checked above)
+        tmp.rename(workdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0] if hf.get("format") != "glocal" \
+        else hf.get("model")
+    copied = [f.name for f in tok.files()] if tok is not None else []
+    log(f"imported {hf_dir} ({arch}) as {gm.model_name(model.config)} into {workdir}"
+        + (f"; tokenizer files: {', '.join(copied)}" if copied else "; no tokenizer.json: byte tokenizer recorded "
+           "(pass --tokenizer hf:DIR to use one)"))
     return {"workdir": str(workdir), "architecture": arch, "tokenizer_files": copied}
 
 
 def export(workdir, hf_dir, step: int | None = None, *, format: str = "auto", max_shard_bytes: int = 2 << 30,
-           log=print) -> dict:
+           dtype: str | None = None, log=print) -> dict:
     """Write the workdir's model at ``step`` (default: latest) to the new folder ``hf_dir``."""
     workdir, hf_dir = pathlib.Path(workdir).expanduser(), pathlib.Path(hf_dir).expanduser()
     workdirs.check_workdir(workdir, writable=False)
@@ -76,7 +108,7 @@ def export(workdir, hf_dir, step: int | None = None, *, format: str = "auto", ma
                  len(tokenizer.eos_ids) > 1 else tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     prefer = (source.get("architectures") or [None])[0]
     written = checkpoint.save_pretrained(model, hf_dir, format=format, architecture=prefer, config_extra=extra,
-                                         max_shard_bytes=max_shard_bytes)
+                                         max_shard_bytes=max_shard_bytes, dtype=dtype)
     copied = []
     for src in hf_tokenizer.files() if hf_tokenizer is not None else ():
         if src.name not in _NOT_EXPORTED:

@@ -386,6 +386,10 @@ def _restore(setup: Setup, workdir: pathlib.Path, ckpt: TrainCheckpointer, corpu
         if workdirs.has_init_params(workdir):  # an imported checkpoint: fine-tune it
             params = workdirs.restore_init_params(workdir, _with_shardings(setup.abstract_params, setup.param_sh))
             log(f"starting from the imported weights in {workdir / workdirs.INIT_DIR}")
+        elif (workdir / workdirs.HF_SOURCE_DIR).is_dir():  # never fine-tune random weights by mistake
+            raise workdirs.WorkdirError(
+                f"{workdir} was made by glocal convert but its imported weights ({workdir / workdirs.INIT_DIR}/params) "
+                f"are missing; convert the checkpoint again into a new --workdir.")
         else:
             params = setup.init_params()
         return params, setup.init_opt(params), {"step": 0, "tokens": 0, "elapsed_s": 0.0}

@@ -268,17 +268,25 @@ class MoR(ModelBase):
                 y_BTD, kv = self._shared_kv_step(x_BTD, pos_BT, kv, active_BT, first=r == 0)
                 if r == 0 and caches is not None:
                     new_caches.append(kv)
-            elif caches is None:
-                # Attention among the tokens active at this step only (segment 1 vs 0).
-                y_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
-                aux = merge_aux(aux, a)
             else:
-                y_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=caches[r], valid_BT=active_BT)
-                new_caches.append(c)
+                y_BTD, c, a = self._shared_step(x_BTD, pos_BT, active_BT, None if caches is None else caches[r])
+                aux = merge_aux(aux, a)
+                if caches is not None:
+                    new_caches.append(c)
             x_BTD = jnp.where(active_BT[..., None], x_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, x_BTD)
         if caches is None:
             return x_BTD, aux
         return x_BTD, tuple(new_caches), jnp.stack(admitted)
+
+    def _shared_step(self, x_BTD, pos_BT, active_BT, cache):
+        """One pass of the shared block over the tokens active at this step: ``(y, cache,
+        aux)``. Teacher forcing (``cache`` None) keeps attention among the active tokens
+        (segment 1 vs 0); a cached call stores only the active tokens."""
+        if cache is None:
+            y_BTD, _, aux = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
+            return y_BTD, None, aux
+        y_BTD, cache, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=cache, valid_BT=active_BT)
+        return y_BTD, cache, {}
 
     def _shared_kv_step(self, x_BTD, pos_BT, kv, valid_BT, first: bool):
         """Recursive KV sharing. The first step stores the keys/values of the ``valid_BT`` tokens
@@ -311,11 +319,9 @@ class MoR(ModelBase):
         aux, new_caches = {}, []
         for r in range(R):
             active_BT = (depth_BT >= r) & valid_BT
-            if caches is None:
-                y_BTD, _, a = self.shared(x_BTD, positions_BT=pos_BT, segment_ids_BT=active_BT.astype(jnp.int32))
-                aux = merge_aux(aux, a)
-            else:
-                y_BTD, c, _ = self.shared(x_BTD, positions_BT=pos_BT, caches=caches[r], valid_BT=active_BT)
+            y_BTD, c, a = self._shared_step(x_BTD, pos_BT, active_BT, None if caches is None else caches[r])
+            aux = merge_aux(aux, a)
+            if caches is not None:
                 new_caches.append(c)
             ends_BT = (depth_BT == r)[..., None]
             out_BTD = jnp.where(ends_BT, h0_BTD + gate_BT[..., None].astype(x_BTD.dtype) * y_BTD, out_BTD)

@@ -34,7 +34,7 @@ import os as _os
 
 
 def _avoid_xla_cpu_reduce_fusion_bug() -> None:
-    """jaxlib 0.10.x's XLA:CPU fuses some reductions into YNNPACK kernels that return wrong
+    """jaxlib 0.10.x's XLA:CPU (fixed in 0.12.1) fuses some reductions into YNNPACK kernels that return wrong
     numbers: a jitted Based forward at 64 x 64 tokens (``clscc`` layers scanned) differs from
     the same computation run op by op by O(1) (tests/test_based.py keeps a guard). Turning off
     just the ``reduce`` YNN fusion fixes it. Set before JAX creates its CPU backend (importing
@@ -42,11 +42,9 @@ def _avoid_xla_cpu_reduce_fusion_bug() -> None:
     flags = _os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return
-    try:
-        import jaxlib
-    except ImportError:
-        return
-    if not jaxlib.__version__.startswith("0.10."):
+    from glocal.compat import needs_ynn_reduce_workaround
+
+    if not needs_ynn_reduce_workaround():
         return
     from jax._src import xla_bridge
 

@@ -214,3 +214,33 @@ def batch_spec(ndim: int, leading: int = 0) -> P:
 
 def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def per_shard(fn, args, arg_names, out_names):
+    """``fn(*args)`` run per device with ``jax.shard_map`` when a mesh and a rule table are
+    active (a plain call otherwise). Every array of ``args[i]`` (an array or a pytree) is split
+    by the logical names ``arg_names[i]`` of its leading dimensions, resolved like
+    ``constrain``; ``out_names[j]`` does the same for ``fn``'s j-th output.
+
+    For kernels XLA cannot partition by itself: a Mosaic (TPU) custom call under a sharded
+    jit is an error, a Triton one is replicated onto every device. Callers name only the
+    dimensions along which ``fn`` is independent (batch rows, heads)."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty or mesh.size == 1:
+        return fn(*args)
+    specs = lambda tree, names: jax.tree.map(lambda a: logical_to_spec(tuple(names), a.shape[:len(names)], mesh, rules), tree)
+    in_specs = tuple(specs(a, n) for a, n in zip(args, arg_names))
+    out_specs = tuple(specs(o, n) for o, n in zip(jax.eval_shape(fn, *args), out_names))
+    # check_vma=False: pallas_call outputs carry no varying-axes type.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+
+def same_split(name: str, *dims: int) -> bool:
+    """Whether logical ``name`` splits each of ``dims`` over the same mesh axes under the
+    active mesh and rules (e.g. query and kv heads, which must split alike for GQA)."""
+    rules = _RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return True
+    return len({logical_to_spec((name,), (d,), mesh, rules) for d in dims}) == 1

@@ -4,7 +4,7 @@
 
 forward and gradients (q, k, v and the initial state, by float64 finite differences), for the
 quadratic, chunked and both Pallas forms (TPU and GPU kernels in interpret mode; the TPU one
-also under the TPU-semantics interpreter, the GPU one lowered to Triton for cuda), with T a
+also under the TPU-semantics interpreter, tests/test_lowering.py lowers both for hardware), with T a
 multiple and not a multiple of the chunk, GQA, bf16 inputs, the recurrent step, the state
 handed from one call to the next, and the symmetric Taylor features."""
 
@@ -171,8 +171,11 @@ def test_gradients_equal_quadratic_gradients_with_gqa(impl, fmap):
                (((2, 37, 4, 4), 0.6), ((2, 37, 2, 4), 0.6), ((2, 37, 2, 5), 1.0)))
     grad = lambda impl: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(linear_attention(
         q, k, v, impl=impl, feature_map=fmap, chunk_size=16))), argnums=(0, 1, 2))(q, k, v)
+    # atol 4e-5: one relu element (dq[0, 7, 3, 0]) sits on a near-zero normaliser, where the
+    # float32 quadratic reference itself is off the float64 value by 2.3e-5 on jax 0.12.1
+    # (8e-6 on 0.10.2); the chunked and Pallas forms are closer to float64 than it is there.
     for a, b in zip(grad(impl), grad("quadratic")):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=4e-5)
 
 
 @pytest.mark.parametrize("fmap", ["taylor", "elu"])
@@ -215,22 +218,6 @@ def test_pallas_tpu_under_the_tpu_semantics_interpreter(capfd):
     want = jax.value_and_grad(loss("quadratic"), argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_triton_kernels_lower_for_cuda():
-    """No GPU here: lowering for the cuda platform still runs every Pallas-to-Triton rule on the
-    forward and backward kernels (shapes, dots, slicing), which interpret mode does not."""
-    from glocal.kernels.linear_pallas import linear_attention_pallas
-    from glocal.kernels.linear import empty_state
-
-    q, k, v = jnp.zeros((1, 2, 2, 128, 16)), jnp.zeros((1, 2, 128, 16)), jnp.zeros((1, 2, 128, 64))
-    for fmap in ("taylor", "elu"):
-        def f(q, k, v):
-            o, (S, z) = linear_attention_pallas(q, k, v, empty_state(1, 2, 16, 64, fmap), backend="gpu",
-                                                feature_map=fmap, eps=EPS, chunk_size=64, interpret=False)
-            return o.sum() + S.sum() + z.sum()
-        text = jax.jit(jax.value_and_grad(f, (0, 1, 2))).trace(q, k, v).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("triton") >= 2  # the forward and the backward kernel
 
 
 @pytest.mark.parametrize("impl", ["chunked", "pallas_tpu", "pallas_gpu"])

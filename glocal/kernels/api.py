@@ -14,6 +14,9 @@
   dK/dV (``glocal.kernels.pallas_tpu``); interpret mode off-TPU (tests on CPU).
 * ``"pallas_gpu"`` our Pallas Triton kernels on the same schedule (``glocal.kernels.pallas_gpu``);
   interpret mode off-GPU.
+* ``"tokamax"``    ``tokamax.dot_product_attention`` (optional extra, Python >= 3.12): its Mosaic
+  TPU / Triton GPU kernels, XLA on CPU; any mask (causal and windows natively, the rest as a
+  boolean mask), no log-sum-exp (``glocal.kernels.tokamax_ops``).
 * ``"auto"``       per platform and call (``auto_impl``): on CPU ``"blockwise"`` from 2k x 2k
   when the mask lets it skip tiles (measured faster at model level), else ``"xla"``; on
   GPU/TPU ``"xla"`` until our Pallas kernels have been run on hardware.
@@ -28,7 +31,7 @@ from glocal.kernels import masks as masks_lib
 from glocal.kernels.dense import allowed_pairs, dense_attention, split_segments
 from glocal.kernels.reference import attention_reference
 
-IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu", "pallas_gpu", "tokamax")
 _BLOCK_SPARSE = ("blockwise", "pallas_tpu", "pallas_gpu")
 
 
@@ -95,6 +98,13 @@ def attention(
         default_blocks = (64, 64) if impl == "pallas_gpu" else (128, 128)
         return kernel(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, softcap=softcap,
                       block_sizes=block_sizes or default_blocks, return_lse=return_lse)
+    if impl == "tokamax":
+        if return_lse:
+            raise ValueError("impl='tokamax' does not return the log-sum-exp; use impl='xla' or 'blockwise'.")
+        from glocal.kernels.tokamax_ops import attention as tokamax_attention
+
+        return tokamax_attention(q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
+                                 kv_positions=kv_positions, scale=scale, softcap=softcap)
     if impl == "dot_product" and not return_lse:
         if softcap is not None:
             raise ValueError(

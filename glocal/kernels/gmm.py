@@ -12,7 +12,11 @@ Implementations (``impl``):
   multiplies each by its group's matrix. Work = rows + at most ``tile - 1`` padding rows per
   group. Custom VJP: dx is the same grouped matmul with the transposed matrices; dw
   accumulates ``x_tile^T dout_tile`` into the tile's group.
-* ``"auto"``: ``"tiled"`` on CPU, ``"ragged_dot"`` elsewhere.
+* ``"tokamax"``: ``tokamax.ragged_dot`` (the ``tokamax`` extra, Python >= 3.12): its Mosaic
+  kernels on TPU and GPU, its XLA form on CPU (``glocal.kernels.tokamax_ops``).
+* ``"auto"``: ``"tiled"`` on CPU, ``"ragged_dot"`` elsewhere, decided when the program is
+  lowered (``jax.lax.platform_dependent``), so a program traced on a CPU host and lowered
+  for TPU gets ``ragged_dot``. Never ``"tokamax"`` until it has been timed on hardware.
 
 Letters (beyond the package legend): O rows, X groups, Z tiles (I: the output width).
 """
@@ -24,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-GMM_IMPLS = ("auto", "ragged_dot", "tiled")
+GMM_IMPLS = ("auto", "ragged_dot", "tiled", "tokamax")
 
 
 def grouped_matmul(x_OD, w_XDI, group_sizes_X, *, impl: str = "auto", tile: int | None = None):
@@ -33,15 +37,28 @@ def grouped_matmul(x_OD, w_XDI, group_sizes_X, *, impl: str = "auto", tile: int 
     if impl not in GMM_IMPLS:
         raise ValueError(f"unknown grouped matmul impl {impl!r}; choose one of {GMM_IMPLS}.")
     x_OD, w_XDI, group_sizes_X = jnp.asarray(x_OD), jnp.asarray(w_XDI), jnp.asarray(group_sizes_X)
-    if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    sizes_X = group_sizes_X.astype(jnp.int32)
+    if impl == "auto":  # chosen when lowered: a program lowered for TPU/GPU gets ragged_dot
+        return jax.lax.platform_dependent(x_OD, w_XDI, sizes_X, cpu=functools.partial(_tiled_call, tile=tile),
+                                          default=_ragged_dot)
     if impl == "ragged_dot":
-        return jax.lax.ragged_dot(x_OD, w_XDI, group_sizes_X.astype(jnp.int32),
-                                  preferred_element_type=jnp.float32).astype(x_OD.dtype)
+        return _ragged_dot(x_OD, w_XDI, sizes_X)
+    if impl == "tokamax":
+        from glocal.kernels.tokamax_ops import ragged_dot
+
+        return ragged_dot(x_OD, w_XDI, sizes_X)
+    return _tiled_call(x_OD, w_XDI, sizes_X, tile=tile)
+
+
+def _ragged_dot(x_OD, w_XDI, sizes_X):
+    return jax.lax.ragged_dot(x_OD, w_XDI, sizes_X, preferred_element_type=jnp.float32).astype(x_OD.dtype)
+
+
+def _tiled_call(x_OD, w_XDI, sizes_X, *, tile=None):
     M, X = x_OD.shape[0], w_XDI.shape[0]
     if tile is None:  # about one tile per group on average, 8..128 rows
         tile = min(128, max(8, 1 << max(0, -(-M // X) - 1).bit_length()))
-    return _tiled(x_OD, w_XDI, group_sizes_X.astype(jnp.int32), int(tile))
+    return _tiled(x_OD, w_XDI, sizes_X, int(tile))
 
 
 def _layout(group_sizes_X, M: int, tile: int):

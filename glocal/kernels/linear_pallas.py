@@ -41,6 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from glocal.kernels.platforms import native_or_interpreted
+from glocal.sharding import per_shard
+
 # -- the math of one chunk (values in, values out; shared by both kernels) ----------------------
 
 
@@ -493,8 +496,8 @@ def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_
     """The chunked form through the ``backend`` ("tpu" or "gpu") kernel; heads-major inputs as in
     ``glocal.kernels.linear``. Returns ``(o_BKYTE float32, final public state)``.
 
-    ``interpret=None`` runs natively only on the matching platform (interpret mode elsewhere,
-    which is how the CPU tests run both kernels). The GPU path pads F and E to powers of two
+    ``interpret=None``: native when lowered for the backend's platform, interpreted on CPU
+    (``glocal.kernels.platforms``; how the CPU tests run both kernels). The GPU path pads F and E to powers of two
     (>= 16, what Triton's dot needs) and the chunk must be one; zero features and values change
     nothing in the sums."""
     from glocal.kernels.linear import features
@@ -502,8 +505,6 @@ def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_
     B, K, Y, T, F = q_BKYTF.shape
     E = v_BKTE.shape[-1]
     C = int(chunk_size)
-    if interpret is None:
-        interpret = jax.default_backend() != backend
     taylor = feature_map == "taylor"
     if taylor:  # s = q.k / sqrt(F) == (q F^-1/4).(k F^-1/4)
         q = q_BKYTF.astype(jnp.float32) * F**-0.25
@@ -521,5 +522,10 @@ def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_
     k = pad(pad(k, 2, N * C - T), 3, Fp - F)
     v = pad(pad(v_BKTE.astype(jnp.float32), 2, N * C - T), 3, Ep - E)
     kst = to_kernel_state(state, F, Fp, Ep, taylor)
-    o, final = _kernel_call(q, k, v, kst, (backend, taylor, float(eps), C, T, bool(interpret)))
+    run = lambda interpret_mode, *ops: _kernel_call(*ops, (backend, taylor, float(eps), C, T, interpret_mode))
+    # Rows and kv heads are independent: per shard under a mesh (XLA cannot partition the
+    # kernels' custom calls itself).
+    names = ("batch", "kv_heads_act")
+    o, final = per_shard(lambda *ops: native_or_interpreted(backend, run, *ops, interpret=interpret),
+                         (q, k, v, kst), (names,) * 4, (names, names))
     return o[:, :, :, :T, :E], from_kernel_state(final, F, E, taylor)

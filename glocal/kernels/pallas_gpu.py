@@ -7,8 +7,9 @@ forward schedule and a dK/dV kernel per (batch, kv head, kv tile) that loops ove
 transposed schedule for each of the Y query heads sharing that kv head (no atomics, so
 the result is deterministic). Tied together by ``jax.custom_vjp``; interpret mode off-GPU.
 
-Triton needs power-of-two tile sizes and head dimension (checked below); the CPU tests run
-in interpret mode, where any size works.
+Triton needs power-of-two tiles and head dimension of at least 16: the wrapper
+(``tiles.call_tiled(pow2_tiles=True)``) zero-pads short sequences and odd head dims up to
+them, so any shape runs.
 
 Letters added here (beyond the package legend): Y query heads per kv head (H / K).
 """
@@ -183,13 +184,6 @@ def _backward(statics, res, dout):
     return dq, dk, dv
 
 
-def _check(bq, bkv, E, interpret):
-    pow2 = lambda n: n & (n - 1) == 0
-    if not interpret and not (pow2(bq) and pow2(bkv) and pow2(E)):
-        raise ValueError(f"Triton needs power-of-two block sizes and head dim; got blocks "
-                         f"({bq}, {bkv}) and E={E}.")
-
-
 _flash = custom_flash(_forward, _backward)
 
 
@@ -198,4 +192,4 @@ def attention_pallas_gpu(q, k, v, *, mask, segment_ids=None, scale=None, softcap
     """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
     return call_tiled(_flash, "pallas_gpu", "gpu", q, k, v, mask=mask, segment_ids=segment_ids,
                       scale=scale, softcap=softcap, block_sizes=block_sizes, return_lse=return_lse,
-                      interpret=interpret, check=_check)
+                      interpret=interpret, pow2_tiles=True)

@@ -66,14 +66,22 @@ def _specs(Y, E, bq, bkv):
     (B, H, nq, W) grid; index maps get the three prefetched schedule tables last."""
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i, j, cnt, idx, full: (b, h, i, 0))
     kvspec = pl.BlockSpec((None, None, bkv, E), lambda b, h, i, j, cnt, idx, full: (b, h // Y, idx[i, j], 0))
-    qsspec = pl.BlockSpec((None, bq), lambda b, h, i, j, cnt, idx, full: (b, i))
-    ksspec = pl.BlockSpec((None, bkv), lambda b, h, i, j, cnt, idx, full: (b, idx[i, j]))
+    qsspec = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, cnt, idx, full: (b, i, 0))
+    ksspec = pl.BlockSpec((None, 1, bkv), lambda b, h, i, j, cnt, idx, full: (b, 0, idx[i, j]))
     lspec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, cnt, idx, full: (b, h, i, 0))
     return qspec, kvspec, qsspec, ksspec, lspec
 
 
+def _segments(qs, ks):
+    """Segment ids as a query column ``[B, T, 1]`` and a key row ``[B, 1, S]``: Mosaic tiles
+    the last two block dims by (8, 128) unless they span the array, and a ``(1, bq)`` block of
+    a ``[B, T]`` array does not for B > 1 (rejected when lowered for a TPU)."""
+    return qs[:, :, None], ks[:, None, :]
+
+
 def _forward(q, k, v, qs, ks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
+    qs, ks = _segments(qs, ks)
     B, H, Tp, E = q.shape
     K = k.shape[1]
     Y = H // K
@@ -159,6 +167,7 @@ def _dkv_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, do_ref, lse
 def _backward(statics, res, dout):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     q, k, v, qs, ks, out, lse = res
+    qs, ks = _segments(qs, ks)
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
     Y = H // K
@@ -183,8 +192,8 @@ def _backward(statics, res, dout):
     ix = lambda f: (lambda b, kh, jk, g, t, cnt, idx, full: f(b, kh, jk, g, t, idx))
     q_spec = pl.BlockSpec((None, None, bq, E), ix(lambda b, kh, jk, g, t, idx: (b, kh * Y + g, idx[jk, t], 0)))
     kv_spec = pl.BlockSpec((None, None, bkv, E), ix(lambda b, kh, jk, g, t, idx: (b, kh, jk, 0)))
-    qs_spec = pl.BlockSpec((None, bq), ix(lambda b, kh, jk, g, t, idx: (b, idx[jk, t])))
-    ks_spec = pl.BlockSpec((None, bkv), ix(lambda b, kh, jk, g, t, idx: (b, jk)))
+    qs_spec = pl.BlockSpec((None, bq, 1), ix(lambda b, kh, jk, g, t, idx: (b, idx[jk, t], 0)))
+    ks_spec = pl.BlockSpec((None, 1, bkv), ix(lambda b, kh, jk, g, t, idx: (b, 0, jk)))
     l_spec = pl.BlockSpec((None, None, bq, 1), ix(lambda b, kh, jk, g, t, idx: (b, kh * Y + g, idx[jk, t], 0)))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bkv=bkv, Y=Y, Wt=Wt),
@@ -209,4 +218,4 @@ def attention_pallas_tpu(q, k, v, *, mask, segment_ids=None, scale=None, softcap
     """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
     return call_tiled(_flash, "pallas_tpu", "tpu", q, k, v, mask=mask, segment_ids=segment_ids,
                       scale=scale, softcap=softcap, block_sizes=block_sizes, return_lse=return_lse,
-                      interpret=interpret, check=None)
+                      interpret=interpret)

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from glocal.kernels import masks as masks_lib
+from glocal.kernels.platforms import native_or_interpreted
+from glocal.sharding import per_shard, same_split
 
 NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -34,7 +36,10 @@ def tile_logits(q, k, qpos, kpos, qseg, kseg, full, cfg):
     if softcap is not None:
         th = jnp.tanh(s / softcap)
         s = softcap * th
-    allowed = (mask(qpos[:, None], kpos[None, :]) | full) & (kpos[None, :] < S) & (qseg[:, None] == kseg[None, :])
+    # Segment ids arrive as vectors (GPU) or as a [bq, 1] column and a [1, bkv] row (TPU).
+    qcol = qseg if qseg.ndim == 2 else qseg[:, None]
+    krow = kseg if kseg.ndim == 2 else kseg[None, :]
+    allowed = (mask(qpos[:, None], kpos[None, :]) | full) & (kpos[None, :] < S) & (qcol == krow)
     return jnp.where(allowed, s, NEG), allowed, th
 
 
@@ -72,32 +77,48 @@ def custom_flash(forward, backward):
 
 
 def call_tiled(flash, impl: str, backend: str, q, k, v, *, mask, segment_ids, scale, softcap,
-               block_sizes, return_lse, interpret, check=None):
+               block_sizes, return_lse, interpret, pow2_tiles=False):
     """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``) through a
-    kernel that takes heads-major arrays padded to whole tiles. ``interpret=None`` runs the
-    kernel natively only on ``backend``."""
+    kernel that takes heads-major arrays padded to whole tiles. ``interpret=None``: native
+    when lowered for ``backend``'s platform, interpreted on CPU (``glocal.kernels.platforms``).
+    ``pow2_tiles`` (Triton): tiles and the head dim are powers of two, at least 16 (what
+    ``tl.dot`` takes); short sequences and odd head dims are zero-padded up to them."""
     if not supports(mask):
         raise ValueError(f"impl={impl!r} needs a mask with an arithmetic predicate; Explicit "
                          f"masks run with impl='blockwise'.")
     B, T, H, E = q.shape
     S = k.shape[1]
-    bq, bkv = min(block_sizes[0], T), min(block_sizes[1], S)
-    if interpret is None:
-        interpret = jax.default_backend() != backend
-    if check is not None:
-        check(bq, bkv, E, interpret)
+    if pow2_tiles:
+        p2 = lambda n: max(16, 1 << (int(n) - 1).bit_length())
+        bq, bkv, Ep = min(p2(block_sizes[0]), p2(T)), min(p2(block_sizes[1]), p2(S)), p2(E)
+    else:
+        bq, bkv, Ep = min(block_sizes[0], T), min(block_sizes[1], S), E
     Tp, Sp = -(-T // bq) * bq, -(-S // bkv) * bkv
     if segment_ids is None:
         q_seg, kv_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
     else:
         q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-    heads_major = lambda x, n: jnp.swapaxes(pad(x, n), 1, 2)
-    statics = (mask, S, E**-0.5 if scale is None else float(scale),
-               None if softcap is None else float(softcap), bq, bkv, interpret)
-    out, lse = flash(heads_major(q, Tp), heads_major(k, Sp), heads_major(v, Sp),
-                     pad(q_seg.astype(jnp.int32), Tp), pad(kv_seg.astype(jnp.int32), Sp), statics)
-    out = jnp.swapaxes(out, 1, 2)[:, :T]
+    # Zero head-dim padding changes no logit (the scale below uses the true E) and gives zero
+    # output columns, sliced off.
+    heads_major = lambda x, n: jnp.swapaxes(jnp.pad(pad(x, n), [(0, 0)] * 3 + [(0, Ep - E)]), 1, 2)
+
+    def run(interpret_mode, *operands):
+        statics = (mask, S, E**-0.5 if scale is None else float(scale),
+                   None if softcap is None else float(softcap), bq, bkv, interpret_mode)
+        return flash(*operands, statics)
+
+    # Rows and heads are independent: under a mesh the kernel runs per shard (shard_map),
+    # since XLA cannot partition a Mosaic or Triton call itself.
+    # Query and kv heads split over the same axes, or not at all (GQA pairs them locally).
+    heads = "heads_act" if same_split("heads_act", H, k.shape[2]) else None
+    qn, kn, sn = ("batch", heads), ("batch", heads), ("batch",)
+    out, lse = per_shard(
+        lambda *ops: native_or_interpreted(backend, run, *ops, interpret=interpret),
+        (heads_major(q, Tp), heads_major(k, Sp), heads_major(v, Sp),
+         pad(q_seg.astype(jnp.int32), Tp), pad(kv_seg.astype(jnp.int32), Sp)),
+        (qn, kn, kn, sn, sn), (qn, qn))
+    out = jnp.swapaxes(out, 1, 2)[:, :T, :, :E]
     if not return_lse:
         return out
     lse = lse.reshape(lse.shape[:3])  # [B, H, Tp] (the TPU kernel keeps a trailing 1)

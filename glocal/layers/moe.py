@@ -73,7 +73,7 @@ class MoESpec:
     bias_rate: float = 0.0  # > 0: auxiliary-loss-free balancing bias, moved +/- rate per step
     predictor_weight: float = 1e-2  # expert choice: BCE of the causal predictor
     routing_mode: str = "topk"  # expert choice: topk (training, non-causal) | threshold (causal)
-    gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled (glocal.kernels.gmm)
+    gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled | tokamax (glocal.kernels.gmm)
 
     def check(self) -> None:
         for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("impl", MOE_IMPLS),

@@ -132,7 +132,7 @@ class DecoderConfig(ModelConfig):
     router_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias step
     predictor_weight: float = 1e-2  # expert choice: BCE weight of the causal predictor
     routing_mode: str = "topk"  # expert choice: topk (training; non-causal) | threshold (causal)
-    moe_gmm_impl: str = "auto"  # dropless grouped matmul: auto (tiled on CPU, ragged_dot elsewhere) | ragged_dot | tiled
+    moe_gmm_impl: str = "auto"  # dropless grouped matmul: auto (tiled on CPU, ragged_dot elsewhere) | ragged_dot | tiled | tokamax
 
     def validate(self) -> None:
         self.require_positive("vocab_size", "max_seq_len")

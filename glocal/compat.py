@@ -32,12 +32,6 @@ def jaxlib_version() -> tuple[int, ...]:
     return _version(jaxlib.__version__)
 
 
-def jax_version() -> tuple[int, ...]:
-    import jax
-
-    return _version(jax.__version__)
-
-
 def needs_ynn_reduce_workaround() -> bool:
     """Whether this jaxlib has XLA:CPU's miscompiling YNN reduce fusions (0.10.x)."""
     try:

@@ -220,7 +220,8 @@ def per_shard(fn, args, arg_names, out_names):
     """``fn(*args)`` run per device with ``jax.shard_map`` when a mesh and a rule table are
     active (a plain call otherwise). Every array of ``args[i]`` (an array or a pytree) is split
     by the logical names ``arg_names[i]`` of its leading dimensions, resolved like
-    ``constrain``; ``out_names[j]`` does the same for ``fn``'s j-th output.
+    ``constrain``. Each output is split by its ``out_names[j]`` over leading dimensions the
+    same size as those of ``args[0]`` (e.g. batch rows and heads of the queries).
 
     For kernels XLA cannot partition by itself: a Mosaic (TPU) custom call under a sharded
     jit is an error, a Triton one is replicated onto every device. Callers name only the
@@ -229,9 +230,10 @@ def per_shard(fn, args, arg_names, out_names):
     mesh = jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty or mesh.size == 1:
         return fn(*args)
-    specs = lambda tree, names: jax.tree.map(lambda a: logical_to_spec(tuple(names), a.shape[:len(names)], mesh, rules), tree)
-    in_specs = tuple(specs(a, n) for a, n in zip(args, arg_names))
-    out_specs = tuple(specs(o, n) for o, n in zip(jax.eval_shape(fn, *args), out_names))
+    spec = lambda names, shape: logical_to_spec(tuple(names), shape[:len(names)], mesh, rules)
+    in_specs = tuple(jax.tree.map(lambda a, n=n: spec(n, a.shape), arg) for arg, n in zip(args, arg_names))
+    lead = jax.tree.leaves(args[0])[0].shape
+    out_specs = tuple(spec(n, lead) for n in out_names)  # a spec per output, a prefix of its tree
     # check_vma=False: pallas_call outputs carry no varying-axes type.
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 

@@ -356,11 +356,11 @@ def section_b(cells, budget, sz):
                 # Useful FLOPs: 4 H E per allowed pair forward (QK^T, PV), backward 2.5x that.
                 flops = 3.5 * 4 * H * E * allowed_pairs(mask, T)
                 for impl in [i for i in impls if (i == "xla") == xla_pass]:
-                    def measure(impl=impl, mask=mask, flops=flops):
+                    def measure(impl=impl, mask=mask, flops=flops, args=(q_BTHE, k_BTKE, v_BTKE, ct_BTHE)):
                         require_optional(impl, attention_api.IMPLEMENTATIONS, "glocal.kernels.api.IMPLEMENTATIONS")
                         kw = block_kw(impl, sz)
                         fn = out_and_grads(lambda q, k, v: attention(q, k, v, mask=mask, impl=impl, **kw))
-                        r = time_call(fn, q_BTHE, k_BTKE, v_BTKE, ct_BTHE, repeats=sz.repeats)
+                        r = time_call(fn, *args, repeats=sz.repeats)
                         return {**r, "tflops": round(flops / (r["ms"] / 1e3) / 1e12, 2)}
                     run_cell(cells, budget, {"mask": mask_name, "T": T, "impl": impl}, measure,
                              optional=impl == OPTIONAL)

@@ -497,9 +497,9 @@ def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_
     ``glocal.kernels.linear``. Returns ``(o_BKYTE float32, final public state)``.
 
     ``interpret=None``: native when lowered for the backend's platform, interpreted on CPU
-    (``glocal.kernels.platforms``; how the CPU tests run both kernels). The GPU path pads F and E to powers of two
-    (>= 16, what Triton's dot needs) and the chunk must be one; zero features and values change
-    nothing in the sums."""
+    (``glocal.kernels.platforms``; how the CPU tests run both kernels). The GPU path pads F
+    and E to powers of two (>= 16, what Triton's dot needs) and the chunk must be one; zero
+    features and values change nothing in the sums."""
     from glocal.kernels.linear import features
 
     B, K, Y, T, F = q_BKYTF.shape

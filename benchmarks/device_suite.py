@@ -60,7 +60,7 @@ from glocal.generation import causal_variant  # noqa: E402
 from glocal.kernels import api as attention_api  # noqa: E402
 from glocal.kernels import attention, linear_attention, masks as M  # noqa: E402
 from glocal.kernels import gmm  # noqa: E402
-from glocal.layers.moe import MoEFFN, MoESpec  # noqa: E402
+from glocal.layers.moe import MoEFFN, MoEOptions  # noqa: E402
 from glocal.layers.spec import LayerSpec  # noqa: E402
 from glocal.train.metrics import PEAK_FLOPS, peak_flops  # noqa: E402
 from glocal.train.step import loss_terms  # noqa: E402
@@ -391,9 +391,8 @@ def section_c(cells, budget, sz):
 # -- (d) MoE dispatch -----------------------------------------------------------------------
 def moe_layer(sz: Sizes, moe_impl: str, gmm_impl: str) -> MoEFFN:
     B, T, D, X, k, I = sz.moe  # noqa: E741
-    spec = LayerSpec(d_model=D, num_heads=8, d_ff=I, dtype="bfloat16",
-                     moe=MoESpec(num_experts=X, top_k=k, impl=moe_impl, gmm_impl=gmm_impl))
-    return MoEFFN(spec, rngs=nnx.Rngs(0))
+    spec = LayerSpec(d_model=D, num_heads=8, d_ff=I, dtype="bfloat16")
+    return MoEFFN(spec, MoEOptions(num_experts=X, top_k=k, impl=moe_impl, gmm_impl=gmm_impl), rngs=nnx.Rngs(0))
 
 
 def section_d(cells, budget, sz):

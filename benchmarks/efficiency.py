@@ -108,7 +108,7 @@ def train_step_fn(model):
     graphdef, state = nnx.split(model, nnx.Param)
 
     def loss(p, x):
-        logits = nnx.merge(graphdef, p)(x[:, :-1])
+        logits, _ = nnx.merge(graphdef, p)(x[:, :-1])
         logp = jax.nn.log_softmax(logits, axis=-1)
         return -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean()
 

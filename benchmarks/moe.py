@@ -45,7 +45,7 @@ def step_fn(model):
 
     def loss(p, x):
         out = nnx.merge(graphdef, p)(x[:, :-1])
-        logits, aux = out if isinstance(out, tuple) else (out, {})
+        logits, aux = out
         logp = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(logp, x[:, 1:, None], axis=-1).mean()
         return ce + sum(v * w for v, w in aux.values() if w is not None)

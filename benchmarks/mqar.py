@@ -70,7 +70,7 @@ def build(name: str, vocab: int, max_len: int):
 
 
 def masked_loss(model, x, y):
-    logits = model(x)
+    logits, _ = model(x)
     mask = (y != IGNORE).astype(jnp.float32)
     safe = jnp.where(y == IGNORE, 0, y)
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), safe[..., None], -1)[..., 0]
@@ -92,7 +92,7 @@ def train_and_eval(name: str, args) -> dict:
 
     @jax.jit
     def correct(params, x, y):
-        pred = jnp.argmax(nnx.merge(graphdef, params)(x), -1)
+        pred = jnp.argmax(nnx.merge(graphdef, params)(x)[0], -1)
         return jnp.sum((pred == y) & (y != IGNORE)), jnp.sum(y != IGNORE)
 
     rng = np.random.default_rng(0)

@@ -9,3 +9,7 @@ class UserError(Exception):
     a traceback (``glocal --debug`` shows one). The message says what is wrong and how to
     fix it. Subclasses keep their other bases (``ValueError``, ``RuntimeError``), so
     library callers can catch either."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer that cannot be had: an unknown kind, missing files, a missing library."""

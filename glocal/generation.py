@@ -80,16 +80,12 @@ def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stop_ids, 
 def causal_variant(model: nnx.Module) -> nnx.Module:
     """The same weights with causal routing: a model whose router is non-causal in training
     (``config.routing_modes()``, e.g. expert choice) decodes with ``routing_mode="threshold"``."""
-    cfg = model.config
-    if not (hasattr(cfg, "routing_modes") and cfg.routing_modes()) or cfg.routing_mode == "threshold":
-        return model
-    import dataclasses
-
     import glocal.models as gm
 
-    causal = dataclasses.replace(cfg, routing_mode="threshold")
-    graphdef = nnx.split(nnx.eval_shape(lambda: gm.build_from_config(causal)))[0]
-    return nnx.merge(graphdef, nnx.state(model))
+    causal = model.config.with_routing_mode("threshold")
+    if causal == model.config:
+        return model
+    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: gm.build_from_config(causal))), nnx.state(model))
 
 
 def generate(

@@ -6,7 +6,11 @@ extras: ``eos_ids`` (every id that ends a generation), ``encode_batch(texts)`` (
 documents at once), ``fingerprint`` (equal for tokenizers that give the same ids) and
 ``save(folder)`` (copy its files, so ``kind:folder`` loads it again). Other kinds plug in
 with ``register_tokenizer`` and are then selected by ``get_tokenizer("kind:arg")``; ``hf``
-(a local Hugging Face ``tokenizer.json``, ``glocal.hf_tokenizer``) is built in.
+(a local Hugging Face ``tokenizer.json``, ``glocal.hf.tokenizer``) is built in.
+
+Dependencies point one way at import time: ``glocal.hf.tokenizer`` imports this module (for
+``TokenizerError``), as any plug-in kind would; this module names it only inside ``_hf``,
+so importing it loads neither ``glocal.hf`` nor the ``tokenizers`` library.
 """
 
 from __future__ import annotations
@@ -14,11 +18,7 @@ from __future__ import annotations
 import pathlib
 from typing import Callable, Protocol, Sequence
 
-from glocal.errors import UserError
-
-
-class TokenizerError(UserError, ValueError):
-    """A tokenizer that cannot be had: an unknown kind, missing files, a missing library."""
+from glocal.errors import TokenizerError
 
 
 class Tokenizer(Protocol):
@@ -49,7 +49,7 @@ class ByteTokenizer:
 
 
 def _hf(arg: str) -> Tokenizer:
-    from glocal.hf_tokenizer import HFTokenizer  # (imports the tokenizers library only when used)
+    from glocal.hf.tokenizer import HFTokenizer  # (glocal.hf and the tokenizers library: only when used)
 
     return HFTokenizer(arg)
 

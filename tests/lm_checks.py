@@ -22,8 +22,9 @@ from glocal.layers.cache import tree_nbytes
 
 
 def logits_of(out):
-    """A model returns logits, or ``(logits, aux)`` (routed models): the logits."""
-    return out[0] if isinstance(out, tuple) else out
+    """The logits of a model's ``(logits, aux)``."""
+    logits, _ = out
+    return logits
 
 
 class Harness:

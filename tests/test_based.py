@@ -13,7 +13,7 @@ import glocal.models as gm
 from glocal.configs import ConfigError
 from glocal.layers import LayerSpec
 from glocal.layers.cache import tree_nbytes
-from glocal.layers.recurrent import ShortConv
+from glocal.layers.recurrent import ConvOptions, ShortConv
 
 RNG = np.random.default_rng(5)
 
@@ -29,8 +29,8 @@ def test_decoding_state_is_the_same_size_at_any_length():
 
 
 def test_short_convolution_decodes_like_the_sequence():
-    spec = LayerSpec(d_model=8, num_heads=2, conv_width=4, conv_expand=2)
-    conv = ShortConv(spec, rngs=nnx.Rngs(0))
+    spec = LayerSpec(d_model=8, num_heads=2)
+    conv = ShortConv(spec, ConvOptions(width=4, expand=2), rngs=nnx.Rngs(0))
     x = jnp.asarray(RNG.normal(size=(2, 9, 8)), jnp.float32)
     want, _ = conv(x, positions_BT=None)
     # By hand: causal depthwise convolution over the zero-padded past, gate, projection.
@@ -58,10 +58,10 @@ def test_short_convolution_decodes_like_the_sequence():
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(feature_map="softmax"), "feature_map='softmax' is not one of"),
-    (dict(feature_dim=0), "feature_dim must be a positive integer"),
+    (dict(feature_dim=0), r"linear\.feature_dim=0 must be a positive integer"),
     (dict(layer_pattern="clsxc"), r"'l' \(linear\)"),
     (dict(layer_pattern="cls", num_layers=5), "not a multiple of len"),
-    (dict(linear_impl="flash"), "linear_impl='flash' is not one of"),
+    (dict(linear_impl="flash"), "linear.impl='flash' is not one of"),
     (dict(linear_impl="pallas_gpu", linear_chunk_size=24), "power of two >= 16"),
 ])
 def test_config_errors_explain_the_fix(overrides, message):
@@ -89,7 +89,7 @@ def test_pallas_linear_kernels_train_the_model_like_the_chunked_form(impl):
         model = gm.build("based", "tiny", seed=1, layer_pattern="clscc", linear_impl=linear_impl,
                          linear_chunk_size=16)
         graph, params = nnx.split(model, nnx.Param)
-        logp = lambda p: jax.nn.log_softmax(nnx.merge(graph, p)(x[:, :-1]))
+        logp = lambda p: jax.nn.log_softmax(nnx.merge(graph, p)(x[:, :-1])[0])
         loss = lambda p: -jnp.mean(jnp.take_along_axis(logp(p), x[:, 1:, None], -1))
         return jax.value_and_grad(loss)(params)
 
@@ -114,7 +114,7 @@ def test_jitted_forward_equals_op_by_op_at_a_large_batch():
                      layer_pattern="cl", seed=9)
     x = jnp.asarray(RNG.integers(0, 256, (64, 64)), jnp.int32)
     graph, state = nnx.split(model)
-    jitted = jax.jit(lambda s, x: nnx.merge(graph, s)(x))(state, x)
+    jitted = jax.jit(lambda s, x: nnx.merge(graph, s)(x)[0])(state, x)
     with jax.disable_jit():
-        eager = nnx.merge(graph, state)(x)
+        eager, _ = nnx.merge(graph, state)(x)
     np.testing.assert_allclose(jitted, eager, rtol=1e-4, atol=1e-4)

@@ -10,7 +10,7 @@ covered the moment it registers, for:
 * ``cache_nbytes(B, L)`` equals the bytes of the ``init_cache(B, L)`` pytree;
 * ``flops_per_token`` is within 0.85-1.15 of XLA's count of an unrolled forward (tiny;
   also the ``small`` preset, within 0.85-1.1, where the family has one);
-* packed documents: with ``packed_documents = True`` ``segment_ids_BT`` keeps attention
+* packed documents: with ``packed_documents`` true ``segment_ids_BT`` keeps attention
   inside each document (a packed row equals each document run alone); otherwise passing
   ``segment_ids_BT`` or ``positions_BT`` raises a ValueError that says "packed";
 * input errors: token ids outside the vocabulary, inputs or caches longer than
@@ -169,7 +169,7 @@ def test_packed_documents(family):
     model = model_for(family)
     x = tokens_for(model, seed=2)
     pos, seg, docs = _packed(x, [(17, 23), (5, 8, 27), (T,), (1, T - 2, 1), (20, 20)])
-    if not type(model).packed_documents:
+    if not model.packed_documents:
         # The trainer passes neither to such a model; a caller who does must hear so.
         with pytest.raises(ValueError, match="packed"):
             model(x[:1, :8], segment_ids_BT=seg[:1, :8])

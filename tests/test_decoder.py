@@ -44,7 +44,7 @@ class MeanState(Cache):
 class RunningMean(nnx.Module):
     """Toy linear-recurrence mixer: y_t = mean_{s <= t} (x_s W)."""
 
-    def __init__(self, spec: LayerSpec, *, mask=None, rngs: nnx.Rngs):
+    def __init__(self, spec: LayerSpec, options=None, *, mask=None, rngs: nnx.Rngs):
         # Static width: init_cache runs on the stacked module, whose parameters have a
         # leading layers axis.
         self.d_model = spec.d_model
@@ -68,9 +68,6 @@ class RunningMean(nnx.Module):
         D = self.d_model
         return MeanState(jnp.zeros((batch_size, D), jnp.float32), jnp.zeros((batch_size,), jnp.float32))
 
-    def cache_nbytes(self, batch_size, length):
-        return batch_size * 4 * (self.d_model + 1)
-
     def score_flops(self, seq_len):
         return 0.0
 
@@ -78,7 +75,7 @@ class RunningMean(nnx.Module):
 class SquareAux(nnx.Module):
     """Toy FFN: y = x W, reporting mean(y^2) as an auxiliary loss of weight 0.25."""
 
-    def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
+    def __init__(self, spec: LayerSpec, options=None, *, rngs: nnx.Rngs):
         self.w_DD = param(rngs, fan_in_init(spec.d_model), (spec.d_model, spec.d_model), ("embed", None))
 
     def __call__(self, x_BTD):
@@ -115,7 +112,7 @@ def test_recurrent_cache_decodes_like_teacher_forcing(hybrid):
     assert isinstance(cache.layers_P[0], MeanState)
     # The state counted every token each row consumed, in both units ([units, B]).
     np.testing.assert_array_equal(cache.layers_P[0].count_B, np.broadcast_to(cache.length_B, (2, 3)))
-    # cache bytes by the mixers' formulas == the allocated pytree, for every kind together
+    # cache bytes (from the shapes, one place for every kind) == the allocated pytree
     for L in (4, 20, 64):
         assert hybrid.cache_nbytes(3, L) == tree_nbytes(jax.eval_shape(lambda: hybrid.init_cache(3, L)))
 

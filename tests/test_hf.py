@@ -67,7 +67,7 @@ def folders(tmp_path_factory):
 
 def glocal_logits(model, tokens):
     out = model(jnp.asarray(tokens))
-    return np.asarray(out[0] if isinstance(out, tuple) else out)
+    return np.asarray(out[0])
 
 
 def hf_logits(model, tokens):

@@ -136,7 +136,9 @@ def test_attention_layer_matches_manual_projections():
     k = rope_complex(np.einsum("btd,dke->btke", x, kw), pos)
     v = np.einsum("btd,dke->btke", x, vw)
     o = attention_loops(q, k, v, np.broadcast_to(masks.Causal().dense(5), (2, 5, 5)))
-    np.testing.assert_allclose(layer(jnp.asarray(x)), np.einsum("bthe,hed->btd", o, ow), rtol=1e-4, atol=1e-5)
+    y, cache = layer(jnp.asarray(x))
+    assert cache is None
+    np.testing.assert_allclose(y, np.einsum("bthe,hed->btd", o, ow), rtol=1e-4, atol=1e-5)
 
 
 def test_gqa_with_all_kv_heads_equals_mha_and_grouping_equals_repeated_heads():
@@ -148,7 +150,7 @@ def test_gqa_with_all_kv_heads_equals_mha_and_grouping_equals_repeated_heads():
     mha.set_qkv_kernels(q, jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1))
     mha.o_HED[...] = gqa.o_HED[...]
     np.testing.assert_array_equal(mha.qkv_kernels()[1], jnp.repeat(k, 2, axis=1))  # round trip
-    np.testing.assert_allclose(gqa(jnp.asarray(x)), mha(jnp.asarray(x)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gqa(jnp.asarray(x))[0], mha(jnp.asarray(x))[0], rtol=1e-5, atol=1e-5)
     # num_kv_heads == num_heads is plain multi-head attention (no grouping).
     assert mha.num_kv_heads == mha.num_heads
 
@@ -159,7 +161,7 @@ def test_cross_attention_reads_other_stream():
     qw, kw, vw, ow = (np.asarray(p, np.float64) for p in (*layer.qkv_kernels(), layer.o_HED[...]))
     q, k, v = np.einsum("btd,dhe->bthe", x, qw), np.einsum("bsd,dke->bske", mem, kw), np.einsum("bsd,dke->bske", mem, vw)
     o = attention_loops(q, k, v, np.ones((2, 3, 7), bool))
-    got = layer(jnp.asarray(x), kv_BSD=jnp.asarray(mem))
+    got, _ = layer(jnp.asarray(x), kv_BSD=jnp.asarray(mem))
     np.testing.assert_allclose(got, np.einsum("bthe,hed->btd", o, ow), rtol=1e-4, atol=1e-5)
 
 
@@ -192,7 +194,7 @@ def test_kv_cache_update_skips_padding_and_ring_keeps_newest():
 def test_attention_with_cache_chunks_equals_full_sequence(mask, ring):
     layer = _attn(2, mask=mask)
     x = randn(2, 11, 16)
-    want = layer(jnp.asarray(x))
+    want, _ = layer(jnp.asarray(x))
     cache = (RingKVCache.create(2, 3, 2, 4) if ring else KVCache.create(2, 16, 2, 4))
     outs, start = [], 0
     for size in (4, 1, 5, 1):  # a prefill chunk longer than the ring, then steps and chunks

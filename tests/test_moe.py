@@ -15,15 +15,15 @@ import glocal.models as gm
 from glocal.kernels.gmm import grouped_matmul
 from glocal.layers import LayerSpec, MLP
 from glocal.layers import routing
-from glocal.layers.moe import MoEFFN, MoESpec
+from glocal.layers.moe import MoEFFN, MoEOptions
 from tests.lm_checks import assert_causal
 
 RNG = np.random.default_rng(13)
 
 
 def make(**moe):
-    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12, moe=MoESpec(**{"num_experts": 4, "top_k": 2, **moe}))
-    layer = MoEFFN(spec, rngs=nnx.Rngs(0))
+    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12)
+    layer = MoEFFN(spec, MoEOptions(**{"num_experts": 4, "top_k": 2, **moe}), rngs=nnx.Rngs(0))
     # A router with a spread of logits, so the top-k choices are clear-cut.
     layer.router_DX[...] = jnp.asarray(RNG.normal(size=layer.router_DX.shape), jnp.float32)
     return layer
@@ -351,15 +351,15 @@ def test_expert_choice_run_evaluates_under_both_routings(tmp_path):
     assert {"eval_loss_topk", "eval_loss_threshold"} <= set(r) and 0.0 <= r["routing_agreement"] <= 1.0
     assert np.isfinite(r["eval_loss_threshold"]) and any("routing_mode=threshold (causal)" in s for s in lines)
     model, _ = workdirs.load_model(tmp_path / "wd")
-    assert model.config.routing_mode == "topk"
+    assert model.config.options["moe"].routing_mode == "topk"
     from glocal.generation import causal_variant
-    assert causal_variant(model).config.routing_mode == "threshold"
+    assert causal_variant(model).config.options["moe"].routing_mode == "threshold"
     assert len(glocal.generate(model, [[1, 2, 3]], 4)[0]) == 4
 
 
 def test_shared_experts_add_a_dense_ffn_to_the_routed_output():
-    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12, moe=MoESpec(num_experts=4, top_k=2, shared_experts=2))
-    layer = MoEFFN(spec, rngs=nnx.Rngs(3))
+    spec = LayerSpec(d_model=8, num_heads=2, d_ff=12)
+    layer = MoEFFN(spec, MoEOptions(num_experts=4, top_k=2, shared_experts=2), rngs=nnx.Rngs(3))
     assert layer.shared.wi_DAI.shape == (8, 2, 24)  # 2 experts' width, always on
     x = jnp.asarray(RNG.normal(size=(2, 5, 8)), jnp.float32)
     routed, _ = loop_np(weights(layer), x, 2)

@@ -8,9 +8,13 @@
 
 ``configs`` maps config.json fields, ``weights`` tensor names and layouts, ``safetensors``
 reads and writes the files (numpy only: no torch needed), ``checkpoint`` loads and saves
-models, ``workdirs`` converts folders to workdirs and back. Families without a Hugging Face
-twin (FIT, Block Transformer, Based, MoR) save their parameters as safetensors under glocal's
-names with glocal's own ``config.json``; ``from_pretrained`` reads those too.
+models, ``workdirs`` converts folders to workdirs and back, ``tokenizer`` is the ``hf:DIR``
+tokenizer kind (a folder's tokenizer.json, via the ``tokenizers`` library). Families without
+a Hugging Face twin (FIT, Block Transformer, Based, MoR) save their parameters as safetensors
+under glocal's names with glocal's own ``config.json``; ``from_pretrained`` reads those too.
+
+Importing the package loads neither orbax nor grain (tests/test_hf_light.py): the functions
+that need them (``convert``, ``export``, the glocal format's parameter names) import them.
 """
 
 from glocal.hf.checkpoint import HFFolderError, from_pretrained, read_config, save_pretrained

@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import glocal.models as gm
+from glocal.pytree import path_name
 from glocal import sharding as shd
 from glocal.errors import UserError
 from glocal.hf import configs, safetensors as st, weights
-from glocal.train.checkpoints import path_name
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -88,9 +88,15 @@ def _glocal_plan(config, reader) -> list:
     abstract = nnx.eval_shape(lambda: gm.build_from_config(config))
     plan = []
     for path, value in jax.tree_util.tree_flatten_with_path(nnx.state(abstract, nnx.Param))[0]:
-        name = path_name(path, ".")
+        name = _glocal_name(path)
         plan.append((name, None, weights.Rule(name, (name,), (tuple(value.shape),), lambda w: w, lambda w: (w,))))
     return plan
+
+
+def _glocal_name(path) -> str:
+    """A parameter's name in the glocal format (``embed.table_VD``): its training-checkpoint
+    path joined with dots."""
+    return path_name(path, ".")
 
 
 def _assemble(config, plan, reader, mesh, rules):
@@ -275,6 +281,6 @@ def _glocal_tensors(model, dtype=None) -> list:
     """Every parameter under its glocal name, in its own dtype (or ``dtype``)."""
     out = []
     for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
-        out.append((path_name(path, "."), tuple(var.shape), np.dtype(dtype or var.dtype),
+        out.append((_glocal_name(path), tuple(var.shape), np.dtype(dtype or var.dtype),
                     lambda v=var: np.asarray(jax.device_get(v))))
     return out

@@ -193,7 +193,7 @@ def to_glocal(hf: dict, dtype: str = "float32"):
                       balance_weight=float(field(hf, kind, "router_aux_loss_coef")), router_z_weight=0.0,
                       moe_every=1, first_dense_layers=0)
     try:
-        config = gm.config_class(family)(**fields)  # (validates)
+        config = gm.config_class(family).from_dict(fields)  # (flat option names; validates)
     except UserError as e:
         raise HFConfigError(f"config.json maps to a {family} config glocal rejects: {e}") from None
     return family, config
@@ -226,14 +226,16 @@ def export_architecture(config, prefer: str | None = None) -> str:
     if pattern - {"g", "s"}:
         refuse(f"layer_pattern={config.layer_pattern!r} has mixers other than global / sliding-window attention")
     if isinstance(config, MoEConfig):
-        if config.moe_impl == "capacity":
+        m = config.options["moe"]
+        if m.impl == "capacity":
             warnings.warn("moe_impl='capacity' drops tokens over an expert's capacity; the exported Mixtral is "
                           "dropless, so its outputs differ wherever this model dropped tokens.", stacklevel=3)
-        moe = dict(router=("token_choice",), router_weights=("renorm",), shared_experts=(0,), first_dense_layers=(0,),
-                   moe_every=(1,), router_bias_rate=(0.0,))
-        for name, ok in moe.items():
-            if getattr(config, name) not in ok:
-                refuse(f"{name}={getattr(config, name)!r} (Mixtral: token-choice top-k renormalised over the "
+        moe = {"moe.router": (m.router, "token_choice"), "moe.router_weights": (m.router_weights, "renorm"),
+               "moe.shared_experts": (m.shared_experts, 0), "first_dense_layers": (config.first_dense_layers, 0),
+               "moe_every": (config.moe_every, 1), "moe.bias_rate": (m.bias_rate, 0.0)}
+        for name, (value, ok) in moe.items():
+            if value != ok:
+                refuse(f"{name}={value!r} (Mixtral: token-choice top-k renormalised over the "
                        f"chosen experts, every layer routed, no shared experts)")
         if config.qk_norm or config.qkv_bias or pattern == {"g", "s"}:
             refuse("Mixtral has no qk-norm, no q/k/v biases and one attention kind on every layer")
@@ -275,17 +277,23 @@ def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
     if kind == "qwen2":
         hf.pop("attention_bias")  # (Qwen2's q/k/v biases are not optional)
     if kind in ("mistral", "mixtral"):
-        hf["sliding_window"] = config.sliding_window if "s" in config.layer_pattern else None
+        hf["sliding_window"] = window_size(config) if "s" in config.layer_pattern else None
     if kind in ("qwen2", "qwen3"):
         windowed = "sliding_attention" in types
-        hf.update(use_sliding_window=windowed, sliding_window=config.sliding_window if windowed else None,
+        hf.update(use_sliding_window=windowed, sliding_window=window_size(config) if windowed else None,
                   max_window_layers=types.index("sliding_attention") if windowed else config.num_layers,
                   layer_types=types)
     if kind == "mixtral":  # every layer is routed: the dense width d_ff is unused
-        hf.update(intermediate_size=config.d_expert or config.d_ff, num_local_experts=config.num_experts, num_experts_per_tok=config.top_k,
-                  router_aux_loss_coef=config.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
+        m = config.options["moe"]
+        hf.update(intermediate_size=m.d_expert or config.d_ff, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                  router_aux_loss_coef=m.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
     hf.update(extra or {})
     return hf
+
+
+def window_size(config) -> int | None:
+    """The sliding window (``window.size``) of a config with window layers, else None."""
+    return config.options["window"].size if "window" in config.options else None
 
 
 def glocal_config_record(config) -> dict:

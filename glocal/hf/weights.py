@@ -127,9 +127,9 @@ def layer_rules(config, i: int, *, fused_experts: bool = False) -> list[Rule]:
     K = config.num_kv_heads or H
     E = config.head_dim or config.d_model // H
     rules = attention_rules(pre, config.d_model, H, K, E, config.qk_norm, config.qkv_bias)
-    if config.uses_moe:
-        return rules + mixtral_rules(pre, config.d_model, config.d_expert or config.d_ff, config.num_experts,
-                                     fused_experts)
+    if "moe" in config.options:
+        m = config.options["moe"]
+        return rules + mixtral_rules(pre, config.d_model, m.d_expert or config.d_ff, m.num_experts, fused_experts)
     return rules + mlp_rules(pre, config.d_model, config.d_ff)
 
 

@@ -12,6 +12,9 @@ An imported workdir holds:
 
 Export writes a Hugging Face folder of the workdir's latest (or ``step``) parameters, with
 the tokenizer files when the run used a Hugging Face tokenizer.
+
+``glocal.workdir`` (orbax) is imported inside ``convert`` and ``export``, the two functions
+that write and read orbax checkpoints, so ``import glocal.hf`` stays free of it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,10 @@ import jax
 from flax import nnx
 
 import glocal.models as gm
-from glocal import workdir as workdirs
 from glocal.hf import checkpoint, configs
 from glocal.hf.configs import HFConfigError
-from glocal.hf_tokenizer import TOKENIZER_FILE, HFTokenizer
+from glocal.hf.tokenizer import TOKENIZER_FILE, HFTokenizer
 
-SOURCE_DIR = workdirs.HF_SOURCE_DIR
 # The tokenizer's own copy of config.json (it may hold the token ids) stays out of an export.
 _NOT_EXPORTED = (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE)
 
@@ -44,6 +45,8 @@ def convert(hf_dir, workdir, dtype: str = "float32", *, tokenizer: str | None = 
     ``attention_impl``, ``max_seq_len``, ``scan_layers``...), e.g. for fine-tuning a large
     model. Everything is written into a temporary folder that becomes ``workdir`` only when
     complete, so an interrupted import leaves no half-made workdir behind."""
+    from glocal import workdir as workdirs
+
     hf_dir, workdir = pathlib.Path(hf_dir).expanduser(), pathlib.Path(workdir).expanduser()
     workdirs.check_workdir(workdir, writable=True)
     if workdir.exists() and any(workdir.iterdir()):
@@ -73,10 +76,10 @@ def convert(hf_dir, workdir, dtype: str = "float32", *, tokenizer: str | None = 
         workdirs.write_model_file(tmp, model.config, f"hf:{workdirs.TOKENIZER_DIR}" if tok else "byte")
         if tok is not None:
             tok.save(tmp / workdirs.TOKENIZER_DIR)
-        (tmp / SOURCE_DIR).mkdir()
+        (tmp / workdirs.HF_SOURCE_DIR).mkdir()
         for name in (checkpoint.CONFIG_FILE, checkpoint.GENERATION_FILE):
             if (hf_dir / name).is_file():
-                shutil.copy2(hf_dir / name, tmp / SOURCE_DIR / name)
+                shutil.copy2(hf_dir / name, tmp / workdirs.HF_SOURCE_DIR / name)
         workdirs.save_init_params(tmp, nnx.state(model, nnx.Param))
         if workdir.exists():
             workdir.rmdir()  # (empty: checked above)
@@ -96,10 +99,12 @@ def convert(hf_dir, workdir, dtype: str = "float32", *, tokenizer: str | None = 
 def export(workdir, hf_dir, step: int | None = None, *, format: str = "auto", max_shard_bytes: int = 2 << 30,
            dtype: str | None = None, log=print) -> dict:
     """Write the workdir's model at ``step`` (default: latest) to the new folder ``hf_dir``."""
+    from glocal import workdir as workdirs
+
     workdir, hf_dir = pathlib.Path(workdir).expanduser(), pathlib.Path(hf_dir).expanduser()
     workdirs.check_workdir(workdir, writable=False)
     model, step = workdirs.load_model(workdir, step)
-    source = _read_json(workdir / SOURCE_DIR / checkpoint.CONFIG_FILE)
+    source = _read_json(workdir / workdirs.HF_SOURCE_DIR / checkpoint.CONFIG_FILE)
     extra = configs.bos_eos(source)
     tokenizer = workdirs.load_tokenizer(workdir)
     hf_tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else None
@@ -114,7 +119,7 @@ def export(workdir, hf_dir, step: int | None = None, *, format: str = "auto", ma
         if src.name not in _NOT_EXPORTED:
             shutil.copy2(src, hf_dir / (TOKENIZER_FILE if src == hf_tokenizer.file else src.name))
             copied.append(src.name)
-    generation = workdir / SOURCE_DIR / checkpoint.GENERATION_FILE
+    generation = workdir / workdirs.HF_SOURCE_DIR / checkpoint.GENERATION_FILE
     if written == "hf" and generation.is_file():  # the original sampling defaults, not just token ids
         shutil.copy2(generation, hf_dir / checkpoint.GENERATION_FILE)
     what = "Hugging Face" if written == "hf" else "glocal-format (no Hugging Face twin)"

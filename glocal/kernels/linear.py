@@ -20,7 +20,7 @@ Implementations (``impl``):
   entering state (no per-token features) and walks the chunks in reverse.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the chunked form as Pallas kernels (Mosaic TPU, Triton
   GPU; forward and backward), in interpret mode off their platform
-  (``glocal.kernels.linear_pallas``).
+  (``glocal.kernels.linear_pallas_tpu``, ``glocal.kernels.linear_pallas_gpu``).
 * ``"auto"``: ``"chunked"`` on every platform (the Pallas kernels are verified in interpret mode
   and by lowering only; pick them explicitly on hardware).
 
@@ -40,38 +40,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FEATURE_MAPS = ("taylor", "elu", "relu")
+from glocal.kernels.linear_features import FEATURE_MAPS, check_map, feature_dim, features, full_taylor_features
+
+__all__ = ["FEATURE_MAPS", "LINEAR_IMPLEMENTATIONS", "empty_state", "feature_dim", "features", "full_taylor_features",
+           "linear_attention", "linear_attention_step"]
+
 LINEAR_IMPLEMENTATIONS = ("auto", "quadratic", "chunked", "pallas_tpu", "pallas_gpu")
-
-
-def feature_dim(feature_map: str, F: int) -> int:
-    """Features per head in the state: ``1 + F + F (F + 1) / 2`` for taylor, else F."""
-    _check_map(feature_map)
-    return 1 + F + F * (F + 1) // 2 if feature_map == "taylor" else F
-
-
-def features(x_F, feature_map: str):
-    """``phi(x)`` over the last axis (float32): ``phi(q) . phi(k) = w(q, k)``."""
-    _check_map(feature_map)
-    x = x_F.astype(jnp.float32)
-    if feature_map == "elu":
-        return jax.nn.elu(x) + 1.0
-    if feature_map == "relu":
-        return jax.nn.relu(x)
-    F = x.shape[-1]
-    i, j = np.triu_indices(F)
-    pair_scale = np.where(i == j, 1.0, np.sqrt(2.0)) / np.sqrt(2.0 * F)
-    pairs = x[..., i] * x[..., j] * pair_scale.astype(np.float32)
-    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / F**0.25, pairs], axis=-1)
-
-
-def full_taylor_features(x_F):
-    """The uncompressed expansion ``[1, x / F^(1/4), vec(x x^T) / sqrt(2 F)]`` (1 + F + F^2
-    features); only to test that the symmetric one gives the same inner products."""
-    x = x_F.astype(jnp.float32)
-    F = x.shape[-1]
-    outer = (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], F * F)
-    return jnp.concatenate([jnp.ones_like(x[..., :1]), x / F**0.25, outer / np.sqrt(2.0 * F)], axis=-1)
 
 
 def _kernel(q_F, k_F, feature_map: str):
@@ -101,7 +75,7 @@ def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps
 
     Returns ``o_BTHE`` in q's dtype (and the float32 state when asked).
     """
-    _check_map(feature_map)
+    check_map(feature_map)
     if impl not in LINEAR_IMPLEMENTATIONS:
         raise ValueError(f"unknown linear attention impl {impl!r}; choose one of {LINEAR_IMPLEMENTATIONS}.")
     if q_BTHF.ndim != 4 or k_BTKF.ndim != 4 or v_BTKE.ndim != 4:
@@ -124,10 +98,12 @@ def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps
     if impl == "quadratic":
         o_BKYTE, final = _quadratic(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps)
     elif impl.startswith("pallas"):
-        from glocal.kernels.linear_pallas import linear_attention_pallas
-
-        o_BKYTE, final = linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, backend=impl[len("pallas_"):],
-                                                 feature_map=feature_map, eps=float(eps), chunk_size=int(chunk_size))
+        if impl == "pallas_tpu":
+            from glocal.kernels.linear_pallas_tpu import linear_attention_pallas_tpu as kernel
+        else:
+            from glocal.kernels.linear_pallas_gpu import linear_attention_pallas_gpu as kernel
+        o_BKYTE, final = kernel(q_BKYTF, k_BKTF, v_BKTE, state, feature_map=feature_map, eps=float(eps),
+                                chunk_size=int(chunk_size))
     else:
         o_BKYTE, final = _chunked(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, float(eps), int(chunk_size))
     o_BTHE = o_BKYTE.transpose(0, 3, 1, 2, 4).reshape(B, T, H, E).astype(q_BTHF.dtype)
@@ -247,8 +223,3 @@ def _chunked_bwd(feature_map, eps, C, residuals, cotangents):
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
-
-
-def _check_map(feature_map: str) -> None:
-    if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"unknown feature_map {feature_map!r}; choose one of {FEATURE_MAPS}.")

@@ -4,13 +4,13 @@ The layer owns the projections and RoPE; the attention itself is
 ``glocal.kernels.attention`` with a mask object, so a config switches implementations
 (einsum, ``jax.nn.dot_product_attention``, block-sparse kernels) without touching models.
 
-Three ways to call it:
+Three ways to call it, each returning ``(y_BTD, cache)`` (``cache`` None when none was given):
 * ``attn(x_BTD)``: self-attention over the sequence (training / teacher forcing);
 * ``attn(x_BTD, kv_BSD=memory)``: cross-attention, queries from x, keys/values from memory
   (a layer built with ``kv_dim=`` stores its query and key/value kernels apart; a
   self-attention layer stores one fused ``qkv`` kernel);
 * ``attn(x_BTD, positions_BT=..., cache=c)``: attend to the cached tokens plus the new
-  chunk, returning ``(y, updated_cache)`` (prefill and decode).
+  chunk and return the updated cache (prefill and decode).
 The pieces (``project_q``, ``project_kv``, ``attend``, ``project_out``) are public so
 models with their own cache layouts (FIT latents, block decoders) can reuse them.
 """
@@ -209,7 +209,9 @@ class Attention(nnx.Module):
         if cache is None:
             # Structural path: masks index the arrays directly, so kernels can skip blocks.
             o = checkpoint_name(self.attend(q, k, v, segment_ids=segment_ids), "attn_out")
-            return self.project_out(o)
+            return self.project_out(o), None
+        if segment_ids is not None:
+            raise ValueError("cached attention takes no segment_ids: a cache holds one sequence per row.")
         if not self_attn:
             raise ValueError("a KV cache is only supported for self-attention.")
         if positions_BT is None:

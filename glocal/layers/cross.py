@@ -33,7 +33,16 @@ class CrossAttention(nnx.Module):
                               rope_theta=None, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x_BTD, mem_BSD):
-        return x_BTD + self.attn(self.norm_q(x_BTD), kv_BSD=self.norm_kv(mem_BSD)).astype(x_BTD.dtype)
+        y_BTD, _ = self.attn(self.norm_q(x_BTD), kv_BSD=self.norm_kv(mem_BSD))
+        return x_BTD + y_BTD.astype(x_BTD.dtype)
+
+    def flops(self, q_rate: float, kv_rate: float, keys: float) -> float:
+        """Forward FLOPs per position of a stream with ``q_rate`` queries and ``kv_rate``
+        keys/values per position, each query seeing ``keys`` keys: the projections
+        (2 per parameter use) and ``QK^T`` and ``PV`` (``2 * 2 * H * E`` per key)."""
+        at = self.attn
+        fwd = 2 * (at.q_DHE.size + at.o_HED.size) * q_rate + 2 * at.kv_DKAE.size * kv_rate
+        return fwd + 4 * at.num_heads * at.head_dim * keys * q_rate
 
     def kv(self, mem_BSD):
         """Keys and values ``[B, S, K, E]`` of a memory (normalised, projected)."""

@@ -7,7 +7,8 @@
 
 A stack owns its layers' caches: ``init_cache`` gives, per pattern slot P, that slot's
 mixer cache stacked over the repeats (any ``Cache`` pytree: KV, ring, recurrent state), and
-a cached call reads and writes them in place. The baseline is one stack; FIT's local and
+a cached call reads and writes them in place. What a stack can do is what its parts can:
+``packs_documents`` holds when every mixer keeps packed documents apart. The baseline is one stack; FIT's local and
 global stacks and the Block Transformer's two decoders are stacks of their own shapes.
 """
 
@@ -19,10 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.layers import ffn as _ffn, mixers as _mixers, moe as _moe, recurrent as _recurrent  # noqa: F401 - built-in kinds
 from glocal.layers.cache import stack_cache
 from glocal.layers.norms import make_norm
-from glocal.layers.spec import FFNS, MIXERS, LayerKind, LayerSpec
+from glocal.layers.params import active_param_count
+from glocal.layers.spec import LayerKind, LayerSpec
 from glocal.layers.stack import run_cached_stack, run_stack, stack_modules
 from glocal.sharding import constrain
 
@@ -31,20 +32,18 @@ class DecoderLayer(nnx.Module):
     """One pre-norm decoder layer of ``kind`` (mixer + FFN)."""
 
     def __init__(self, spec: LayerSpec, kind: LayerKind, *, rngs: nnx.Rngs):
-        kind.check()
         norm = lambda: make_norm(spec.norm, spec.d_model, eps=spec.norm_eps, dtype=spec.dtype, rngs=rngs)
         self.mixer_norm = norm()
-        self.mixer = MIXERS[kind.mixer](spec, mask=kind.mask, rngs=rngs)
+        self.mixer = kind.build_mixer(spec, rngs=rngs)
         self.ffn_norm = norm()
-        self.ffn = FFNS[kind.ffn](spec, rngs=rngs)
+        self.ffn = kind.build_ffn(spec, rngs=rngs)
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):
         """``(x_BTD, cache, aux)``: aux holds the FFN's auxiliary losses (empty for dense)."""
         a_BTD, cache = self.mixer(self.mixer_norm(x_BTD), positions_BT=positions_BT,
                                   segment_ids_BT=segment_ids_BT, cache=cache, valid_BT=valid_BT)
         x_BTD = x_BTD + a_BTD
-        out = self.ffn(self.ffn_norm(x_BTD))
-        y_BTD, aux = out if isinstance(out, tuple) else (out, {})
+        y_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
         # Statistics (weight None) get a leading layer axis: they are logged per layer, not summed.
         aux = {k: (v if w is not None else v[None], w) for k, (v, w) in aux.items()}
         x_BTD = x_BTD + y_BTD
@@ -97,19 +96,20 @@ class DecoderStack(nnx.Module):
         return tuple(stack_cache(layer.mixer.init_cache(batch_size, max_len), self.repeats)
                      for layer in self.units.layers)
 
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        return self.repeats * sum(layer.mixer.cache_nbytes(batch_size, length) for layer in self.units.layers)
-
     def flops_per_row(self, seq_len: int) -> float:
         """Forward FLOPs per position for sequences of ``seq_len``: 2 per parameter (every
         parameter multiplies once per position; norm scales included, as a small
         overcount) plus each mixer's score FLOPs. An FFN with ``active_params()`` (a routed
         one) counts only the parameters a position actually uses."""
-        n = sum(x.size for x in jax.tree.leaves(nnx.state(self, nnx.Param)))
-        for layer in self.units.layers:  # (stacked: every size below covers all repeats)
-            if hasattr(layer.ffn, "active_params"):
-                n += layer.ffn.active_params() - sum(x.size for x in jax.tree.leaves(nnx.state(layer.ffn, nnx.Param)))
+        n = active_param_count(self)  # (stacked: every size covers all repeats)
         return 2.0 * n + self.repeats * sum(layer.mixer.score_flops(seq_len) for layer in self.units.layers)
+
+    @property
+    def crosses_documents(self) -> list[str]:
+        """Mixer kinds of this stack that cannot keep packed documents apart (their
+        ``packs_documents`` is False); empty when the stack honours segment ids."""
+        return sorted({kind.mixer for kind, layer in zip(self.pattern, self.units.layers)
+                       if not getattr(layer.mixer, "packs_documents", False)})
 
 
 def _over_repeats(value_R, weight_R):
@@ -154,8 +154,9 @@ class DecoderChain(nnx.Module):
     def init_cache(self, batch_size: int, max_len: int) -> tuple:
         return tuple(s.init_cache(batch_size, max_len) for s in self.stacks)
 
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        return sum(s.cache_nbytes(batch_size, length) for s in self.stacks)
-
     def flops_per_row(self, seq_len: int) -> float:
         return sum(s.flops_per_row(seq_len) for s in self.stacks)
+
+    @property
+    def crosses_documents(self) -> list[str]:
+        return sorted({m for s in self.stacks for m in s.crosses_documents})

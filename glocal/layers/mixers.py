@@ -1,25 +1,29 @@
 """Attention mixers: ``global`` (causal over everything before) and ``window`` (causal
-sliding window of ``spec.sliding_window`` tokens). Both are grouped-query attention with
+sliding window of ``window.size`` tokens, its one option). Both are grouped-query attention with
 RoPE; the mask decides what a query sees, and the mask's look-back decides the cache: a
 bounded look-back gets a ring buffer of that many slots, an unbounded one a slot per token.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
+import dataclasses
+
 import numpy as np
 from flax import nnx
 
 from glocal.kernels.masks import Causal, ChunkCausal, Full, Mask, SlidingWindow
 from glocal.layers.attention import Attention
 from glocal.layers.cache import KVCache, RingKVCache
-from glocal.layers.spec import LayerSpec, register_mixer
+from glocal.layers.spec import KindOptions, LayerSpec, register_mixer
 
 
 class AttentionMixer(nnx.Module):
+    packs_documents = True  # segment ids restrict the mask to each document
+
     def __init__(self, spec: LayerSpec, mask: Mask, *, rngs: nnx.Rngs):
         self.mask = mask
         self.dtype = spec.dtype
+        self.num_kv_heads, self.head_dim = spec.kv_heads, spec.head_size
         self.attn = Attention(
             spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, mask=mask,
             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, softcap=spec.attn_softcap,
@@ -27,24 +31,21 @@ class AttentionMixer(nnx.Module):
         )
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):
-        if cache is None:
-            return self.attn(x_BTD, positions_BT=positions_BT, segment_ids=segment_ids_BT), None
-        return self.attn(x_BTD, positions_BT=positions_BT, cache=cache, valid_BT=valid_BT)
+        return self.attn(x_BTD, positions_BT=positions_BT, segment_ids=segment_ids_BT, cache=cache,
+                         valid_BT=valid_BT)
 
     def _slots(self, length: int) -> int:
         """Cache slots for sequences of ``length`` tokens: the mask's look-back if bounded."""
         lookback = self.mask.lookback
         return length if lookback is None else min(lookback, length)
 
-    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
-        kind = KVCache if self.mask.lookback is None else RingKVCache
-        return kind.create(batch_size, self._slots(max_len), self.attn.num_kv_heads, self.attn.head_dim,
-                           self.dtype)
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """``2 K E`` elements and one int32 position per slot."""
-        item = jnp.dtype(self.dtype).itemsize
-        return batch_size * self._slots(length) * (2 * self.attn.num_kv_heads * self.attn.head_dim * item + 4)
+    def init_cache(self, batch_size: int, max_len: int, cache_class=None) -> KVCache:
+        """``2 K E`` elements and one int32 position per slot: a ring of the mask's look-back
+        when bounded, a slot per token otherwise (``cache_class`` overrides, e.g. MoR's
+        ``CompactKVCache`` of a recursion step's capacity)."""
+        if cache_class is None:
+            cache_class = KVCache if self.mask.lookback is None else RingKVCache
+        return cache_class.create(batch_size, self._slots(max_len), self.num_kv_heads, self.head_dim, self.dtype)
 
     def score_flops(self, seq_len: int) -> float:
         """QK^T and PV: ``2 * 2 * H * E`` FLOPs per visible key, averaged over the queries."""
@@ -55,18 +56,36 @@ class AttentionMixer(nnx.Module):
 class GlobalAttention(AttentionMixer):
     """Causal attention over every earlier position (or ``mask`` if given)."""
 
-    def __init__(self, spec: LayerSpec, *, mask: Mask | None = None, rngs: nnx.Rngs):
+    def __init__(self, spec: LayerSpec, options: None = None, *, mask: Mask | None = None, rngs: nnx.Rngs):
         super().__init__(spec, Causal() if mask is None else mask, rngs=rngs)
 
 
-@register_mixer("window", letter="s")
-class WindowAttention(AttentionMixer):
-    """Causal sliding window of ``spec.sliding_window`` tokens, the query included."""
+@dataclasses.dataclass(frozen=True)
+class WindowOptions(KindOptions):
+    size: int | None = None  # tokens a query sees, itself included (a look-back of size - 1)
 
-    def __init__(self, spec: LayerSpec, *, mask: Mask | None = None, rngs: nnx.Rngs):
-        if mask is None and not spec.sliding_window:
-            raise ValueError("a 'window' mixer needs spec.sliding_window (tokens seen, the query included).")
-        super().__init__(spec, SlidingWindow(spec.sliding_window) if mask is None else mask, rngs=rngs)
+    def validate(self, config=None) -> None:
+        if self.size is not None and self.size < 1:
+            raise self.error("size", "must be a positive number of tokens (e.g. window.size=128).")
+        if config is None:
+            return
+        if self.size is None:
+            raise self.error("size", "is not set, but the model has sliding-window layers; set window.size (or "
+                                     "sliding_window) to a positive number of tokens (e.g. window.size=128).")
+        if self.size > config.max_seq_len:
+            raise self.error("size", f"is larger than the context max_seq_len={config.max_seq_len}: such a window "
+                                     f"is just global attention. Use window.size <= {config.max_seq_len} or "
+                                     f"global layers.")
+
+
+@register_mixer("window", letter="s", options=WindowOptions, aliases={"sliding_window": "size"})
+class WindowAttention(AttentionMixer):
+    """Causal sliding window of ``options.size`` tokens, the query included."""
+
+    def __init__(self, spec: LayerSpec, options: WindowOptions, *, mask: Mask | None = None, rngs: nnx.Rngs):
+        if mask is None and not options.size:
+            raise ValueError("a 'window' mixer needs window.size (tokens seen, the query included).")
+        super().__init__(spec, SlidingWindow(options.size) if mask is None else mask, rngs=rngs)
 
 
 def mean_visible_keys(mask: Mask, T: int) -> float:

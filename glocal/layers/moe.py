@@ -6,7 +6,8 @@ can use it with ``ffn="moe"``).
 
 Experts are the dense FFN's shape, stored stacked: ``wi_XDAI`` (gate and up fused, as in
 ``glocal.layers.MLP``) and ``wo_XID``, logical axis ``expert`` first, so an ``expert`` mesh
-axis shards them. Dispatch implementations (``MoESpec.impl``; all give the same numbers when
+axis shards them. Its options are ``MoEOptions`` (``moe.num_experts=8`` on any model config).
+Dispatch implementations (``moe.impl``; all give the same numbers when
 nothing is dropped):
 
 * ``dense``: every expert on every token, masked combine (the reference; X times the FLOPs).
@@ -18,7 +19,7 @@ nothing is dropped):
   (``glocal.kernels.gmm``: ``jax.lax.ragged_dot`` on GPU/TPU, a tiled scan on CPU, where XLA's
   ragged_dot costs every expert on every row), unsorted and combined. Nothing is dropped.
 
-Routers (``MoESpec.router``, see ``glocal.layers.routing``): ``token_choice`` top-k, and
+Routers (``moe.router``, see ``glocal.layers.routing``): ``token_choice`` top-k, and
 ``expert_choice`` (each expert takes its top-capacity tokens of a sequence: non-causal, so it trains
 a causal predictor beside it; ``routing_mode="threshold"`` routes each token to the experts
 whose predictor says yes, which is what evaluation and decoding use).
@@ -47,7 +48,7 @@ from glocal.kernels.gmm import GMM_IMPLS, grouped_matmul
 from glocal.layers import routing
 from glocal.layers.mlp import MLP
 from glocal.layers.params import as_dtype, fan_in_init, param
-from glocal.layers.spec import LayerSpec, register_ffn
+from glocal.layers.spec import KindOptions, LayerSpec, register_ffn
 from glocal.sharding import constrain
 
 ROUTERS = ("token_choice", "expert_choice")
@@ -57,8 +58,8 @@ ROUTING_MODES = ("topk", "threshold")
 
 
 @dataclasses.dataclass(frozen=True)
-class MoESpec:
-    """What a ``moe`` FFN needs beyond the layer's shape (``LayerSpec.moe``)."""
+class MoEOptions(KindOptions):
+    """The ``moe`` FFN's experts and router (``moe.<field>`` on a model config)."""
 
     num_experts: int = 8  # X
     top_k: int = 2  # k (token choice)
@@ -75,16 +76,38 @@ class MoESpec:
     routing_mode: str = "topk"  # expert choice: topk (training, non-causal) | threshold (causal)
     gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled | tokamax (glocal.kernels.gmm)
 
-    def check(self) -> None:
+    def validate(self, config=None) -> None:
         for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("impl", MOE_IMPLS),
                               ("routing_mode", ROUTING_MODES), ("gmm_impl", GMM_IMPLS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
-        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"need 1 <= top_k <= num_experts; got top_k={self.top_k}, "
-                             f"num_experts={self.num_experts}.")
+                raise self.error(name, f"is not one of {allowed}.")
+        for name in ("num_experts", "top_k"):
+            if getattr(self, name) < 1:
+                raise self.error(name, "must be a positive integer.")
+        if self.top_k > self.num_experts:
+            raise self.error("top_k", f"exceeds moe.num_experts={self.num_experts}: a token cannot pick more "
+                                      f"experts than exist. Lower top_k or raise num_experts.")
+        if self.d_expert is not None and self.d_expert < 1:
+            raise self.error("d_expert", "must be a positive integer (or None for d_ff).")
         if self.capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be positive, got {self.capacity_factor}.")
+            raise self.error("capacity_factor", "must be positive.")
+        for name in ("shared_experts", "bias_rate"):
+            if getattr(self, name) < 0:
+                raise self.error(name, "must be >= 0.")
+
+    def routing_modes(self) -> tuple[str, ...]:
+        return ROUTING_MODES if self.router == "expert_choice" else ()
+
+    def with_routing_mode(self, mode: str) -> "MoEOptions":
+        return dataclasses.replace(self, routing_mode=mode) if self.routing_modes() else self
+
+
+# The flat config keys of glocal's first configs, each naming one option.
+_ALIASES = {"num_experts": "num_experts", "top_k": "top_k", "d_expert": "d_expert", "router": "router",
+            "router_weights": "router_weights", "moe_impl": "impl", "capacity_factor": "capacity_factor",
+            "shared_experts": "shared_experts", "balance_weight": "balance_weight", "router_z_weight": "z_weight",
+            "router_bias_rate": "bias_rate", "predictor_weight": "predictor_weight", "routing_mode": "routing_mode",
+            "moe_gmm_impl": "gmm_impl"}
 
 
 def _expert_parallel_axes(num_experts: int, num_rows: int) -> tuple[str, ...]:
@@ -112,7 +135,7 @@ def _activate(h_OAI, activation: str):
     return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_OAI[:, 0])
 
 
-@register_ffn("moe")
+@register_ffn("moe", options=MoEOptions, aliases=_ALIASES)
 class MoEFFN(nnx.Module):
     """``X`` routed experts (+ shared experts). Returns ``(y_BTD, aux)``.
 
@@ -122,9 +145,8 @@ class MoEFFN(nnx.Module):
     rate 1 outside Adam, clipping and weight decay (``glocal.train.optim``): each step moves
     it by exactly ``+/- rate`` toward balance, as in DeepSeek-V3."""
 
-    def __init__(self, spec: LayerSpec, *, rngs: nnx.Rngs):
-        m = spec.moe if spec.moe is not None else MoESpec()
-        m.check()
+    def __init__(self, spec: LayerSpec, options: MoEOptions, *, rngs: nnx.Rngs):
+        m = options
         self.moe = m
         D, X = spec.d_model, m.num_experts
         I = m.d_expert or spec.d_ff  # noqa: E741 - the legend's FFN width

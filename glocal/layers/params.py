@@ -52,3 +52,18 @@ def as_dtype(name_or_dtype) -> jnp.dtype:
     if name_or_dtype is None:
         return jnp.dtype(jnp.float32)
     return jnp.dtype(name_or_dtype)
+
+
+def param_count(module: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def active_param_count(module: nnx.Module) -> float:
+    """Parameters one token uses: all of them, except that routed FFNs (modules with
+    ``active_params()``, e.g. mixture-of-experts) count only the experts a token visits
+    (for a stacked module, every size covers all its repeats)."""
+    n = float(param_count(module))
+    for _, node in nnx.iter_graph(module):
+        if hasattr(node, "active_params") and isinstance(node, nnx.Module):
+            n += node.active_params() - param_count(node)
+    return n

@@ -5,7 +5,7 @@ head, and the last ``W - 1`` inputs of the convolution.
 
     linear:  q = x W_q [H, F], k = x W_k [K, F], v = x W_v [K, E]  (no positions)
              o = linear_attention(q, k, v)  ->  y = o W_o
-    conv:    [u, g] = x W_in + b  (inner width I = conv_expand * D each)
+    conv:    [u, g] = x W_in + b  (inner width I = conv.expand * D each)
              y = (silu(causal_depthwise_conv_W(u) + b_c) * g) W_out + b_out
 """
 
@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.kernels.linear import feature_dim, features, linear_attention, linear_attention_step
+from glocal.kernels.linear import (FEATURE_MAPS, LINEAR_IMPLEMENTATIONS, feature_dim, features, linear_attention,
+                                  linear_attention_step)
 from glocal.layers.cache import Cache
 from glocal.layers.params import as_dtype, fan_in_init, param
-from glocal.layers.spec import LayerSpec, register_mixer
+from glocal.layers.spec import KindOptions, LayerSpec, register_mixer
 from glocal.sharding import constrain
 
 _zeros = lambda k, s, d: jnp.zeros(s, d)
@@ -48,18 +49,42 @@ class LinearState(Cache):
                            self.z_BKD.at[layer].multiply(keep[:, None, None]))
 
 
-@register_mixer("linear", letter="l")
+@dataclasses.dataclass(frozen=True)
+class LinearOptions(KindOptions):
+    feature_dim: int = 16  # F: q/k features per head (Taylor state: 1 + F + F(F+1)/2 per kv head)
+    feature_map: str = "taylor"  # taylor | elu | relu
+    impl: str = "auto"  # auto (= chunked) | quadratic | chunked | pallas_tpu | pallas_gpu
+    chunk_size: int = 64  # chunk length of the chunked and Pallas forms
+
+    def validate(self, config=None) -> None:
+        for name in ("feature_dim", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise self.error(name, "must be a positive integer.")
+        if self.feature_map not in FEATURE_MAPS:
+            raise self.error("feature_map", f"is not one of {FEATURE_MAPS}.")
+        if self.impl not in LINEAR_IMPLEMENTATIONS:
+            raise self.error("impl", f"is not one of {LINEAR_IMPLEMENTATIONS}.")
+        c = self.chunk_size
+        if self.impl == "pallas_gpu" and (c & (c - 1) or c < 16):
+            raise self.error("chunk_size", "must be a power of two >= 16 for impl='pallas_gpu' (Triton tiles).")
+
+
+@register_mixer("linear", letter="l", options=LinearOptions,
+                aliases={"feature_dim": "feature_dim", "feature_map": "feature_map", "linear_impl": "impl",
+                         "linear_chunk_size": "chunk_size"})
 class LinearAttention(nnx.Module):
     """Causal normalised linear attention (``glocal.kernels.linear``); state in float32."""
 
-    def __init__(self, spec: LayerSpec, *, mask=None, rngs: nnx.Rngs):
+    packs_documents = False  # the state sums every earlier token
+
+    def __init__(self, spec: LayerSpec, options: LinearOptions, *, mask=None, rngs: nnx.Rngs):
         if mask is not None:
             raise ValueError("a 'linear' mixer is causal by construction; it takes no mask.")
-        D, H, K, E, F = spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, spec.feature_dim
-        feature_dim(spec.feature_map, F)  # checks the map's name
+        D, H, K, E, F = spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, options.feature_dim
+        feature_dim(options.feature_map, F)  # checks the map's name
         self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim = H, K, E, F
-        self.feature_map, self.dtype = spec.feature_map, as_dtype(spec.dtype)
-        self.impl, self.chunk_size = spec.linear_impl, spec.linear_chunk_size
+        self.feature_map, self.dtype = options.feature_map, as_dtype(spec.dtype)
+        self.impl, self.chunk_size = options.impl, options.chunk_size
         pd = spec.param_dtype
         self.q_DHF = param(rngs, fan_in_init(D), (D, H, F), ("embed", "heads", "head_dim"), pd)
         self.k_DKF = param(rngs, fan_in_init(D), (D, K, F), ("embed", "kv_heads", "head_dim"), pd)
@@ -101,11 +126,6 @@ class LinearAttention(nnx.Module):
         K, E = self.num_kv_heads, self.head_dim
         return LinearState(jnp.zeros((batch_size, K, D, E), jnp.float32), jnp.zeros((batch_size, K, D), jnp.float32))
 
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """``K D (E + 1)`` float32 per row, whatever the length."""
-        D = feature_dim(self.feature_map, self.feature_dim)
-        return batch_size * 4 * self.num_kv_heads * D * (self.head_dim + 1)
-
     def score_flops(self, seq_len: int) -> float:
         """Per token: the intra-chunk kernel (raw q k^T, weights x values, ~C/2 keys) per query
         head, the state read-out per query head and the state update per kv head."""
@@ -134,17 +154,28 @@ class ConvWindow(Cache):
         return ConvWindow(self.window_BWI.at[layer].multiply(keep))
 
 
-@register_mixer("conv", letter="c")
+@dataclasses.dataclass(frozen=True)
+class ConvOptions(KindOptions):
+    width: int = 3  # W: taps of the causal depthwise convolution
+    expand: int = 2  # inner width I = expand * d_model
+
+    def validate(self, config=None) -> None:
+        for name in ("width", "expand"):
+            if getattr(self, name) < 1:
+                raise self.error(name, "must be a positive integer.")
+
+
+@register_mixer("conv", letter="c", options=ConvOptions, aliases={"conv_width": "width", "conv_expand": "expand"})
 class ShortConv(nnx.Module):
     """Gated short causal convolution (BaseConv): local token mixing with a state of
     ``W - 1`` inputs; gives linear-attention layers (which carry no positions) order."""
 
-    def __init__(self, spec: LayerSpec, *, mask=None, rngs: nnx.Rngs):
+    packs_documents = False  # its taps reach across a document boundary
+
+    def __init__(self, spec: LayerSpec, options: ConvOptions, *, mask=None, rngs: nnx.Rngs):
         if mask is not None:
             raise ValueError("a 'conv' mixer is causal by construction; it takes no mask.")
-        D, W, I = spec.d_model, spec.conv_width, spec.conv_expand * spec.d_model  # noqa: E741
-        if W < 1:
-            raise ValueError(f"conv_width must be positive, got {W}.")
+        D, W, I = spec.d_model, options.width, options.expand * spec.d_model  # noqa: E741
         self.width, self.inner, self.dtype = W, I, as_dtype(spec.dtype)
         pd = spec.param_dtype
         self.w_in_DAI = param(rngs, fan_in_init(D), (D, 2, I), ("embed", None, "mlp"), pd)
@@ -179,9 +210,6 @@ class ShortConv(nnx.Module):
 
     def init_cache(self, batch_size: int, max_len: int) -> ConvWindow:
         return ConvWindow(jnp.zeros((batch_size, self.width - 1, self.inner), self.dtype))
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        return batch_size * (self.width - 1) * self.inner * jnp.dtype(self.dtype).itemsize
 
     def score_flops(self, seq_len: int) -> float:
         return 0.0  # the convolution's taps are parameters, counted with them

@@ -2,7 +2,7 @@
 ``glocal.models.base`` (read it first).
 
     model = glocal.models.build("transformer", preset="tiny", d_model=128)
-    logits_BTV = model(tokens_BT)
+    logits_BTV, aux = model(tokens_BT)
 """
 
 from glocal.models.base import DecoderConfig, LanguageModel, ModelBase, ModelCache

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glocal.configs.base import ConfigError
-from glocal.layers import DecoderStack, Embed, LayerKind, make_norm
+from glocal.layers import DecoderStack, Embed, make_norm
 from glocal.layers.cache import clear_rows
 from glocal.layers.params import fan_in_init, param
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
@@ -74,13 +74,13 @@ class BlockTransformerConfig(DecoderConfig):
     def block_decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_block, num_heads=self.block_heads, num_kv_heads=self.block_kv_heads,
                           head_dim=self.block_head_dim, d_ff=self.block_d_ff)
-        return DecoderStack(spec, [LayerKind("global", self.ffn)], self.block_layers, scan=self.scan_layers,
+        return DecoderStack(spec, [self.kind("global")], self.block_layers, scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
     def token_decoder(self, rngs: nnx.Rngs) -> DecoderStack:
         spec = self.layer(d_model=self.d_token, num_heads=self.token_heads, num_kv_heads=self.token_kv_heads,
                           head_dim=self.token_head_dim, d_ff=self.token_d_ff)
-        return DecoderStack(spec, [LayerKind("global", self.ffn)], self.token_layers, scan=self.scan_layers,
+        return DecoderStack(spec, [self.kind("global")], self.token_layers, scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
 
@@ -167,22 +167,14 @@ class BlockTransformer(ModelBase):
         return 3 * (fwd + self._head_flops())
 
     # -- cached decoding -----------------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> BlockTransformerCache:
+    def _empty_cache(self, batch_size: int, max_len: int) -> BlockTransformerCache:
+        """One block-decoder entry per ``N`` tokens, a constant ``Q + N - 1`` token-decoder
+        entries per layer, the block's token ids and the lengths."""
         cfg = self.config
-        max_len = self._cache_length(max_len)
         B = batch_size
         return BlockTransformerCache(self.block_decoder.init_cache(B, -(-max_len // cfg.block_size)),
                                      self.token_decoder.init_cache(B, cfg.token_seq_len),
                                      jnp.zeros((B, cfg.block_size), jnp.int32), jnp.zeros((B,), jnp.int32))
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """The cache size by formula: one block-decoder entry per ``N`` tokens plus a constant
-        ``Q + N - 1`` token-decoder entries per layer, the block's token ids and the lengths."""
-        cfg = self.config
-        n_blocks = -(-length // cfg.block_size)
-        return (self.block_decoder.cache_nbytes(batch_size, n_blocks)
-                + self.token_decoder.cache_nbytes(batch_size, cfg.token_seq_len)
-                + batch_size * 4 * (cfg.block_size + 1))
 
     def prefill(self, tokens_BT, lengths_B, cache: BlockTransformerCache):
         """Consume right-padded prompts into a fresh cache; next-token logits ``[B, V]``.

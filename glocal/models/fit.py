@@ -45,7 +45,7 @@ from flax import nnx
 
 from glocal.configs.base import ConfigError
 from glocal.kernels.masks import Causal, ChunkCausal, Full
-from glocal.layers import DecoderStack, LayerKind
+from glocal.layers import DecoderStack
 from glocal.layers.cache import clear_rows
 from glocal.layers.decoder import merge_aux
 from glocal.layers.cross import CrossAttention
@@ -128,7 +128,7 @@ class FITConfig(DecoderConfig):
         """Decoder layers on one group of tokens (causal inside it; full for the encoder)."""
         spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                           head_dim=self.head_dim, d_ff=self.d_ff)
-        kind = LayerKind("global", self.ffn, mask=Causal() if self.causal else Full())
+        kind = self.kind("global", mask=Causal() if self.causal else Full())
         return DecoderStack(spec, [kind], n_layers, scan=self.scan_layers, remat=self.remat, rngs=rngs)
 
     def global_stack(self, n_layers: int, rngs: nnx.Rngs) -> DecoderStack:
@@ -137,7 +137,7 @@ class FITConfig(DecoderConfig):
         d_ff = self.d_ff_latent if self.d_ff_latent is not None else self.d_ff * C // self.d_model
         spec = self.layer(d_model=C, num_heads=self.global_heads, num_kv_heads=self.latent_kv_heads,
                           head_dim=self.latent_head_dim, d_ff=d_ff)
-        kind = LayerKind("global", self.ffn, mask=ChunkCausal(self.num_latents) if self.causal else Full())
+        kind = self.kind("global", mask=ChunkCausal(self.num_latents) if self.causal else Full())
         return DecoderStack(spec, [kind], n_layers, scan=self.scan_layers, remat=self.remat, rngs=rngs)
 
 
@@ -272,18 +272,16 @@ class FIT(ModelBase):
                 continue
             fwd += unit.global_.flops_per_row(G * M) * per_latent
             for cross, q_rate, kv_rate, keys in ((unit.l2x, per_latent, 1.0, N), (unit.x2l, 1.0, per_latent, M)):
-                if cross is None:
-                    continue
-                at = cross.attn
-                fwd += 2 * (at.q_DHE.size + at.o_HED.size) * q_rate + 2 * at.kv_DKAE.size * kv_rate
-                fwd += 4 * at.num_heads * at.head_dim * keys * q_rate
+                if cross is not None:
+                    fwd += cross.flops(q_rate, kv_rate, keys)
         return 3 * fwd
 
     # -- cached decoding ----------------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> FITCache:
+    def _empty_cache(self, batch_size: int, max_len: int) -> FITCache:
+        """Each local stack's KV of one group, each global stack's KV of ``m`` latents per
+        group, the group's token states and the x2l keys/values per unit."""
         cfg = self.config
         N, M = cfg.group_size, cfg.num_latents
-        max_len = self._cache_length(max_len)
         if not cfg.causal:
             raise ValueError("the encoder form (causal=False) sees future tokens; it cannot decode.")
         groups = -(-max_len // N)
@@ -297,23 +295,6 @@ class FIT(ModelBase):
             # Group 0 reads zero latents.
             x2l.append(None if unit.x2l is None else self._x2l_kv(unit, jnp.zeros((B, M, cfg.latent_width), dt)))
         return FITCache(tuple(local), tuple(tokens), tuple(x2l), tuple(glob), jnp.zeros((B,), jnp.int32))
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """The cache size by formula: each local stack's KV of one group, each global stack's
-        KV of ``m`` latents per group, the group's token states and the x2l keys/values per
-        unit, plus the int32 lengths."""
-        cfg = self.config
-        N, M = cfg.group_size, cfg.num_latents
-        groups = -(-length // N)
-        item = jnp.dtype(cfg.dtype).itemsize
-        total = 4  # length_B
-        for unit in self.units:
-            total += unit.local.cache_nbytes(1, N)
-            if unit.global_ is not None:
-                total += unit.global_.cache_nbytes(1, groups * M) + N * cfg.d_model * item
-            if unit.x2l is not None:
-                total += 2 * M * unit.x2l.attn.num_kv_heads * unit.x2l.attn.head_dim * item
-        return batch_size * total
 
     def _x2l_kv(self, unit: FITUnit, z_BMC):
         k, v = unit.x2l.kv(z_BMC)

@@ -5,16 +5,16 @@
             ``moe_every``-th layer (the others dense): X experts, top-k routing
 
 The MoE FFN (``glocal.layers.moe``) holds the routers, the three dispatch implementations and
-the auxiliary losses; every MoE option is a field of the shared ``DecoderConfig``
-(``num_experts``, ``top_k``, ``router``, ``router_weights``, ``moe_impl``, ...), so other families
-can use the same FFN with ``ffn="moe"``. This file only lays the layers out: a prefix stack of
+the auxiliary losses; its options are its own (``moe.num_experts``, ``moe.top_k``,
+``moe.router``, ``moe.impl``, ...; the older flat names ``num_experts``, ``moe_impl``, ... still
+work), so any family can use the same FFN with ``ffn="moe"``. This file only lays the layers out: a prefix stack of
 dense layers and a repeating unit of ``lcm(len(layer_pattern), moe_every)`` layers whose last
 layer of every ``moe_every`` is routed. Routing needs no decoding state: the cache is the
 baseline's.
 
 Token-choice routing is causal (each token's experts depend on that token alone, and the
 ``capacity`` dispatch counts slots per sequence in token order). Expert choice is not: train it
-with ``routing_mode="topk"``, evaluate and decode with ``routing_mode="threshold"`` (the same
+with ``moe.routing_mode="topk"``, evaluate and decode with ``moe.routing_mode="threshold"`` (the same
 weights; ``glocal eval`` reports both).
 """
 
@@ -37,10 +37,6 @@ class MoEConfig(TransformerConfig):
     moe_every: int = 1  # every moe_every-th layer (after the dense prefix) is routed
     first_dense_layers: int = 0  # dense layers before the first routed one
 
-    @property
-    def uses_moe(self) -> bool:
-        return True
-
     def validate(self) -> None:
         super().validate()
         self.require_positive("moe_every")
@@ -58,6 +54,9 @@ class MoEConfig(TransformerConfig):
     def unit_length(self) -> int:
         return math.lcm(len(self.layer_pattern), self.moe_every)
 
+    def used_kinds(self) -> set[str]:
+        return super().used_kinds() | {"mlp"}
+
     def layer_kinds(self) -> list[LayerKind]:
         """Every layer's (mixer, FFN), first to last."""
         mixers = self.mixers
@@ -65,12 +64,11 @@ class MoEConfig(TransformerConfig):
         for i in range(self.num_layers):
             j = i - self.first_dense_layers
             routed = j >= 0 and (j + 1) % self.moe_every == 0
-            kinds.append(LayerKind(mixers[i % len(mixers)], self.ffn if routed else "mlp"))
+            kinds.append(self.kind(mixers[i % len(mixers)], self.ffn if routed else "mlp"))
         return kinds
 
     def decoder(self, rngs: nnx.Rngs):
-        spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                          head_dim=self.head_dim, d_ff=self.d_ff, sliding_window=self.sliding_window)
+        spec = self.layer_spec()
         kinds, f, unit = self.layer_kinds(), self.first_dense_layers, self.unit_length
         body = DecoderStack(spec, kinds[f:f + unit], (self.num_layers - f) // unit, scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)

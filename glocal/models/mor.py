@@ -54,9 +54,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glocal.configs.base import ConfigError
-from glocal.layers import DecoderStack, LayerKind
+from glocal.layers import DecoderStack
 from glocal.layers.cache import CompactKVCache, stack_cache
 from glocal.layers.decoder import merge_aux
+from glocal.layers.moe import ROUTING_MODES
 from glocal.layers.params import fan_in_init, param
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
 
@@ -81,12 +82,14 @@ class MoRConfig(DecoderConfig):
     kv_sharing: bool = False  # steps after the first reuse the first step's keys/values (expert choice)
     depth_balance_weight: float = 0.1  # token choice: Switch balance loss over depths
     depth_z_weight: float = 1e-5  # token choice: router z-loss
+    routing_mode: str = "topk"  # expert choice: topk (training; non-causal) | threshold (causal; decoding)
 
     def validate(self) -> None:
         super().validate()
         self.require_positive("d_model", "num_layers", "d_ff", "num_recursions")
         self.require_heads("d_model", "num_heads", "num_kv_heads", "head_dim")
-        for name, allowed in (("sharing", SHARING), ("recursion_router", RECURSION_ROUTERS)):
+        for name, allowed in (("sharing", SHARING), ("recursion_router", RECURSION_ROUTERS),
+                              ("routing_mode", ROUTING_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
         unique = 2 if self.sharing == "middle_cycle" else 0
@@ -120,8 +123,12 @@ class MoRConfig(DecoderConfig):
 
     def routing_modes(self) -> tuple[str, ...]:
         if self.recursion_router == "expert_choice":
-            return ("topk", "threshold")
+            return ROUTING_MODES
         return super().routing_modes()
+
+    def with_routing_mode(self, mode: str):
+        cfg = super().with_routing_mode(mode)
+        return dataclasses.replace(cfg, routing_mode=mode) if self.recursion_router == "expert_choice" else cfg
 
 
 @jax.tree_util.register_dataclass
@@ -168,7 +175,7 @@ class MoR(ModelBase):
         self.embed = self._make_embed(cfg.d_model, rngs)
         spec = cfg.layer(d_model=cfg.d_model, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                          head_dim=cfg.head_dim, d_ff=cfg.d_ff)
-        stack = lambda n: DecoderStack(spec, [LayerKind("global", cfg.ffn)], n, scan=cfg.scan_layers,
+        stack = lambda n: DecoderStack(spec, [cfg.kind("global")], n, scan=cfg.scan_layers,
                                        remat=cfg.remat, rngs=rngs)
         middle = cfg.sharing == "middle_cycle"
         self.first = stack(1) if middle else None
@@ -350,32 +357,19 @@ class MoR(ModelBase):
         return 3 * (f + self._head_flops())
 
     # -- cached decoding (threshold routing: causal) --------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> MoRCache:
-        max_len = self._cache_length(max_len)
+    def _empty_cache(self, batch_size: int, max_len: int) -> MoRCache:
+        """Unique layers: one slot per token; step r: ``ceil(cap_r length)`` slots in each of the
+        b shared layers (with KV sharing only the first step has a cache); the lengths and
+        per-step admitted counts."""
         unique = lambda s: () if s is None else s.init_cache(batch_size, max_len)
         mixer = self.shared.units.layers[0].mixer
         caps = self.config.capacity_schedule[:1] if self.config.kv_sharing else self.config.capacity_schedule
-        steps = tuple(
-            (stack_cache(CompactKVCache.create(batch_size, _slots(cap, max_len), mixer.attn.num_kv_heads,
-                                               mixer.attn.head_dim, mixer.dtype), self.config.base_depth),)
-            for cap in caps)
+        steps = tuple((stack_cache(mixer.init_cache(batch_size, _slots(cap, max_len), CompactKVCache),
+                                   self.config.base_depth),)
+                      for cap in caps)
         R = self.config.num_recursions
         return MoRCache(unique(self.first), steps, unique(self.last), jnp.zeros((R, batch_size), jnp.int32),
                         jnp.zeros((batch_size,), jnp.int32))
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """Unique layers: one slot per token; step r: ``ceil(cap_r length)`` slots in each of the
-        b shared layers (``2 K E`` elements and an int32 position per slot, an int32 count per
-        row and layer; with KV sharing only the first step has a cache); plus int32 lengths and
-        per-step admitted counts."""
-        mixer = self.shared.units.layers[0].mixer
-        per_slot = 2 * mixer.attn.num_kv_heads * mixer.attn.head_dim * jnp.dtype(mixer.dtype).itemsize + 4
-        b = self.config.base_depth
-        n = sum(s.cache_nbytes(batch_size, length) for s in (self.first, self.last) if s is not None)
-        caps = self.config.capacity_schedule
-        for cap in caps[:1] if self.config.kv_sharing else caps:
-            n += b * batch_size * (_slots(cap, length) * per_slot + 4)
-        return n + 4 * batch_size * (1 + len(caps))
 
     def prefill(self, tokens_BT, lengths_B, cache: MoRCache):
         self._check_fresh(cache)

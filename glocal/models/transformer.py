@@ -4,11 +4,13 @@
 
 Pre-norm, RoPE, grouped-query attention, SwiGLU. Layers follow ``layer_pattern``: one
 character per layer of a repeating unit, ``g`` = global causal attention, ``s`` = causal
-sliding window of ``sliding_window`` tokens (``"sssg"`` = three local layers per global
-one); any mixer registered with a letter (``glocal.layers.register_mixer``) can appear. The unit is stacked ``num_layers / len(layer_pattern)`` times and scanned
-(``glocal.layers.DecoderStack``); each layer's cache follows its mask (a ring buffer of
-``sliding_window`` slots for ``s`` layers). Packed documents are kept apart with
-``segment_ids_BT``.
+sliding window of ``window.size`` tokens (``"sssg"`` = three local layers per global
+one); any mixer registered with a letter (``glocal.layers.register_mixer``) can appear, with
+its options set as ``<kind>.<option>``. The unit is stacked ``num_layers / len(layer_pattern)``
+times and scanned (``glocal.layers.DecoderStack``); each layer's cache is its mixer's (a ring
+buffer of ``window.size`` slots for ``s`` layers). Packed documents are kept apart with
+``segment_ids_BT`` when every mixer of the pattern can (attention can; linear attention and
+convolutions cannot, and such a model takes plain windows).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glocal.configs.base import ConfigError
-from glocal.layers import DecoderStack, LayerKind
+from glocal.layers import DecoderStack, LayerSpec
 from glocal.layers.spec import MIXER_LETTERS
 from glocal.models.base import DecoderConfig, ModelBase, ModelCache
 
@@ -33,8 +35,7 @@ class TransformerConfig(DecoderConfig):
     num_kv_heads: int | None = None  # None = num_heads (plain multi-head attention)
     head_dim: int | None = None  # None = d_model // num_heads
     d_ff: int = 256
-    layer_pattern: str = "g"  # g = global causal, s = sliding window; repeats over layers
-    sliding_window: int | None = None  # tokens seen by an 's' layer, including the query
+    layer_pattern: str = "g"  # g = global causal, s = sliding window (window.size); repeats over layers
 
     def validate(self) -> None:
         super().validate()
@@ -51,28 +52,21 @@ class TransformerConfig(DecoderConfig):
                 f"num_layers={self.num_layers} is not a multiple of len(layer_pattern)="
                 f"{len(self.layer_pattern)} ({self.layer_pattern!r}); the pattern repeats whole."
             )
-        if "window" in self.mixers:
-            if self.sliding_window is None or self.sliding_window < 1:
-                raise ConfigError(
-                    f"layer_pattern={self.layer_pattern!r} has sliding-window layers; set "
-                    f"sliding_window to a positive number of tokens (e.g. sliding_window=128)."
-                )
-            if self.sliding_window > self.max_seq_len:
-                raise ConfigError(
-                    f"sliding_window={self.sliding_window} is larger than the context "
-                    f"max_seq_len={self.max_seq_len}: such a window is just global attention. "
-                    f"Use sliding_window <= {self.max_seq_len} or layer_pattern='g'."
-                )
 
     @property
     def mixers(self) -> list[str]:
-        return [MIXER_LETTERS[c] for c in self.layer_pattern]
+        return [MIXER_LETTERS[c] for c in self.layer_pattern if c in MIXER_LETTERS]
+
+    def used_kinds(self) -> set[str]:
+        return set(self.mixers) | {self.ffn}
+
+    def layer_spec(self) -> LayerSpec:
+        return self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          head_dim=self.head_dim, d_ff=self.d_ff)
 
     def decoder(self, rngs: nnx.Rngs) -> DecoderStack:
-        spec = self.layer(d_model=self.d_model, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
-                          head_dim=self.head_dim, d_ff=self.d_ff, sliding_window=self.sliding_window)
-        pattern = [LayerKind(mixer, self.ffn) for mixer in self.mixers]
-        return DecoderStack(spec, pattern, self.num_layers // len(pattern), scan=self.scan_layers,
+        pattern = [self.kind(mixer) for mixer in self.mixers]
+        return DecoderStack(self.layer_spec(), pattern, self.num_layers // len(pattern), scan=self.scan_layers,
                             remat=self.remat, rngs=rngs)
 
 
@@ -81,18 +75,24 @@ class TransformerConfig(DecoderConfig):
 class TransformerCache(ModelCache):
     """Decoding state: per pattern slot P a cache stacked over units ``[L/P, B, K, S, E]``."""
 
-    layers_P: tuple  # KVCache for 'g' slots, RingKVCache for 's' slots
+    layers_P: tuple  # each slot's mixer cache: KVCache for 'g', RingKVCache for 's', ...
     length_B: jax.Array  # tokens consumed so far by each sequence
 
 
 class Transformer(ModelBase):
-    packed_documents = True
-
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed = self._make_embed(cfg.d_model, rngs)
         self.decoder = cfg.decoder(rngs)
         self._init_output(cfg.d_model, rngs)
+
+    @property
+    def packed_documents(self) -> bool:
+        return not self.decoder.crosses_documents
+
+    @property
+    def packing_note(self) -> str:
+        return f"its {', '.join(repr(m) for m in self.decoder.crosses_documents)} layers read across documents"
 
     # -- teacher forcing ------------------------------------------------------------------
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
@@ -114,15 +114,8 @@ class Transformer(ModelBase):
         return 3 * (self.decoder.flops_per_row(seq_len) + self._head_flops())
 
     # -- cached decoding ------------------------------------------------------------------
-    def init_cache(self, batch_size: int, max_len: int | None = None) -> TransformerCache:
-        """Empty cache for sequences up to ``max_len`` tokens (default ``max_seq_len``)."""
-        max_len = self._cache_length(max_len)
-        return TransformerCache(self.decoder.init_cache(batch_size, max_len), jnp.zeros((batch_size,), jnp.int32))
-
-    def cache_nbytes(self, batch_size: int, length: int) -> int:
-        """``2 K E`` elements and one int32 position per slot, one slot per token for global
-        layers and per window token for window layers, plus the int32 lengths."""
-        return self.decoder.cache_nbytes(batch_size, length) + 4 * batch_size
+    def _empty_cache(self, batch_size: int, length: int) -> TransformerCache:
+        return TransformerCache(self.decoder.init_cache(batch_size, length), jnp.zeros((batch_size,), jnp.int32))
 
     def prefill(self, tokens_BT, lengths_B, cache: TransformerCache):
         """Right-padded prompts (``lengths_B`` real tokens each) into a fresh cache; returns

@@ -27,6 +27,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from glocal.pytree import path_name
 from glocal.workdir import WorkdirError
 
 
@@ -149,13 +150,3 @@ def tree_difference(saved, target) -> str | None:
     return "; ".join(parts)
 
 
-def path_name(path, sep: str = "/") -> str:
-    """A pytree key path as names (dict keys, attributes, indices) joined by ``sep``; the
-    ``value`` attribute of an nnx Variable is left out (``embed/table_VD``)."""
-    out = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                out.append(str(getattr(key, attr)))
-                break
-    return sep.join(part for part in out if part != "value")

@@ -1,8 +1,8 @@
 """The loss and the jitted train/eval steps (pure functions of params, opt state, batch).
 
-A model's ``__call__(inputs, positions_BT=..., segment_ids_BT=...)`` returns logits, or
-``(logits, aux)`` where ``aux`` maps a name to ``(loss, weight)``: routed models report
-balance/router losses that way. The step adds ``weight * loss`` for each and logs every
+A model's ``__call__(inputs, positions_BT=..., segment_ids_BT=...)`` returns ``(logits, aux)``
+where ``aux`` maps a name to ``(loss, weight)``: routed models report balance/router losses
+that way (others return ``{}``). The step adds ``weight * loss`` for each and logs every
 raw value as ``aux/<name>``. Entries with weight None are per-layer statistics (expert
 load, dropped fraction, router entropy): logged (``stat_metrics``), never optimised.
 """
@@ -20,11 +20,9 @@ def model_outputs(model, batch) -> tuple[jax.Array, dict[str, Any]]:
     """Logits and aux losses. Packed documents' positions and segment ids go only to models
     that keep documents apart (``packed_documents``, see ``glocal.models.base``); the others
     see plain windows, and the loss mask still skips cross-document targets."""
-    if getattr(model, "packed_documents", False):
-        out = model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
-    else:
-        out = model(batch["inputs"])
-    return out if isinstance(out, tuple) else (out, {})
+    if model.packed_documents:
+        return model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
+    return model(batch["inputs"])
 
 
 def token_losses(logits_BTV, targets_BT):

@@ -1,15 +1,10 @@
-"""The chunked linear-attention form as Pallas kernels: TPU (Mosaic) and GPU (Triton).
+"""What the linear-attention Pallas kernels share: TPU (Mosaic, ``glocal.kernels.linear_pallas_tpu``)
+and GPU (Triton, ``glocal.kernels.linear_pallas_gpu``): the math of one chunk, the in-kernel state
+layout, the custom_vjp wiring and the public wrapper.
 
 Both kernels compute what ``impl="chunked"`` computes (see ``glocal.kernels.linear``), one
 program per (batch row, kv head), the Y query heads that share the kv head handled inside
-so the state is built once per kv head:
-
-* TPU: grid ``(B, K, N)`` with the chunk axis last and sequential ("arbitrary"); the running
-  state lives in VMEM scratch across grid steps; each chunk's q/k/v tile is DMA'd by the
-  block specs.
-* GPU: grid ``(B, K)``; a ``fori_loop`` walks the chunks inside the program (Triton programs
-  share nothing across the grid) carrying the state as loop values; tiles are sliced from the
-  whole per-head sequence in global memory.
+so the state is built once per kv head (how each walks the chunks: its own module).
 
 In-kernel state (float32). Inputs arrive pre-featurised: for taylor ``q, k`` are scaled by
 ``F^(-1/4)`` so ``s = q.k`` and ``w = 1 + s + s^2/2``; for elu/relu they are ``phi(q), phi(k)``
@@ -41,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from glocal.kernels.linear_features import features
 from glocal.kernels.platforms import native_or_interpreted
 from glocal.sharding import per_shard
 
@@ -65,12 +61,6 @@ def _col(x, i):
     """Column ``i`` of ``x [C, F]`` as ``[C, 1]`` (a masked reduction: Triton cannot slice values)."""
     iota = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
     return jnp.sum(jnp.where(iota == i, x, 0.0), axis=1, keepdims=True)
-
-
-def _put_col(c_C1, i, F):
-    """``c_C1`` as column ``i`` of a ``[C, F]`` zero matrix."""
-    iota = jax.lax.broadcasted_iota(jnp.int32, (1, F), 1)
-    return jnp.where(iota == i, c_C1, 0.0)
 
 
 def _causal(C):
@@ -180,7 +170,7 @@ def state_shapes(F, E, taylor):
     return ((F, E), (1, F))
 
 
-def _load(refs, idx, taylor):
+def load_state(refs, idx, taylor):
     """State values from refs (``idx``: leading indices, e.g. ``()`` or ``(n,)``)."""
     vals = [r[idx] if idx else r[...] for r in refs]
     if taylor:
@@ -189,7 +179,7 @@ def _load(refs, idx, taylor):
     return tuple(vals)
 
 
-def _store(refs, idx, vals, taylor):
+def store_state(refs, idx, vals, taylor):
     for j, (r, x) in enumerate(zip(refs, vals)):
         if taylor and j == 2:
             for i, tile in enumerate(x):
@@ -257,251 +247,76 @@ def _symmetrise(dkst, taylor):
 # -- what both backends' calls share ----------------------------------------------------------
 
 
-def _dims(q, v, C: int, taylor: bool):
-    """``(B, K, Y, Tp, F, E, N, state shapes)`` of a heads-major, chunk-padded call."""
+def call_dims(q, v, statics):
+    """A kernel call's statics ``(taylor, eps, C, T, interpret)`` (the backend name dropped) and
+    ``(B, K, Y, Tp, F, E, N, state shapes)`` of its heads-major, chunk-padded operands."""
+    _, taylor, eps, C, T, interpret = statics
     B, K, Y, Tp, F = q.shape
     E = v.shape[-1]
-    return B, K, Y, Tp, F, E, Tp // C, state_shapes(F, E, taylor)
+    return (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, Tp // C, state_shapes(F, E, taylor))
 
 
-def _forward_outputs(B, K, Y, Tp, E, N, shapes):
+def forward_outputs(B, K, Y, Tp, E, N, shapes):
     """The forward kernels' outputs: o, each chunk's entering state, the final state."""
     return ([jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
             + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
             + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes])
 
 
-def _split_forward(out, ns: int):
+def split_forward(out, ns: int):
     """``(o, final state, saved entering states)`` from a forward kernel's outputs."""
     return out[0], tuple(out[1 + ns:]), tuple(out[1:1 + ns])
 
 
-# -- TPU (Mosaic): grid (B, K, N), the chunk axis sequential --------------------------------------
-
-
-def _tpu_params():
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
-
-
-def _block(shape, index_map):
+def block_spec(shape, index_map):
+    """A block over one (batch row, kv head): both leading axes squeezed."""
     return pl.BlockSpec((None, None) + tuple(shape), index_map)
-
-
-def _tpu_forward(q, k, v, kst, statics):
-    _, taylor, eps, C, T, interpret = statics
-    from jax.experimental.pallas import tpu as pltpu
-
-    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
-    ns = len(shapes)
-    zeros = lambda s: (0,) * len(s)
-
-    def kernel(q_ref, k_ref, v_ref, *refs):
-        init, (o_ref, *rest) = refs[:ns], refs[ns:]
-        saved, final, scratch = rest[:ns], rest[ns:2 * ns], rest[2 * ns:]
-        n = pl.program_id(2)
-
-        @pl.when(n == 0)
-        def _():
-            _store(scratch, (), _load(init, (), taylor), taylor)
-
-        st = _load(scratch, (), taylor)
-        _store(saved, (), st, taylor)  # the state entering chunk n, for the backward
-        n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
-        outs, st = chunk_forward([q_ref[y] for y in range(Y)], k_ref[...], v_ref[...], st, n_valid, taylor, eps)
-        for y, o in enumerate(outs):
-            o_ref[y] = o
-        _store(scratch, (), st, taylor)
-
-        @pl.when(n == N - 1)
-        def _():
-            _store(final, (), st, taylor)
-
-    whole = [_block(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
-    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, n) + zeros(s)) for s in shapes]
-    out = pl.pallas_call(
-        kernel, grid=(B, K, N),
-        in_specs=[_block((Y, C, F), lambda b, h, n: (b, h, 0, n, 0)), _block((C, F), lambda b, h, n: (b, h, n, 0)),
-                  _block((C, E), lambda b, h, n: (b, h, n, 0))] + whole,
-        out_specs=[_block((Y, C, E), lambda b, h, n: (b, h, 0, n, 0))] + per_chunk + whole,
-        out_shape=_forward_outputs(B, K, Y, Tp, E, N, shapes),
-        scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
-        interpret=interpret, compiler_params=None if interpret else _tpu_params(),
-    )(q, k, v, *kst)
-    return _split_forward(out, ns)
-
-
-def _tpu_backward(q, k, v, do, saved, dfinal, statics):
-    _, taylor, eps, C, T, interpret = statics
-    from jax.experimental.pallas import tpu as pltpu
-
-    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
-    ns = len(shapes)
-    zeros = lambda s: (0,) * len(s)
-    rev = lambda n: N - 1 - n  # walk the chunks last to first
-
-    def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
-        saved_refs, dfin = refs[:ns], refs[ns:2 * ns]
-        dq_ref, dk_ref, dv_ref = refs[2 * ns:2 * ns + 3]
-        dinit, scratch = refs[2 * ns + 3:3 * ns + 3], refs[3 * ns + 3:]
-        n = pl.program_id(2)
-
-        @pl.when(n == 0)
-        def _():
-            _store(scratch, (), _load(dfin, (), taylor), taylor)
-
-        dqs, dk, dv, dst = chunk_backward([q_ref[y] for y in range(Y)], k_ref[...], v_ref[...],
-                                          [do_ref[y] for y in range(Y)], _load(saved_refs, (), taylor),
-                                          _load(scratch, (), taylor), taylor, eps)
-        for y, dq in enumerate(dqs):
-            dq_ref[y] = dq
-        dk_ref[...], dv_ref[...] = dk, dv
-        _store(scratch, (), dst, taylor)
-
-        @pl.when(n == N - 1)
-        def _():
-            _store(dinit, (), dst, taylor)
-
-    whole = [_block(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
-    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, rev(n)) + zeros(s))
-                 for s in shapes]
-    qspec = _block((Y, C, F), lambda b, h, n: (b, h, 0, rev(n), 0))
-    kspec = _block((C, F), lambda b, h, n: (b, h, rev(n), 0))
-    vspec = _block((C, E), lambda b, h, n: (b, h, rev(n), 0))
-    ospec = _block((Y, C, E), lambda b, h, n: (b, h, 0, rev(n), 0))
-    out = pl.pallas_call(
-        kernel, grid=(B, K, N),
-        in_specs=[qspec, kspec, vspec, ospec] + per_chunk + whole,
-        out_specs=[qspec, kspec, vspec] + whole,
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
-        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
-        scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
-        interpret=interpret, compiler_params=None if interpret else _tpu_params(),
-    )(q, k, v, do, *saved, *dfinal)
-    return out[0], out[1], out[2], tuple(out[3:])
-
-
-# -- GPU (Triton): grid (B, K), a loop over chunks inside each program ----------------------------
-
-
-def _gpu_params(E):
-    from jax.experimental.pallas import triton as pltriton
-
-    return pltriton.CompilerParams(num_warps=4 if E <= 64 else 8, num_stages=1)
-
-
-def _gpu_forward(q, k, v, kst, statics):
-    _, taylor, eps, C, T, interpret = statics
-    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
-    ns = len(shapes)
-
-    def kernel(q_ref, k_ref, v_ref, *refs):
-        init, (o_ref, *rest) = refs[:ns], refs[ns:]
-        saved, final = rest[:ns], rest[ns:]
-
-        def body(n, st):
-            rows = pl.ds(pl.multiple_of(n * C, C), C)
-            _store(saved, (n,), st, taylor)
-            n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
-            outs, st = chunk_forward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :], v_ref[rows, :], st,
-                                     n_valid, taylor, eps)
-            for y, o in enumerate(outs):
-                o_ref[y, rows, :] = o
-            return st
-
-        _store(final, (), jax.lax.fori_loop(0, N, body, _load(init, (), taylor)), taylor)
-
-    whole = lambda lead, s: _block(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
-    out = pl.pallas_call(
-        kernel, grid=(B, K),
-        in_specs=[whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))] + [whole((), s) for s in shapes],
-        out_specs=[whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes] + [whole((), s) for s in shapes],
-        out_shape=_forward_outputs(B, K, Y, Tp, E, N, shapes),
-        interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
-    )(q, k, v, *kst)
-    return _split_forward(out, ns)
-
-
-def _gpu_backward(q, k, v, do, saved, dfinal, statics):
-    _, taylor, eps, C, T, interpret = statics
-    B, K, Y, Tp, F, E, N, shapes = _dims(q, v, C, taylor)
-    ns = len(shapes)
-
-    def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
-        saved_refs, dfin = refs[:ns], refs[ns:2 * ns]
-        dq_ref, dk_ref, dv_ref = refs[2 * ns:2 * ns + 3]
-        dinit = refs[2 * ns + 3:]
-
-        def body(m, dst):
-            n = N - 1 - m
-            rows = pl.ds(pl.multiple_of(n * C, C), C)
-            dqs, dk, dv, dst = chunk_backward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :],
-                                              v_ref[rows, :], [do_ref[y, rows, :] for y in range(Y)],
-                                              _load(saved_refs, (n,), taylor), dst, taylor, eps)
-            for y, dq in enumerate(dqs):
-                dq_ref[y, rows, :] = dq
-            dk_ref[rows, :], dv_ref[rows, :] = dk, dv
-            return dst
-
-        _store(dinit, (), jax.lax.fori_loop(0, N, body, _load(dfin, (), taylor)), taylor)
-
-    whole = lambda lead, s: _block(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
-    qspec, kspec, vspec = whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))
-    out = pl.pallas_call(
-        kernel, grid=(B, K),
-        in_specs=[qspec, kspec, vspec, whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes]
-        + [whole((), s) for s in shapes],
-        out_specs=[qspec, kspec, vspec] + [whole((), s) for s in shapes],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]
-        + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes],
-        interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
-    )(q, k, v, do, *saved, *dfinal)
-    return out[0], out[1], out[2], tuple(out[3:])
 
 
 # -- custom VJP and the entry point ---------------------------------------------------------------
 
-_BACKENDS = {"tpu": (_tpu_forward, _tpu_backward), "gpu": (_gpu_forward, _gpu_backward)}
 
+def custom_kernel(forward, backward):
+    """``kernel_call(q, k, v, kst, statics) -> (o, final state)``, differentiable in q, k, v and
+    the initial in-kernel state ``kst``.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _kernel_call(q, k, v, kst, statics):
-    o, final, _ = _BACKENDS[statics[0]][0](q, k, v, kst, statics)
-    return o, final
+    ``forward(q, k, v, kst, statics) -> (o, final, saved)`` (``split_forward``); ``backward(q,
+    k, v, do, saved, dfinal, statics) -> (dq, dk, dv, dinit)``, given ``dfinal`` symmetrised."""
 
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def kernel_call(q, k, v, kst, statics):
+        o, final, _ = forward(q, k, v, kst, statics)
+        return o, final
 
-def _kernel_call_fwd(q, k, v, kst, statics):
-    o, final, saved = _BACKENDS[statics[0]][0](q, k, v, kst, statics)
-    return (o, final), (q, k, v, saved)
+    def kernel_call_fwd(q, k, v, kst, statics):
+        o, final, saved = forward(q, k, v, kst, statics)
+        return (o, final), (q, k, v, saved)
 
+    def kernel_call_bwd(statics, res, cts):
+        q, k, v, saved = res
+        do, dfinal = cts
+        taylor = statics[1]
+        dq, dk, dv, dinit = backward(q, k, v, do, saved, _symmetrise(dfinal, taylor), statics)
+        return dq, dk, dv, dinit
 
-def _kernel_call_bwd(statics, res, cts):
-    q, k, v, saved = res
-    do, dfinal = cts
-    taylor = statics[1]
-    dq, dk, dv, dinit = _BACKENDS[statics[0]][1](q, k, v, do, saved, _symmetrise(dfinal, taylor), statics)
-    return dq, dk, dv, dinit
-
-
-_kernel_call.defvjp(_kernel_call_fwd, _kernel_call_bwd)
+    kernel_call.defvjp(kernel_call_fwd, kernel_call_bwd)
+    return kernel_call
 
 
 def _pow2_at_least_16(n):
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_map, eps, chunk_size,
-                            interpret=None):
-    """The chunked form through the ``backend`` ("tpu" or "gpu") kernel; heads-major inputs as in
-    ``glocal.kernels.linear``. Returns ``(o_BKYTE float32, final public state)``.
+def call_linear(kernel_call, backend, q_BKYTF, k_BKTF, v_BKTE, state, *, feature_map, eps, chunk_size,
+                interpret=None):
+    """The chunked form through ``kernel_call`` (``custom_kernel``), the ``backend`` ("tpu" or
+    "gpu") kernel; heads-major inputs as in ``glocal.kernels.linear``. Returns ``(o_BKYTE
+    float32, final public state)``.
 
     ``interpret=None``: native when lowered for the backend's platform, interpreted on CPU
     (``glocal.kernels.platforms``; how the CPU tests run both kernels). The GPU path pads F
     and E to powers of two (>= 16, what Triton's dot needs) and the chunk must be one; zero
     features and values change nothing in the sums."""
-    from glocal.kernels.linear import features
-
     B, K, Y, T, F = q_BKYTF.shape
     E = v_BKTE.shape[-1]
     C = int(chunk_size)
@@ -522,7 +337,7 @@ def linear_attention_pallas(q_BKYTF, k_BKTF, v_BKTE, state, *, backend, feature_
     k = pad(pad(k, 2, N * C - T), 3, Fp - F)
     v = pad(pad(v_BKTE.astype(jnp.float32), 2, N * C - T), 3, Ep - E)
     kst = to_kernel_state(state, F, Fp, Ep, taylor)
-    run = lambda interpret_mode, *ops: _kernel_call(*ops, (backend, taylor, float(eps), C, T, interpret_mode))
+    run = lambda interpret_mode, *ops: kernel_call(*ops, (backend, taylor, float(eps), C, T, interpret_mode))
     # Rows and kv heads are independent: per shard under a mesh (XLA cannot partition the
     # kernels' custom calls itself).
     names = ("batch", "kv_heads_act")

@@ -25,7 +25,7 @@ import pathlib
 import shutil
 from typing import Sequence
 
-from glocal.tokenizers import TokenizerError
+from glocal.errors import TokenizerError
 
 TOKENIZER_FILE = "tokenizer.json"
 # Files that make up a Hugging Face tokenizer (whichever exist); a workdir keeps a copy of

@@ -1,0 +1,184 @@
+"""``DecoderConfig``: the fields every family shares, and the per-kind options table.
+
+A family's config derives from it, adds its shape fields, says which layer kinds it uses
+(``used_kinds``) and builds its stacks with ``self.layer(...)`` (the shared ``LayerSpec``) and
+``self.kind(mixer, ffn)`` (a ``LayerKind`` carrying those kinds' options). Options belong to
+their kinds (``glocal.layers.spec``): ``moe.num_experts=8``, ``window.size=64``,
+``linear.feature_dim=16``; the flat names of older configs (``num_experts``,
+``sliding_window``, ...) are accepted on input as aliases (``glocal.configs.options``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+from glocal.configs import options as kind_options
+from glocal.configs.base import ConfigError, ModelConfig, _coerce
+from glocal.configs.options import KindSettings
+from glocal.kernels import IMPLEMENTATIONS
+from glocal.layers.mlp import ACTIVATIONS
+from glocal.layers.rope import RopeScaling
+from glocal.layers.spec import FFNS, LayerKind, LayerSpec
+from glocal.layers.stack import REMAT_POLICIES
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig(ModelConfig):
+    """Fields every family shares (vocabulary, context, layer numerics, output head, run
+    options) and ``options``, the options of the kinds its layers use. A family adds its
+    shape fields and calls ``require_heads`` for each stack."""
+
+    vocab_size: int = 384
+    max_seq_len: int = 256
+    ffn: str = "mlp"  # FFN kind of every layer (glocal.layers.FFNS)
+    mlp: str = "swiglu"  # dense FFN activation: swiglu | geglu | gelu | relu
+    norm: str = "rms"  # rms | layer
+    norm_eps: float = 1e-6
+    rope_theta: float | None = 10_000.0  # None: no rotary positions
+    rope_scaling: str | None = None  # None | linear | llama3 (glocal.layers.rope.RopeScaling)
+    rope_factor: float = 1.0  # context extension factor of rope_scaling
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_context: int = 8192  # llama3 only: the pre-training context
+    qk_norm: bool = False  # per-head RMSNorm on queries and keys
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    attn_softcap: float | None = None  # c * tanh(scores / c) before the softmax
+    logit_softcap: float | None = None  # the same on the output logits
+    tie_embeddings: bool = False  # output head = the token embedding table
+    attention_impl: str = "auto"
+    dtype: str = "float32"  # compute dtype; parameters are param_dtype
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    init_std: float = 0.02
+    options: KindSettings = KindSettings()  # per used kind with options: "moe", "window", "linear", ...
+
+    # A family's defaults for kind options, e.g. {"window": {"size": 64}}.
+    kind_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self):
+        settings = self.options if isinstance(self.options, KindSettings) else KindSettings(self.options)
+        used = self.used_kinds()
+        object.__setattr__(self, "options", kind_options.complete(settings, used, self.kind_defaults))
+        super().__post_init__()
+
+    # -- which kinds, with which options ----------------------------------------------------
+    def used_kinds(self) -> set[str]:
+        """Names of the mixer and FFN kinds this config's layers use (families with other
+        layer layouts extend it)."""
+        return {"global", self.ffn}
+
+    def kind(self, mixer: str, ffn: str | None = None, mask=None) -> LayerKind:
+        """A layer of mixer ``mixer`` and FFN ``ffn`` (default: ``self.ffn``) with this config's
+        options for both."""
+        ffn = self.ffn if ffn is None else ffn
+        return LayerKind(mixer, ffn, mask, self.options.get(mixer), self.options.get(ffn))
+
+    def routing_modes(self) -> tuple[str, ...]:
+        """``("topk", "threshold")`` when some part routes non-causally in training (expert
+        choice): evaluation reports both and decoding uses ``threshold``; empty otherwise."""
+        modes = [m for o in self.options.values() for m in o.routing_modes()]
+        return tuple(dict.fromkeys(modes))
+
+    def with_routing_mode(self, mode: str):
+        """This config with every router that has routing modes set to ``mode``."""
+        settings = KindSettings({k: o.with_routing_mode(mode) for k, o in self.options.items()})
+        return dataclasses.replace(self, options=settings)
+
+    # -- overrides and JSON ----------------------------------------------------------------
+    def replace(self, **overrides: Any):
+        """A copy with ``overrides``: the config's fields, ``kind.option`` keys, and the flat
+        aliases of older configs (``sliding_window`` = ``window.size``)."""
+        plain, sections, explicit = kind_options.split_keys(overrides, set(self.field_names()) - {"options"})
+        if sections:
+            plain["options"] = kind_options.apply(self.options, sections, self.kind_defaults)
+        cfg = super().replace(**plain)
+        unused = sorted(explicit - cfg.used_kinds())
+        if unused:
+            raise ConfigError(f"options of {unused} are set, but no layer of this {type(self).__name__} uses "
+                              f"{'that kind' if len(unused) == 1 else 'those kinds'} (its kinds: "
+                              f"{sorted(cfg.used_kinds())}); choose the kind first, e.g. ffn=moe or a "
+                              f"layer_pattern with its letter.")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**out, **self.options.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        """Reads this form and the flat form older workdirs saved (every option of every kind
+        at the top level; those of kinds the model does not use are dropped)."""
+        fields = set(cls.field_names()) - {"options"}
+        plain, sections, _ = kind_options.split_keys(d, fields)
+        unknown = sorted(set(plain) - fields)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} does not know the keys {unknown}.")
+        hints = typing.get_type_hints(cls)
+        values = {k: _coerce(v, hints[k], k) for k, v in plain.items()}
+        return cls(**values, options=kind_options.apply(KindSettings(), sections, cls.kind_defaults))
+
+    # -- validation ------------------------------------------------------------------------
+    def validate(self) -> None:
+        self.require_positive("vocab_size", "max_seq_len")
+        for name, allowed in (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
+                              ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
+                              ("attention_impl", IMPLEMENTATIONS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+        kind_options.optioned_kinds()  # (registers the built-in kinds)
+        if self.ffn not in FFNS:
+            raise ConfigError(f"ffn={self.ffn!r} is not a registered FFN kind; choose one of {sorted(FFNS)}.")
+        for name in ("attn_softcap", "logit_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
+        if self.rope_scaling is not None:
+            if self.rope_theta is None:
+                raise ConfigError("rope_scaling is set but rope_theta=None (no rotary positions); unset one.")
+            try:
+                self.rope_scaling_spec()
+            except ValueError as e:
+                raise ConfigError(f"rope_scaling={self.rope_scaling!r}: {e}") from None
+        for options in self.options.values():
+            options.validate(self)
+
+    def require_heads(self, width: str, heads: str, kv_heads: str | None = None, head_dim: str | None = None,
+                      *, width_value: int | None = None) -> None:
+        """Check one stack's attention shape; errors name the fields the user sets.
+
+        ``width_value`` overrides the width when the field defaults from another (FIT's
+        ``d_latent=None`` means ``d_model``)."""
+        D = getattr(self, width) if width_value is None else width_value
+        H = getattr(self, heads)
+        K = H if kv_heads is None or getattr(self, kv_heads) is None else getattr(self, kv_heads)
+        E = None if head_dim is None else getattr(self, head_dim)
+        if H < 1:
+            raise ConfigError(f"{heads} must be a positive integer, got {H}.")
+        if E is None and D % H:
+            divisors = [h for h in range(1, D + 1) if D % h == 0 and h <= 64]
+            fix = f" or set {head_dim} explicitly" if head_dim else ""
+            raise ConfigError(f"{heads}={H} does not divide {width}={D}. Choose {heads} from {divisors}{fix}.")
+        if K < 1 or H % K:
+            ok = [k for k in range(1, H + 1) if H % k == 0]
+            raise ConfigError(f"{kv_heads}={K} does not divide {heads}={H}. Choose {kv_heads} from {ok}.")
+        size = D // H if E is None else E
+        if size < 1 or (self.rope_theta is not None and size % 2):
+            what = head_dim if E is not None else f"the head size {width} / {heads}"
+            raise ConfigError(f"{what} must be even for RoPE (and positive), got {size}.")
+
+    def rope_scaling_spec(self) -> RopeScaling | None:
+        if self.rope_scaling is None:
+            return None
+        return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
+                           self.rope_original_context)
+
+    def layer(self, **shape) -> LayerSpec:
+        """A ``LayerSpec`` of the given shape with this config's shared layer numerics."""
+        return LayerSpec(**shape, mlp=self.mlp, norm=self.norm, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+                         rope_scaling=self.rope_scaling_spec(), qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                         attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
+                         param_dtype=self.param_dtype)

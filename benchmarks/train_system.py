@@ -27,8 +27,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import machine, median  # noqa: E402
 
 import glocal.models as gm  # noqa: E402
+from glocal.train.build import build_setup  # noqa: E402
 from glocal.train.config import TrainConfig  # noqa: E402
-from glocal.train.trainer import build_setup, train  # noqa: E402
+from glocal.train.trainer import train  # noqa: E402
 
 MESHES = {"1 device": ({"data": 1}, "fsdp", 1), "8 dev dp": ({"data": 8}, "dp", 8),
           "8 dev fsdp": ({"data": 2, "fsdp": 4}, "fsdp", 8),

@@ -2,6 +2,7 @@
 Saving and restoring the full training state is ``glocal.train.checkpoints``.
 
     DIR/model.json                  {"model": family, "config": {...}, "tokenizer": "byte"}
+    DIR/runs.jsonl                  the training config of every ``glocal train`` invocation
     DIR/tokenizer/                  the workdir's copy of a tokenizer made of files; model.json
                                     names it relative to DIR ("tokenizer": "hf:tokenizer")
     DIR/checkpoints/<step>/params   orbax checkpoint of the model's nnx.Param state
@@ -13,6 +14,8 @@ Saving and restoring the full training state is ``glocal.train.checkpoints``.
 
 ``write_model_file`` never replaces a workdir's model.json with a different model:
 nothing saved is lost silently. ``load_model`` reads a trained model back.
+``resolve_configs`` and ``resolve_tokenizer`` say what a run on a workdir uses (its last
+run's training config and its model.json, plus the command's overrides).
 """
 
 from __future__ import annotations
@@ -31,12 +34,17 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import glocal.models as gm
+from glocal.configs.base import ConfigError
 from glocal.errors import UserError
+from glocal.tokenizers import get_tokenizer, same_tokenizer
+from glocal.train.config import TrainConfig, split_overrides
 
 MODEL_FILE = "model.json"
 INIT_DIR = "init"
 TOKENIZER_DIR = "tokenizer"
 HF_SOURCE_DIR = "hf_source"  # an imported workdir's original config files (glocal convert)
+RUNS_FILE = "runs.jsonl"
+ONE_OFF_OPTIONS = ("dry_run", "reset_optimizer", "allow_data_change")  # never inherited by a resume
 
 
 class WorkdirError(UserError, RuntimeError):
@@ -206,11 +214,86 @@ def read_model_file(workdir) -> dict:
 def load_tokenizer(workdir, spec: str | None = None):
     """The tokenizer of the workdir's model: ``spec`` (default: the one model.json records,
     byte for a record without one), a relative path in it taken inside the workdir."""
-    from glocal.tokenizers import get_tokenizer
-
     if spec is None:
         spec = read_model_file(workdir).get("tokenizer")
     return get_tokenizer(spec or "byte", base=workdir)
+
+
+def previous_run_config(workdir: pathlib.Path) -> dict | None:
+    """The training config of the workdir's last ``glocal train`` (None before the first)."""
+    path = workdir / RUNS_FILE
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])["config"] if lines else None
+
+
+def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: dict[str, str]):
+    """``(model_config, train_config)``. On an existing workdir the previous run's training
+    config is the base, so ``glocal train ... steps=600`` only changes what it names."""
+    model_kw, train_kw = split_overrides(overrides)
+    previous = previous_run_config(workdir)
+    base = TrainConfig.from_dict(previous) if previous else TrainConfig()
+    # One-off options are never inherited from the previous run; nor is the tokenizer (a
+    # workdir keeps the one its model.json records: see resolve_tokenizer).
+    tcfg = base.replace(**{**{k: False for k in ONE_OFF_OPTIONS}, "tokenizer": "", **train_kw})
+    if config_name is None:
+        record = read_model_file(workdir)
+        mcfg = gm.config_class(record["model"]).from_dict(record["config"]).replace(**model_kw)
+    else:
+        name, preset = gm.split_config_name(config_name)
+        mcfg = gm.get_config(name, preset, **model_kw)
+    if tcfg.seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"seq_len={tcfg.seq_len} exceeds the model's max_seq_len={mcfg.max_seq_len}; "
+                          f"lower seq_len or raise max_seq_len.")
+    return mcfg, tcfg
+
+
+def resolve_tokenizer(workdir: pathlib.Path, spec: str, mcfg):
+    """``(tokenizer, record)``: the run's tokenizer and the spec model.json records for it.
+
+    A workdir keeps the tokenizer its model was trained with: where it has a model.json,
+    ``spec`` may be empty or name the same tokenizer (same ids, e.g. the folder its copy was
+    made from: running the first command again resumes); another one is a ConfigError. On a
+    new workdir ``spec`` (default byte) is used; one made of files (with ``save``) is
+    recorded as ``kind:tokenizer``, the copy ``keep_tokenizer`` makes in ``workdir/tokenizer``.
+    A tokenizer with more ids than the model's vocabulary is a ConfigError."""
+    if (workdir / MODEL_FILE).is_file():
+        record = read_model_file(workdir).get("tokenizer") or "byte"
+        tokenizer = load_tokenizer(workdir, record)
+        if spec and spec != record and not same_tokenizer(get_tokenizer(spec), tokenizer):
+            raise ConfigError(f"tokenizer={spec!r} differs from the tokenizer {workdir} was trained with "
+                              f"({record!r} in its {MODEL_FILE}); leave tokenizer= out to resume with "
+                              f"that one, or train into a new --workdir.")
+    else:
+        spec = spec or "byte"
+        tokenizer = get_tokenizer(spec)
+        record = f"{spec.partition(':')[0]}:{TOKENIZER_DIR}" if hasattr(tokenizer, "save") else tokenizer.name
+    vocab = getattr(mcfg, "vocab_size", None)
+    # (The byte tokenizer is exempt: token-array runs carry it as a placeholder and size
+    # their model to their own ids; text it encodes is checked against the vocabulary anyway.)
+    if getattr(tokenizer, "name", None) != "byte" and vocab is not None and tokenizer.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {record!r} has {tokenizer.vocab_size:,} ids but the model's vocab_size is "
+                          f"{vocab:,}; set vocab_size>={tokenizer.vocab_size} (a vocabulary larger than the "
+                          f"tokenizer's is fine).")
+    return tokenizer, record
+
+
+def keep_tokenizer(workdir: pathlib.Path, tokenizer, record: str) -> None:
+    """Copy a tokenizer made of files into a new workdir (``record`` names the copy), so the
+    workdir does not depend on where the files came from."""
+    if (workdir / MODEL_FILE).exists() or not hasattr(tokenizer, "save"):
+        return
+    target = workdir / TOKENIZER_DIR
+    if target.exists() and any(target.iterdir()):
+        try:  # left by a first run that stopped before writing model.json?
+            same = same_tokenizer(load_tokenizer(workdir, record), tokenizer)
+        except UserError:
+            same = False
+        if not same:
+            raise WorkdirError(f"{target} already exists and holds another tokenizer; remove it or "
+                               f"train into a new --workdir.")
+    tokenizer.save(target)
 
 
 @jax.jit

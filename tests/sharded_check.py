@@ -94,7 +94,7 @@ def hf_sharded_import(folder: pathlib.Path) -> dict:
             wrong.append(f"{jax.tree_util.keystr(path)}: {v.sharding.spec} != {want}")
         split += any(s is not None for s in want)
     x = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 16)))
-    diff = float(np.abs(np.asarray(placed(x)) - np.asarray(model(x))).max())
+    diff = float(np.abs(np.asarray(placed(x)[0]) - np.asarray(model(x)[0])).max())
     return {"wrong": wrong, "split_params": split, "logit_diff": diff}
 
 

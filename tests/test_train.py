@@ -18,9 +18,10 @@ from glocal import workdir as workdirs
 from glocal.configs.base import ConfigError
 from glocal.sharding import ShardingError
 from glocal.train import data, optim
+from glocal.train.build import build_setup
 from glocal.train.config import TrainConfig
 from glocal.train.step import loss_terms
-from glocal.train.trainer import build_setup, train
+from glocal.train.trainer import train
 from tests.test_data import make_folder
 
 MODEL = {"d_model": "32", "num_heads": "2", "num_kv_heads": "1"}
@@ -251,10 +252,10 @@ def test_packed_attention_stays_inside_documents():
     d1, d2 = rng.integers(0, 250, 11), rng.integers(0, 250, 25)
     stream = np.concatenate([d1, [258], d2, [258]])
     rows = data.Windows(stream, 32, 258, True, "t").rows(np.array([0]))
-    packed = model(jnp.asarray(rows["inputs"]), positions_BT=jnp.asarray(rows["positions"]),
+    packed, _ = model(jnp.asarray(rows["inputs"]), positions_BT=jnp.asarray(rows["positions"]),
                    segment_ids_BT=jnp.asarray(rows["segment_ids"]))
-    alone1 = model(jnp.asarray(np.concatenate([d1, [258]])[None]))
-    alone2 = model(jnp.asarray(d2[None, :20]))
+    alone1, _ = model(jnp.asarray(np.concatenate([d1, [258]])[None]))
+    alone2, _ = model(jnp.asarray(d2[None, :20]))
     np.testing.assert_allclose(packed[0, :12], alone1[0], atol=2e-5)
     np.testing.assert_allclose(packed[0, 12:32], alone2[0], atol=2e-5)
     assert rows["loss_mask"][0, 11] == 0 and rows["loss_mask"].sum() == 31
@@ -306,7 +307,7 @@ def test_models_with_untrained_state_train_and_evaluate():
             self.prior_V = Buffer(jnp.linspace(-3.0, 3.0, cfg.vocab_size))  # fixed logit bias
 
         def __call__(self, tokens, positions_BT=None, segment_ids_BT=None):
-            return self.head(self.embed(tokens)) + self.prior_V[...]
+            return self.head(self.embed(tokens)) + self.prior_V[...], {}
 
     with registry.registered("toy_buffer_test", ToyConfig, Toy):
         s = build_setup(ToyConfig(), TrainConfig().replace(batch_size=2, seq_len=8), devices=jax.devices()[:1])
@@ -315,7 +316,7 @@ def test_models_with_untrained_state_train_and_evaluate():
         rows = data.Windows(np.arange(100) % 300, 8, None, True, "t").rows(np.arange(2))
         with jax.set_mesh(s.mesh):
             total, count = s.eval_step(params, {k: jnp.asarray(v) for k, v in rows.items()})
-        direct = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
+        direct, _ = Toy(ToyConfig(), rngs=nnx.Rngs(0))(jnp.asarray(rows["inputs"]))
         lse = jax.nn.logsumexp(direct, -1)
         nll = lse - jnp.take_along_axis(direct, jnp.asarray(rows["targets"])[..., None], -1)[..., 0]
         np.testing.assert_allclose(float(total), float(nll.sum()), rtol=1e-5)

@@ -116,16 +116,18 @@ def split_overrides(overrides: dict[str, str], model: str | None = None
     fields of model family ``model``, or (``None``) of any registered family; a key of
     another family is left to the model config's own error."""
     import glocal.models as gm  # (glocal.models does not import the training code)
+    from glocal.configs import options as kind_options
 
     train_fields = TrainConfig.field_names()
     families = [model] if model is not None else gm.list_models()
     model_fields = list(dict.fromkeys(f for name in families for f in gm.config_class(name).field_names()))
+    kinds, aliases = kind_options.optioned_kinds(), kind_options.alias_table()
     model_kw, train_kw = {}, {}
     for key, value in overrides.items():
         name = key.replace(".", "_")
         if name in train_fields:
             train_kw[name] = value
-        elif key in model_fields:
+        elif key in model_fields or key in aliases or key.split(".")[0] in kinds:  # kind options: moe.top_k
             model_kw[key] = value
         else:
             which = f"{model} model" if model is not None else "model (any family)"

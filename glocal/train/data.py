@@ -335,3 +335,33 @@ def eval_batches(windows: Windows, *, batch_size: int, num_batches: int, host: i
     idx = np.linspace(0, len(windows) - 1, n).round().astype(np.int64).reshape(num_batches, batch_size)
     per_host = batch_size // num_hosts
     return [windows.rows(row[host * per_host:(host + 1) * per_host]) for row in idx]
+
+
+# --------------------------------------------------------------------------------------
+# a run's data
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class RunData:
+    """The data a training config reads, as ``glocal train`` and ``glocal eval`` use it."""
+
+    corpus: Corpus
+    tokens_per_byte: float | None  # ``tokens_per_byte``: turns bits/token into bits/byte
+    val_batches: list[dict[str, np.ndarray]]  # this host's rows of the fixed validation batches
+    train_windows: Windows | None  # (None when only evaluating)
+
+
+def run_data(tcfg, tokenizer, vocab_size: int, *, host: int = 0, num_hosts: int = 1, train: bool = True,
+             log=None) -> RunData:
+    """Load the corpus of ``tcfg`` (a ``TrainConfig``) and cut it into windows; ``log`` (if
+    given) hears what was loaded. The validation batches are microbatches of the training
+    step, ``eval_batches * grad_accum`` of them, so they are the same in training and eval."""
+    corpus = load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=vocab_size, val_spec=tcfg.val_data,
+                         val_fraction=tcfg.val_fraction, data_dtype=tcfg.data_dtype, eos_id=tcfg.eos_id)
+    if log is not None:
+        log(f"data: {corpus.description}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens, "
+            f"fingerprint {corpus.fingerprint}")
+    train_windows = Windows(corpus.train, tcfg.seq_len, corpus.eos_id, tcfg.pack, "training split") if train else None
+    val_windows = Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
+    batches = eval_batches(val_windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
+                           num_batches=tcfg.eval_batches * tcfg.grad_accum, host=host, num_hosts=num_hosts)
+    return RunData(corpus, tokens_per_byte(corpus, tokenizer, tcfg.pack), batches, train_windows)

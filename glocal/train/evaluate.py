@@ -4,39 +4,34 @@ workdir's tokenizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 import glocal.models as gm
-from glocal import workdir as workdirs
 from glocal import sharding as shd
+from glocal import workdir as workdirs
 from glocal.train import data
-from glocal.train.trainer import bits_label, build_setup, evaluate, resolve_configs, resolve_tokenizer
+from glocal.train.build import bits_label, build_setup, evaluate
+from glocal.train.step import model_outputs
 
 
 def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, str] | None = None,
                      log=print) -> dict:
     workdir = pathlib.Path(workdir)
-    mcfg, tcfg = resolve_configs(None, workdir, overrides or {})
-    tokenizer, _ = resolve_tokenizer(workdir, tcfg.tokenizer, mcfg)
+    mcfg, tcfg = workdirs.resolve_configs(None, workdir, overrides or {})
+    tokenizer, _ = workdirs.resolve_tokenizer(workdir, tcfg.tokenizer, mcfg)
     model, step = workdirs.load_model(workdir, step)
     setup = build_setup(mcfg, tcfg)
-    corpus = data.load_corpus(tcfg.data, tokenizer=tokenizer, vocab_size=mcfg.vocab_size,
-                              val_spec=tcfg.val_data, val_fraction=tcfg.val_fraction,
-                              data_dtype=tcfg.data_dtype, eos_id=tcfg.eos_id)
-    per_byte = data.tokens_per_byte(corpus, tokenizer, tcfg.pack)
-    windows = data.Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
-    batches = data.eval_batches(windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
-                                num_batches=tcfg.eval_batches * tcfg.grad_accum,
-                                host=jax.process_index(), num_hosts=jax.process_count())
-    from flax import nnx
-
+    rd = data.run_data(tcfg, tokenizer, mcfg.vocab_size, host=jax.process_index(), num_hosts=jax.process_count(),
+                       train=False)
+    batches, per_byte = rd.val_batches, rd.tokens_per_byte
     params = jax.device_put(nnx.state(model, nnx.Param), setup.param_sh)
     where = (f"over {len(batches) * batches[0]['inputs'].shape[0]} windows of {tcfg.seq_len} tokens "
-             f"({corpus.description})")
-    modes = mcfg.routing_modes() if hasattr(mcfg, "routing_modes") else ()
+             f"({rd.corpus.description})")
+    modes = mcfg.routing_modes() if hasattr(mcfg, "routing_modes") else ()  # (a plain ModelConfig has none)
     if not modes:
         with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
             loss, bpb = evaluate(setup, params, batches, per_byte)
@@ -46,34 +41,30 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     # A non-causal router (top-k over the sequence) and its causal stand-in share the weights:
     # report both, and how often the causal rule makes the training-time choice.
     out = {"step": step}
+    setups = {mode: build_setup(mcfg.with_routing_mode(mode), tcfg) for mode in (*modes, "topk")}
     for mode in modes:
-        setup_m = build_setup(dataclasses.replace(mcfg, routing_mode=mode), tcfg)
-        with jax.set_mesh(setup_m.mesh), shd.use_rules(setup_m.rules):
-            loss, bpb = evaluate(setup_m, params, batches, per_byte)
+        with jax.set_mesh(setups[mode].mesh), shd.use_rules(setups[mode].rules):
+            loss, bpb = evaluate(setups[mode], params, batches, per_byte)
         note = "causal" if mode == "threshold" else "non-causal: sees later tokens"
         log(f"{workdir} ({gm.model_name(mcfg)}) step {step}, routing_mode={mode} ({note}): validation loss "
             f"{loss:.4f} nats/token = {bpb:.3f} {bits_label(per_byte)} {where}")
         out[f"eval_loss_{mode}"], out[f"eval_bpb_{mode}"] = loss, bpb
-    out["routing_agreement"] = _agreement(dataclasses.replace(mcfg, routing_mode="topk"), setup, params, batches)
+    out["routing_agreement"] = _agreement(setups["topk"], params, batches)
     log(f"  routing agreement (causal rule == top-k choice, per token and expert/step): "
         f"{out['routing_agreement']:.4f}")
     return out
 
 
-def _agreement(cfg, setup, params, batches) -> float:
-    """Mean of the models' ``*_agreement`` statistics over the validation batches."""
-    from flax import nnx
+def _agreement_stats(logits, aux) -> list:
+    """The batch means of a model output's ``*_agreement`` statistics."""
+    return [jnp.mean(v) for k, (v, w) in sorted(aux.items()) if k.endswith("_agreement")]
 
-    graphdef = nnx.split(gm.build_from_config(cfg), nnx.Param)[0]  # (one host copy: small models)
 
-    @jax.jit
-    def stats(p, inputs):
-        out = nnx.merge(graphdef, p)(inputs)
-        aux = out[1] if isinstance(out, tuple) else {}
-        return [jax.numpy.mean(v) for k, (v, w) in sorted(aux.items()) if k.endswith("_agreement")]
-
+def _agreement(setup, params, batches) -> float:
+    """Mean of the model's ``*_agreement`` statistics over the validation batches."""
+    stats = jax.jit(lambda p, batch: _agreement_stats(*model_outputs(setup.merge(p), batch)))
     values = []
     with jax.set_mesh(setup.mesh), shd.use_rules(setup.rules):
         for batch in batches:
-            values += [float(v) for v in stats(params, batch["inputs"])]
+            values += [float(v) for v in stats(params, batch)]
     return sum(values) / max(len(values), 1)

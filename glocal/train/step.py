@@ -20,7 +20,7 @@ def model_outputs(model, batch) -> tuple[jax.Array, dict[str, Any]]:
     """Logits and aux losses. Packed documents' positions and segment ids go only to models
     that keep documents apart (``packed_documents``, see ``glocal.models.base``); the others
     see plain windows, and the loss mask still skips cross-document targets."""
-    if model.packed_documents:
+    if getattr(model, "packed_documents", False):  # (a model without the attribute takes plain windows)
         return model(batch["inputs"], positions_BT=batch["positions"], segment_ids_BT=batch["segment_ids"])
     return model(batch["inputs"])
 

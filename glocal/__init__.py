@@ -1,31 +1,39 @@
 """glocal: efficient transformer architectures in JAX/Flax NNX.
 
 Dimension letters for tensor names across the whole zoo (``x_BTD``, ``q_BTHE``, ``z_BGMC``).
-A file may add letters it needs (its docstring says so); none gives these another meaning.
+Each letter means one thing everywhere. A file may add letters this legend lacks, in a line
+"Letters added here (beyond the package legend): ..." of its docstring, but never gives these
+another meaning (``tests/test_legend.py`` checks every suffixed name under ``glocal/``).
 
   B  batch                            T  tokens, the query length
-  S  key/value length, cache slots    V  vocabulary
-  D  model width (the token stream)   C  coarse width: FIT latents, Block Transformer blocks
+  S  key/value length; slots (KV-cache slots, an expert's or a recursion step's capacity)
+  V  vocabulary                       D  model width (the token stream)
+  C  coarse width: FIT latents, Block Transformer blocks
   H  query heads                      K  key/value heads
-  E  head dimension                   I  FFN hidden width
+  Y  query heads per key/value head (H / K)
+  E  head dimension                   I  hidden width (FFN, short convolution)
   F  feature dimension (linear-attention query/key features)
+  J  features of linear attention's feature map phi (its state: 1 + F + F(F+1)/2 for Taylor)
   A  projections fused into one matmul (gate + up of a gated MLP; q heads + k + v per kv head)
   L  layers (a stacked / scanned axis)   P  layer-pattern slots (layers in a repeating unit)
-  G  groups (FIT) or blocks (Block Transformer)
-  N  tokens per group or block        M  latents per group (FIT)
-  Q  prefix vectors per block (Block Transformer)
-  J  rows of a batch flattened with its groups or blocks (B*G)
-  U  units of a FIT layer spec        X  experts
-  R  recursions                       W  convolution width (short convolutions)
+  G  groups or blocks: FIT groups, Block Transformer blocks, linear-attention chunks,
+     a grouped matmul's row tiles
+  N  tokens (rows) per group or block
+  M  latents per group (FIT)          Q  prefix vectors per block (Block Transformer)
+  O  rows: axes flattened into one (B*G group or block rows of FIT and the Block Transformer,
+     B*T token rows of an MoE layer, Y*T query rows of dense attention, a grouped matmul's rows)
+  U  units of a FIT layer spec        X  experts (a grouped matmul's groups)
+  Z  experts chosen per token (top-k)  R  recursions
+  W  width of a window: a short convolution's taps, a tile schedule's kv tiles per query tile
 
 Logical parameter/activation axis names, mapped onto mesh axes by the rule tables of
 ``glocal.sharding`` (mesh axes, outermost first: ``data``, ``fsdp``, ``expert``, ``tensor``);
 a name the table does not list is an error:
 
-  ``batch``, ``embed`` (D, C), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E), ``mlp`` (I),
-  ``vocab`` (V), ``layers`` (L), ``expert`` (X), ``norm``; activations use ``heads_act``,
-  ``kv_heads_act``, ``mlp_act``, ``vocab_act`` (FSDP shards a parameter's ``embed``
-  dimension but never an activation's).
+  ``batch``, ``embed`` (D, C), ``heads`` (H), ``kv_heads`` (K), ``head_dim`` (E), ``feature`` (F),
+  ``mlp`` (I), ``vocab`` (V), ``layers`` (L), ``expert`` (X), ``norm``; activations use
+  ``heads_act``, ``kv_heads_act``, ``mlp_act``, ``vocab_act`` (FSDP shards a parameter's
+  ``embed`` dimension but never an activation's).
 """
 
 __version__ = "0.1.0"

@@ -48,13 +48,13 @@ def _bucket(n: int, minimum: int = 8) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "out_len", "temperature", "top_k"))
-def _generate_program(graphdef, state, tokens_BP, lengths_B, max_new, stop_ids, key, top_p, *,
+def _generate_program(graphdef, state, prompt_BT, lengths_B, max_new, stop_ids, key, top_p, *,
                       cache_len, out_len, temperature, top_k):
     model = nnx.merge(graphdef, state)
-    B = tokens_BP.shape[0]
+    B = prompt_BT.shape[0]
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     cache = model.init_cache(B, cache_len)
-    logits_BV, cache = model.prefill(tokens_BP, lengths_B, cache)
+    logits_BV, cache = model.prefill(prompt_BT, lengths_B, cache)
     key, sub = jax.random.split(key)
     tok_B = sample(logits_BV, sub)
     out_BT = jnp.zeros((B, out_len), jnp.int32).at[:, 0].set(tok_B)
@@ -85,7 +85,11 @@ def causal_variant(model: nnx.Module) -> nnx.Module:
     causal = model.config.with_routing_mode("threshold")
     if causal == model.config:
         return model
-    return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: gm.build_from_config(causal))), nnx.state(model))
+    # The causal model's structure, traced abstractly (jax.eval_shape, not nnx.eval_shape: under a
+    # mesh the latter would turn the logical axis names into mesh axes and fail).
+    graphdef = []
+    jax.eval_shape(lambda: graphdef.append(nnx.graphdef(gm.build_from_config(causal))))
+    return nnx.merge(graphdef[0], nnx.state(model))
 
 
 def generate(
@@ -135,17 +139,17 @@ def generate(
             f"exceeds the model's max_seq_len={cfg.max_seq_len}; shorten the prompt or ask "
             f"for fewer tokens."
         )
-    P = min(_bucket(longest), cfg.max_seq_len)
+    T = min(_bucket(longest), cfg.max_seq_len)
     out_len = _bucket(max_new_tokens)
     cache_len = min(-(-(longest + max_new_tokens) // 128) * 128, cfg.max_seq_len)
-    tokens_BP = np.zeros((len(prompts), P), np.int32)
+    prompt_BT = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):
-        tokens_BP[i, : len(p)] = p
+        prompt_BT[i, : len(p)] = p
     stops = [] if stop_tokens is None else ([stop_tokens] if isinstance(stop_tokens, int) else list(stop_tokens))
     stop_ids = np.asarray(stops + [-1], np.int32)  # -1 never matches: keeps the array non-empty
     graphdef, state = nnx.split(causal_variant(model))
     out_BT = _generate_program(
-        graphdef, state, jnp.asarray(tokens_BP), jnp.asarray([len(p) for p in prompts], jnp.int32),
+        graphdef, state, jnp.asarray(prompt_BT), jnp.asarray([len(p) for p in prompts], jnp.int32),
         jnp.int32(max_new_tokens), jnp.asarray(stop_ids), jax.random.key(seed),
         None if top_p is None else jnp.float32(top_p),
         cache_len=cache_len, out_len=out_len, temperature=float(temperature),

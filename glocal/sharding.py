@@ -54,6 +54,7 @@ _RULE_ROWS: dict[str, tuple] = {
     "heads":               (None,       None,       "tensor"),
     "kv_heads":            (None,       None,       "tensor"),
     "head_dim":            (None,       None,       None),
+    "feature":             (None,       None,       None),  # linear-attention q/k features (F)
     "mlp":                 (None,       None,       "tensor"),
     "vocab":               (None,       None,       "tensor"),
     "layers":              (None,       None,       None),  # the scanned layer axis

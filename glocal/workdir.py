@@ -181,6 +181,18 @@ def _manager(workdir: pathlib.Path, create: bool = False) -> ocp.CheckpointManag
     )
 
 
+def _same_model(old: dict, record: dict, config) -> bool:
+    """``old`` (a ``model.json`` record, possibly in an older layout such as the flat kind
+    options of earlier versions) describes the same model as ``record``. The file itself is
+    left as it was: it is the user's, and every version reads it."""
+    if {k: v for k, v in old.items() if k != "config"} != {k: v for k, v in record.items() if k != "config"}:
+        return False
+    try:
+        return type(config).from_dict(old.get("config", {})) == config
+    except UserError:
+        return False
+
+
 def write_model_file(workdir, config, tokenizer: str = "byte") -> None:
     """Record the model (its config, or a model with ``.config``) in ``workdir/model.json``."""
     config = getattr(config, "config", config)
@@ -190,7 +202,7 @@ def write_model_file(workdir, config, tokenizer: str = "byte") -> None:
     path = workdir / MODEL_FILE
     if path.exists():
         old = json.loads(path.read_text())
-        if old != record:
+        if old != record and not _same_model(old, record, config):
             raise WorkdirError(
                 f"{path} describes a different model ({old.get('model')} with another config); "
                 f"use a new --workdir instead of overwriting it."

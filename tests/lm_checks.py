@@ -73,7 +73,8 @@ def build(name: str, preset: str = "tiny", **overrides):
 
 
 def jit_forward(model, fn=None, **kw):
-    """``tokens -> logits of model(tokens, **kw)`` (or of ``fn(model, tokens)``) as one jitted
+    """``tokens -> logits of model(tokens, **kw)`` (or of ``fn(model, tokens)``, which returns
+    ``(logits, aux)`` like a model) as one jitted
     program (eager calls of the grouped models dispatch hundreds of small ops: ~1.5 s a call
     on 2 cores, vs one compile). Without ``fn``/``kw`` it is the model's shared ``Harness``
     forward."""
@@ -153,7 +154,7 @@ def argmax_by_full_forwards(model, prompt, n, width=32):
 
 def assert_causal(model, x, positions, vocab=256, fn=None):
     """Changing token i changes no output before i and some output at or after i.
-    ``fn(model, tokens)`` replaces the plain forward (e.g. to switch an option off)."""
+    ``fn(model, tokens) -> (logits, aux)`` replaces the plain forward (e.g. to switch an option off)."""
     if fn is None:
         f = harness(model).forward
     else:

@@ -126,8 +126,8 @@ def test_models_select_the_implementation_by_config():
         outs = []
         for impl in ("xla", "blockwise"):
             model = gm.build("transformer", "tiny", attention_impl=impl, layer_pattern="gs", sliding_window=12)
-            logits = model(tokens, **kw)
-            grads = nnx.grad(lambda m: jnp.mean(m(tokens, **kw) ** 2))(model)
+            logits, _ = model(tokens, **kw)
+            grads = nnx.grad(lambda m: jnp.mean(m(tokens, **kw)[0] ** 2))(model)
             outs.append((logits, jax.tree.leaves(nnx.state(grads, nnx.Param))))
         np.testing.assert_allclose(outs[0][0], outs[1][0], atol=2e-5)
         for a, b in zip(outs[0][1], outs[1][1]):

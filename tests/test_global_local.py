@@ -58,7 +58,7 @@ def test_fit_without_the_latent_shift_leaks_the_future(fit):
     """l2x lets a group's latents read the whole group; without the shift x2l hands those
     latents back to the same group's earlier tokens: the causality check must fail."""
     x = tokens(2, T)
-    no_shift = lambda m, t: m._logits(m._encode(t, shift=False)[0])
+    no_shift = lambda m, t: (m._logits(m._encode(t, shift=False)[0]), {})
     f = jit_forward(fit, fn=no_shift)
     i = 13  # inside group 1 (tokens 8..15)
     y, base = f(x.at[:, i].set((x[:, i] + 1) % 256)), f(x)

@@ -131,7 +131,7 @@ def test_mistral_window_is_exact(folders):
     """The window must be W tokens including the query (transformers: j > i - W): one token
     more or less changes the logits past the window."""
     model = glocal.hf.from_pretrained(folders["mistral"])
-    assert model.config.layer_pattern == "s" and model.config.sliding_window == 6
+    assert model.config.layer_pattern == "s" and model.config.options["window"].size == 6
     ref = transformers.AutoModelForCausalLM.from_pretrained(folders["mistral"]).eval()
     x = tokens(3)
     want = hf_logits(ref, x)
@@ -459,10 +459,10 @@ def test_qwen2_hub_configs_without_layer_types():
 
     # as Qwen2.5 configs on the hub: use_sliding_window + max_window_layers, no layer_types
     cfg = to_glocal(_config("qwen2", layer_types=None, use_sliding_window=True, max_window_layers=1))[1]
-    assert (cfg.layer_pattern, cfg.sliding_window, cfg.qkv_bias) == ("gs", 6, True)
+    assert (cfg.layer_pattern, cfg.options["window"].size, cfg.qkv_bias) == ("gs", 6, True)
     # max_window_layers left out: transformers' 28, so no layer of these 2 slides
     cfg = to_glocal(_config("qwen2", layer_types=None, use_sliding_window=True, max_window_layers=None))[1]
-    assert (cfg.layer_pattern, cfg.sliding_window) == ("g", None)
+    assert cfg.layer_pattern == "g" and "window" not in cfg.options
     with pytest.raises(glocal.hf.HFConfigError, match="sliding_attention layers but no window"):
         to_glocal(_config("qwen2", use_sliding_window=False, layer_types=["full_attention", "sliding_attention"]))
 
@@ -474,7 +474,7 @@ def test_missing_config_keys_mean_what_transformers_assumes():
                             num_attention_heads=8))[1]
     assert (cfg.rope_theta, cfg.norm_eps, cfg.num_kv_heads) == (1e6, 1e-5, 8)
     cfg = to_glocal(_config("mistral", sliding_window=None, max_position_embeddings=8192))[1]
-    assert (cfg.layer_pattern, cfg.sliding_window) == ("s", 4096)  # Mistral's default window
+    assert (cfg.layer_pattern, cfg.options["window"].size) == ("s", 4096)  # Mistral's default window
     assert to_glocal(_config("llama", sliding_window=12))[1].layer_pattern == "g"  # Llama ignores the key
 
 

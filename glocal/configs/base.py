@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import types
 import typing
 from typing import Any
@@ -105,6 +104,10 @@ class Config:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
+    def other_keys(self) -> list[str]:
+        """Keys beyond the fields that ``replace`` accepts (a model config's kind options)."""
+        return []
+
     def replace(self, **overrides: Any):
         """A copy with ``overrides`` applied; strings are coerced to the field types."""
         hints = typing.get_type_hints(type(self))
@@ -112,8 +115,9 @@ class Config:
         coerced = {}
         for key, value in overrides.items():
             if key not in names:
-                raise ConfigError(f"{type(self).__name__} has no field {key!r}.{did_you_mean(key, names)} "
-                                  f"Valid fields: {', '.join(names)}.")
+                raise ConfigError(f"{type(self).__name__} has no field {key!r}."
+                                  f"{did_you_mean(key, names + self.other_keys())} Valid fields: {', '.join(names)}."
+                                  + (f" Kind options: {', '.join(self.other_keys())}." if self.other_keys() else ""))
             coerced[key] = _coerce(value, hints[key], key)
         return dataclasses.replace(self, **coerced)
 
@@ -128,9 +132,6 @@ class Config:
             raise ConfigError(f"{cls.__name__} does not know the keys {unknown}.")
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], k) for k, v in d.items()})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
 @dataclasses.dataclass(frozen=True)

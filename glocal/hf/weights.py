@@ -4,12 +4,12 @@ Hugging Face stores ``nn.Linear`` weights as ``[out, in]``; glocal stores kernel
 ``[in, out...]`` with named axes, and stacks each layer kind's parameters over a leading
 ``layers`` axis (``glocal.layers.DecoderStack``). A ``Rule`` converts one glocal parameter
 slice (one layer) to its HF tensors and back; the transposes and reshapes are exact, so
-import -> export -> import is bitwise. Layouts (letters as in ``glocal/__init__.py``;
-G = H / K query heads per kv head, X experts):
+import -> export -> import is bitwise. Layouts (letters as in ``glocal/__init__.py``:
+Y = H / K query heads per kv head, X experts):
 
-    q_proj [H E, D]  k_proj / v_proj [K E, D]  -> qkv_DKAE [D, K, G + 2, E]
-        (query head h = k G + g reads kv head k in both: transformers' repeat_kv)
-    q_proj.bias [H E], k/v_proj.bias [K E]     -> qkv_b_KAE [K, G + 2, E]   (Qwen2)
+    q_proj [H E, D]  k_proj / v_proj [K E, D]  -> qkv_DKAE [D, K, Y + 2, E]
+        (query head h = k Y + y reads kv head k in both: transformers' repeat_kv)
+    q_proj.bias [H E], k/v_proj.bias [K E]     -> qkv_b_KAE [K, Y + 2, E]   (Qwen2)
     o_proj [D, H E]                            -> o_HED [H, E, D]
     gate_proj, up_proj [I, D]                  -> wi_DAI [D, 2, I]   (A: gate, up)
     down_proj [D, I]                           -> wo_ID [I, D]
@@ -56,13 +56,13 @@ def _t(w: np.ndarray) -> np.ndarray:
 
 
 def attention_rules(pre: str, D: int, H: int, K: int, E: int, qk_norm: bool, qkv_bias: bool = False) -> list[Rule]:
-    G = H // K
+    Y = H // K
 
     def load_qkv(q, k, v):
-        return np.concatenate([_t(q).reshape(D, K, G, E), _t(k).reshape(D, K, 1, E), _t(v).reshape(D, K, 1, E)], 2)
+        return np.concatenate([_t(q).reshape(D, K, Y, E), _t(k).reshape(D, K, 1, E), _t(v).reshape(D, K, 1, E)], 2)
 
     def save_qkv(w):
-        return _t(w[:, :, :G].reshape(D, H * E)), _t(w[:, :, G].reshape(D, K * E)), _t(w[:, :, G + 1].reshape(D, K * E))
+        return _t(w[:, :, :Y].reshape(D, H * E)), _t(w[:, :, Y].reshape(D, K * E)), _t(w[:, :, Y + 1].reshape(D, K * E))
 
     a = pre + "self_attn."
     rules = [
@@ -76,8 +76,8 @@ def attention_rules(pre: str, D: int, H: int, K: int, E: int, qk_norm: bool, qkv
     if qkv_bias:
         rules.append(Rule(
             "mixer.attn.qkv_b_KAE", (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), ((H * E,), (K * E,), (K * E,)),
-            lambda q, k, v: np.concatenate([q.reshape(K, G, E), k.reshape(K, 1, E), v.reshape(K, 1, E)], 1),
-            lambda b: (b[:, :G].reshape(H * E), b[:, G].reshape(K * E), b[:, G + 1].reshape(K * E))))
+            lambda q, k, v: np.concatenate([q.reshape(K, Y, E), k.reshape(K, 1, E), v.reshape(K, 1, E)], 1),
+            lambda b: (b[:, :Y].reshape(H * E), b[:, Y].reshape(K * E), b[:, Y + 1].reshape(K * E))))
     if qk_norm:
         rules += [norm_rule("mixer.attn.q_norm.scale", a + "q_norm.weight", E),
                   norm_rule("mixer.attn.k_norm.scale", a + "k_norm.weight", E)]

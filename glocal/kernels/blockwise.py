@@ -11,7 +11,7 @@ Conventions as everywhere in ``glocal.kernels``: scale inside, soft-cap before t
 fully masked rows give output 0 and lse ``-inf``; query head ``h`` reads kv head
 ``h // (H // K)``.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K).
+Letters as in the package legend (Y: query heads per kv head, H / K).
 """
 
 from __future__ import annotations

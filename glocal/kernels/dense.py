@@ -9,8 +9,8 @@ Conventions shared by every implementation in ``glocal.kernels``:
   ``c * tanh(logits / c)`` is applied before the mask.
 * A fully masked query row returns output 0 and log-sum-exp ``-inf``.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K), Z the
-query rows folded with them (Y * T).
+Letters as in the package legend; O is the query rows with the Y query heads of a kv head
+folded in (O = Y * T).
 """
 
 from __future__ import annotations
@@ -82,19 +82,19 @@ def dense_attention(
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({K}).")
     Y = H // K
     scale = E**-0.5 if scale is None else scale
-    # Fold the query heads that share a kv head into the row axis (Z = Y*T): every
+    # Fold the query heads that share a kv head into the row axis (O = Y*T): every
     # contraction is then a plain batched matmul over (B, K), which XLA runs much faster
     # than a 5-D einsum with two free axes.
-    q_BKZE = q_BTHE.reshape(B, T, K, Y, E).transpose(0, 2, 3, 1, 4).reshape(B, K, Y * T, E)
+    q_BKOE = q_BTHE.reshape(B, T, K, Y, E).transpose(0, 2, 3, 1, 4).reshape(B, K, Y * T, E)
     k_BKSE, v_BKSE = (k_BSKE, v_BSKE) if kv_heads_major else (
         jnp.swapaxes(k_BSKE, 1, 2), jnp.swapaxes(v_BSKE, 1, 2))
     statics = (float(scale), None if softcap is None else float(softcap), Y, precision, rows_nonempty)
     if custom_grad and not return_lse:
-        out_BKZE = _core(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics)
+        out_BKOE = _core(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics)
     else:
-        p_BKZS, _, lse_BKYT = _probs(q_BKZE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
-        out_BKZE = _weighted_values(p_BKZS, v_BKSE, precision)
-    out_BTHE = (out_BKZE.reshape(B, K, Y, T, -1).transpose(0, 3, 1, 2, 4)
+        p_BKOS, _, lse_BKYT = _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
+        out_BKOE = _weighted_values(p_BKOS, v_BKSE, precision)
+    out_BTHE = (out_BKOE.reshape(B, K, Y, T, -1).transpose(0, 3, 1, 2, 4)
                 .reshape(B, T, H, -1).astype(q_BTHE.dtype))
     if not return_lse:
         return out_BTHE
@@ -107,20 +107,20 @@ def dense_attention(
 # and P is recomputed from the logits rather than stored, so nothing [T, S]-sized is saved.
 
 
-def _probs(q_BKZE, k_BKSE, allowed_BTS, statics, with_lse=False):
-    """Softmax probabilities ``[B, K, Z, S]`` (float32), tanh of the capped logits (for the
+def _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=False):
+    """Softmax probabilities ``[B, K, O, S]`` (float32), tanh of the capped logits (for the
     backward) and, if asked, the log-sum-exp ``[B, K, Y, T]`` (-inf on fully masked rows)."""
     scale, softcap, Y, precision, rows_nonempty = statics
-    B, K, Z, _ = q_BKZE.shape
-    T, S = Z // Y, k_BKSE.shape[2]
-    s_BKZS = jnp.einsum("bkxe,bkse->bkxs", q_BKZE, k_BKSE, precision=precision,
+    B, K, O, _ = q_BKOE.shape
+    T, S = O // Y, k_BKSE.shape[2]
+    s_BKOS = jnp.einsum("bkxe,bkse->bkxs", q_BKOE, k_BKSE, precision=precision,
                         preferred_element_type=jnp.float32) * scale
-    tanh_BKZS = None
+    tanh_BKOS = None
     if softcap is not None:
-        tanh_BKZS = jnp.tanh(s_BKZS / softcap)
-        s_BKZS = softcap * tanh_BKZS
+        tanh_BKOS = jnp.tanh(s_BKOS / softcap)
+        s_BKOS = softcap * tanh_BKOS
     allowed_B11TS = allowed_BTS[:, None, None, :, :]
-    s_BKYTS = jnp.where(allowed_B11TS, s_BKZS.reshape(B, K, Y, T, S), jnp.finfo(jnp.float32).min)
+    s_BKYTS = jnp.where(allowed_B11TS, s_BKOS.reshape(B, K, Y, T, S), jnp.finfo(jnp.float32).min)
     max_BKYT1 = jnp.max(s_BKYTS, axis=-1, keepdims=True)
     p_BKYTS = jnp.exp(s_BKYTS - max_BKYT1)
     sum_BKYT1 = jnp.sum(p_BKYTS, axis=-1, keepdims=True)
@@ -131,40 +131,40 @@ def _probs(q_BKZE, k_BKSE, allowed_BTS, statics, with_lse=False):
     lse_BKYT = None
     if with_lse:
         lse_BKYT = jnp.where(any_B11T1, max_BKYT1 + jnp.log(sum_BKYT1), -jnp.inf)[..., 0]
-    return p_BKYTS.reshape(B, K, Z, S), tanh_BKZS, lse_BKYT
+    return p_BKYTS.reshape(B, K, O, S), tanh_BKOS, lse_BKYT
 
 
-def _weighted_values(p_BKZS, v_BKSE, precision):
-    return jnp.einsum("bkxs,bkse->bkxe", p_BKZS.astype(v_BKSE.dtype), v_BKSE,
+def _weighted_values(p_BKOS, v_BKSE, precision):
+    return jnp.einsum("bkxs,bkse->bkxe", p_BKOS.astype(v_BKSE.dtype), v_BKSE,
                       precision=precision, preferred_element_type=jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _core(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics):
-    return _core_fwd(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
+def _core(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    return _core_fwd(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
 
 
-def _core_fwd(q_BKZE, k_BKSE, v_BKSE, allowed_BTS, statics):
-    p_BKZS, _, _ = _probs(q_BKZE, k_BKSE, allowed_BTS, statics)
-    out_BKZE = _weighted_values(p_BKZS, v_BKSE, statics[3]).astype(q_BKZE.dtype)
-    return out_BKZE, (q_BKZE, k_BKSE, v_BKSE, allowed_BTS, out_BKZE)
+def _core_fwd(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    p_BKOS, _, _ = _probs(q_BKOE, k_BKSE, allowed_BTS, statics)
+    out_BKOE = _weighted_values(p_BKOS, v_BKSE, statics[3]).astype(q_BKOE.dtype)
+    return out_BKOE, (q_BKOE, k_BKSE, v_BKSE, allowed_BTS, out_BKOE)
 
 
-def _core_bwd(statics, residuals, dout_BKZE):
+def _core_bwd(statics, residuals, dout_BKOE):
     scale, softcap, _, precision, _ = statics
-    q_BKZE, k_BKSE, v_BKSE, allowed_BTS, out_BKZE = residuals
-    p_BKZS, tanh_BKZS, _ = _probs(q_BKZE, k_BKSE, allowed_BTS, statics)
+    q_BKOE, k_BKSE, v_BKSE, allowed_BTS, out_BKOE = residuals
+    p_BKOS, tanh_BKOS, _ = _probs(q_BKOE, k_BKSE, allowed_BTS, statics)
     mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
-    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKZS.astype(dout_BKZE.dtype), dout_BKZE)
-    dp_BKZS = mm("bkxe,bkse->bkxs", dout_BKZE, v_BKSE)
-    d_BKZ1 = jnp.sum(dout_BKZE.astype(jnp.float32) * out_BKZE.astype(jnp.float32), axis=-1, keepdims=True)
-    ds_BKZS = p_BKZS * (dp_BKZS - d_BKZ1)
+    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKOS.astype(dout_BKOE.dtype), dout_BKOE)
+    dp_BKOS = mm("bkxe,bkse->bkxs", dout_BKOE, v_BKSE)
+    d_BKO1 = jnp.sum(dout_BKOE.astype(jnp.float32) * out_BKOE.astype(jnp.float32), axis=-1, keepdims=True)
+    ds_BKOS = p_BKOS * (dp_BKOS - d_BKO1)
     if softcap is not None:
-        ds_BKZS = ds_BKZS * (1.0 - tanh_BKZS * tanh_BKZS)
-    ds_BKZS = (ds_BKZS * scale).astype(q_BKZE.dtype)
-    dq_BKZE = mm("bkxs,bkse->bkxe", ds_BKZS, k_BKSE)
-    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKZS, q_BKZE)
-    return (dq_BKZE.astype(q_BKZE.dtype), dk_BKSE.astype(k_BKSE.dtype),
+        ds_BKOS = ds_BKOS * (1.0 - tanh_BKOS * tanh_BKOS)
+    ds_BKOS = (ds_BKOS * scale).astype(q_BKOE.dtype)
+    dq_BKOE = mm("bkxs,bkse->bkxe", ds_BKOS, k_BKSE)
+    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKOS, q_BKOE)
+    return (dq_BKOE.astype(q_BKOE.dtype), dk_BKSE.astype(k_BKSE.dtype),
             dv_BKSE.astype(v_BKSE.dtype), None)
 
 

@@ -18,7 +18,9 @@ Implementations (``impl``):
   lowered (``jax.lax.platform_dependent``), so a program traced on a CPU host and lowered
   for TPU gets ``ragged_dot``. Never ``"tokamax"`` until it has been timed on hardware.
 
-Letters (beyond the package legend): O rows, X groups, Z tiles (I: the output width).
+Letters as in the package legend: O rows, X groups (an MoE layer's experts), G tiles of
+``tile`` rows (N); shapes are written for an MoE layer's first matmul ``[O, D] x [X, D, I]``
+(its second passes ``[O, I] x [X, I, D]``).
 """
 
 from __future__ import annotations
@@ -55,48 +57,48 @@ def _ragged_dot(x_OD, w_XDI, sizes_X):
 
 
 def _tiled_call(x_OD, w_XDI, sizes_X, *, tile=None):
-    M, X = x_OD.shape[0], w_XDI.shape[0]
+    O, X = x_OD.shape[0], w_XDI.shape[0]
     if tile is None:  # about one tile per group on average, 8..128 rows
-        tile = min(128, max(8, 1 << max(0, -(-M // X) - 1).bit_length()))
+        tile = min(128, max(8, 1 << max(0, -(-O // X) - 1).bit_length()))
     return _tiled(x_OD, w_XDI, sizes_X, int(tile))
 
 
-def _layout(group_sizes_X, M: int, tile: int):
+def _layout(group_sizes_X, O: int, tile: int):
     """Where each sorted row goes in the tile-padded buffer, and each tile's group (X for
     tiles past the last group: rows beyond ``sum(group_sizes)`` belong to no group, their
     output is zero and their tiles are skipped)."""
     X = group_sizes_X.shape[0]
-    Z = -(-M // tile) + X  # enough tiles whatever the sizes: sum(ceil(s / tile)) <= M / tile + X
+    G = -(-O // tile) + X  # enough tiles whatever the sizes: sum(ceil(s / tile)) <= O / tile + X
     ends = jnp.cumsum(group_sizes_X)
     padded = -(-group_sizes_X // tile) * tile
     padded_ends = jnp.cumsum(padded)
-    row_group = jnp.searchsorted(ends, jnp.arange(M), side="right")
+    row_group = jnp.searchsorted(ends, jnp.arange(O), side="right")
     safe = jnp.minimum(row_group, X - 1)
-    dest_O = jnp.where(row_group < X, jnp.arange(M) - (ends - group_sizes_X)[safe] + (padded_ends - padded)[safe],
-                       Z * tile)  # rows of no group: dropped by the scatter, read back as zeros
-    tile_group_Z = jnp.searchsorted(padded_ends, jnp.arange(Z) * tile, side="right")
-    return dest_O, tile_group_Z, Z
+    dest_O = jnp.where(row_group < X, jnp.arange(O) - (ends - group_sizes_X)[safe] + (padded_ends - padded)[safe],
+                       G * tile)  # rows of no group: dropped by the scatter, read back as zeros
+    tile_group_G = jnp.searchsorted(padded_ends, jnp.arange(G) * tile, side="right")
+    return dest_O, tile_group_G, G
 
 
-def _to_tiles(a_OD, dest_O, Z, tile):
-    return jnp.zeros((Z * tile, a_OD.shape[1]), a_OD.dtype).at[dest_O].set(a_OD, mode="drop").reshape(Z, tile, -1)
+def _to_tiles(a_OD, dest_O, G, tile):
+    return jnp.zeros((G * tile, a_OD.shape[1]), a_OD.dtype).at[dest_O].set(a_OD, mode="drop").reshape(G, tile, -1)
 
 
-def _from_tiles(out_ZTI, dest_O):
-    return out_ZTI.reshape(-1, out_ZTI.shape[-1]).at[dest_O].get(mode="fill", fill_value=0)
+def _from_tiles(out_GNI, dest_O):
+    return out_GNI.reshape(-1, out_GNI.shape[-1]).at[dest_O].get(mode="fill", fill_value=0)
 
 
-def _tile_products(xt_ZTD, w_XDI, tile_group_Z):
-    X, N = w_XDI.shape[0], w_XDI.shape[2]
+def _tile_products(xt_GND, w_XDI, tile_group_G):
+    X, I = w_XDI.shape[0], w_XDI.shape[2]  # noqa: E741
 
     def body(_, xs):
         xt, g = xs
         # (The empty branch derives its zeros from the operands so that inside shard_map both
         # branches vary over the same mesh axes.)
         out = jax.lax.cond(g < X, lambda: jnp.dot(xt, w_XDI[jnp.minimum(g, X - 1)], preferred_element_type=jnp.float32),
-                           lambda: jnp.zeros((xt.shape[0], N), jnp.float32) + 0 * (xt[:, :1] * w_XDI[0, :1, :]))
+                           lambda: jnp.zeros((xt.shape[0], I), jnp.float32) + 0 * (xt[:, :1] * w_XDI[0, :1, :]))
         return None, out
-    _, out = jax.lax.scan(body, None, (xt_ZTD, tile_group_Z))
+    _, out = jax.lax.scan(body, None, (xt_GND, tile_group_G))
     return out
 
 
@@ -106,21 +108,21 @@ def _tiled(x_OD, w_XDI, group_sizes_X, tile):
 
 
 def _tiled_fwd(x_OD, w_XDI, group_sizes_X, tile):
-    M = x_OD.shape[0]
-    dest_O, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
-    out = _tile_products(_to_tiles(x_OD, dest_O, Z, tile), w_XDI, tile_group_Z)
+    O = x_OD.shape[0]
+    dest_O, tile_group_G, G = _layout(group_sizes_X, O, tile)
+    out = _tile_products(_to_tiles(x_OD, dest_O, G, tile), w_XDI, tile_group_G)
     out_OI = _from_tiles(out, dest_O).astype(x_OD.dtype)
     return out_OI, (x_OD, w_XDI, group_sizes_X)
 
 
 def _tiled_bwd(tile, res, dout_OI):
     x_OD, w_XDI, group_sizes_X = res
-    M = x_OD.shape[0]
-    dest_O, tile_group_Z, Z = _layout(group_sizes_X, M, tile)
-    dt_ZTI = _to_tiles(dout_OI, dest_O, Z, tile)
-    dx = _tile_products(dt_ZTI, jnp.swapaxes(w_XDI, 1, 2), tile_group_Z)
+    O = x_OD.shape[0]
+    dest_O, tile_group_G, G = _layout(group_sizes_X, O, tile)
+    dt_GNI = _to_tiles(dout_OI, dest_O, G, tile)
+    dx = _tile_products(dt_GNI, jnp.swapaxes(w_XDI, 1, 2), tile_group_G)
     dx_OD = _from_tiles(dx, dest_O).astype(x_OD.dtype)
-    xt_ZTD = _to_tiles(x_OD, dest_O, Z, tile)
+    xt_GND = _to_tiles(x_OD, dest_O, G, tile)
 
     X = w_XDI.shape[0]
 
@@ -131,9 +133,9 @@ def _tiled_bwd(tile, res, dout_OI):
         return jax.lax.cond(g < X, add, lambda dw: dw, dw), None
 
     # Zeros that vary like the operands (see _tile_products).
-    zeros = jnp.zeros(w_XDI.shape, jnp.float32) + 0 * (xt_ZTD[0, :1, :, None] * dt_ZTI[0, :1, None, :]
+    zeros = jnp.zeros(w_XDI.shape, jnp.float32) + 0 * (xt_GND[0, :1, :, None] * dt_GNI[0, :1, None, :]
                                                        * w_XDI[:1, :1, :1])
-    dw, _ = jax.lax.scan(body, zeros, (xt_ZTD, dt_ZTI, tile_group_Z))
+    dw, _ = jax.lax.scan(body, zeros, (xt_GND, dt_GNI, tile_group_G))
     return _like(dx_OD, x_OD), _like(dw.astype(w_XDI.dtype), w_XDI), None
 
 

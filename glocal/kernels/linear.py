@@ -8,15 +8,15 @@ with ``w(q, k) = phi(q) . phi(k)`` and ``(S0, z0)`` an optional initial state. F
   per head, not the value head width): the second-order Taylor expansion of ``exp(s)``.
   ``phi(x) = [1, x / F^(1/4), sym2(x) / sqrt(2 F)]`` where ``sym2`` keeps each unordered pair
   ``x_i x_j`` once (off-diagonal pairs scaled by sqrt 2), so the state has
-  ``D = 1 + F + F (F + 1) / 2`` features (153 for F = 16) instead of ``1 + F + F^2``.
-* ``"elu"``: ``phi(x) = elu(x) + 1``; ``"relu"``: ``phi(x) = relu(x)`` (D = F).
+  ``J = 1 + F + F (F + 1) / 2`` features (153 for F = 16) instead of ``1 + F + F^2``.
+* ``"elu"``: ``phi(x) = elu(x) + 1``; ``"relu"``: ``phi(x) = relu(x)`` (J = F).
 
 Implementations (``impl``):
 
 * ``"quadratic"``: the masked ``[T, T]`` kernel matrix; the reference (autodiff).
 * ``"chunked"``: ``lax.scan`` over chunks of ``chunk_size`` tokens. Inside a chunk the kernel
   is computed from raw ``q k^T`` (features never expanded); across chunks a float32 state
-  ``(S [D, E], z [D])`` carries the earlier chunks. Its custom VJP keeps only each chunk's
+  ``(S [J, E], z [J])`` carries the earlier chunks. Its custom VJP keeps only each chunk's
   entering state (no per-token features) and walks the chunks in reverse.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the chunked form as Pallas kernels (Mosaic TPU, Triton
   GPU; forward and backward), in interpret mode off their platform
@@ -25,11 +25,11 @@ Implementations (``impl``):
   and by lowering only; pick them explicitly on hardware).
 
 ``linear_attention_step`` is the recurrent form for decoding (one token per row). The state
-``(S_BKDE, z_BKD)`` (float32, per kv head) is the same in every form, so a prefill by the
+``(S_BKJE, z_BKJ)`` (float32, per kv head) is the same in every form, so a prefill by the
 chunked form hands its final state to the step function.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K); in
-``_BK...`` names C is the chunk length (these names never meet a model's C).
+Letters as in the package legend: Y query heads per kv head (H / K), J the state's features;
+chunks are the legend's blocks (G chunks of N tokens).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def _kernel(q_F, k_F, feature_map: str):
 
 
 def empty_state(batch_size: int, num_kv_heads: int, F: int, E: int, feature_map: str = "taylor"):
-    """``(S_BKDE, z_BKD)`` of zeros (float32)."""
-    D = feature_dim(feature_map, F)
-    return jnp.zeros((batch_size, num_kv_heads, D, E), jnp.float32), jnp.zeros((batch_size, num_kv_heads, D), jnp.float32)
+    """``(S_BKJE, z_BKJ)`` of zeros (float32)."""
+    J = feature_dim(feature_map, F)
+    return jnp.zeros((batch_size, num_kv_heads, J, E), jnp.float32), jnp.zeros((batch_size, num_kv_heads, J), jnp.float32)
 
 
 def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps: float = 1e-6, impl: str = "auto",
@@ -70,7 +70,7 @@ def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps
     Args:
       q_BTHF: queries ``[B, T, H, F]``; k_BTKF: keys ``[B, T, K, F]`` with ``H % K == 0``
         (query head h reads kv head h // (H / K)); v_BTKE: values ``[B, T, K, E]``.
-      initial_state: ``(S_BKDE, z_BKD)`` from an earlier call or ``empty_state``; None = zeros.
+      initial_state: ``(S_BKJE, z_BKJ)`` from an earlier call or ``empty_state``; None = zeros.
       return_state: also return the final state (the input to ``linear_attention_step``).
 
     Returns ``o_BTHE`` in q's dtype (and the float32 state when asked).
@@ -113,100 +113,100 @@ def linear_attention(q_BTHF, k_BTKF, v_BTKE, *, feature_map: str = "taylor", eps
 def linear_attention_step(q_BHF, k_BKF, v_BKE, state, *, feature_map: str = "taylor", eps: float = 1e-6):
     """One token per row (decoding): add ``(k, v)`` to the state, then read it with ``q``.
     Returns ``(o_BHE, state)``; the state stays float32 and its size never grows."""
-    S_BKDE, z_BKD = state
+    S_BKJE, z_BKJ = state
     B, H, F = q_BHF.shape
     K = k_BKF.shape[1]
-    phik_BKD = features(k_BKF, feature_map)
-    S_BKDE = S_BKDE + phik_BKD[..., None] * v_BKE.astype(jnp.float32)[:, :, None, :]
-    z_BKD = z_BKD + phik_BKD
-    phiq_BKYD = features(q_BHF.reshape(B, K, H // K, F), feature_map)
-    num_BKYE = jnp.einsum("bkyd,bkde->bkye", phiq_BKYD, S_BKDE)
-    den_BKY = jnp.einsum("bkyd,bkd->bky", phiq_BKYD, z_BKD)
+    phik_BKJ = features(k_BKF, feature_map)
+    S_BKJE = S_BKJE + phik_BKJ[..., None] * v_BKE.astype(jnp.float32)[:, :, None, :]
+    z_BKJ = z_BKJ + phik_BKJ
+    phiq_BKYJ = features(q_BHF.reshape(B, K, H // K, F), feature_map)
+    num_BKYE = jnp.einsum("bkyd,bkde->bkye", phiq_BKYJ, S_BKJE)
+    den_BKY = jnp.einsum("bkyd,bkd->bky", phiq_BKYJ, z_BKJ)
     o_BHE = (num_BKYE / (den_BKY[..., None] + eps)).reshape(B, H, -1)
-    return o_BHE.astype(q_BHF.dtype), (S_BKDE, z_BKD)
+    return o_BHE.astype(q_BHF.dtype), (S_BKJE, z_BKJ)
 
 
 # -- quadratic (reference) -----------------------------------------------------------------------
 def _quadratic(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps):
-    S_BKDE, z_BKD = state
+    S_BKJE, z_BKJ = state
     T = q_BKYTF.shape[3]
     w_BKYTS = _kernel(q_BKYTF, k_BKTF[:, :, None], feature_map) * jnp.tril(jnp.ones((T, T), jnp.float32))
     phiq = features(q_BKYTF, feature_map)
     v = v_BKTE.astype(jnp.float32)
-    num = jnp.einsum("bkyts,bkse->bkyte", w_BKYTS, v) + jnp.einsum("bkytd,bkde->bkyte", phiq, S_BKDE)
-    den = w_BKYTS.sum(-1) + jnp.einsum("bkytd,bkd->bkyt", phiq, z_BKD)
+    num = jnp.einsum("bkyts,bkse->bkyte", w_BKYTS, v) + jnp.einsum("bkytd,bkde->bkyte", phiq, S_BKJE)
+    den = w_BKYTS.sum(-1) + jnp.einsum("bkytd,bkd->bkyt", phiq, z_BKJ)
     phik = features(k_BKTF, feature_map)
-    final = (S_BKDE + jnp.einsum("bktd,bkte->bkde", phik, v), z_BKD + phik.sum(2))
+    final = (S_BKJE + jnp.einsum("bktd,bkte->bkde", phik, v), z_BKJ + phik.sum(2))
     return num / (den[..., None] + eps), final
 
 
 # -- chunked (training) ----------------------------------------------------------------------------
-def _to_chunks(x, C: int, axis: int):
-    """Pad ``axis`` (length T) to N*C and split it into ``[N, ..., C, ...]`` (chunks leading)."""
+def _to_chunks(x, N: int, axis: int):
+    """Pad ``axis`` (length T) to G*N and split it into ``[G, ..., N, ...]`` (chunks leading)."""
     T = x.shape[axis]
-    N = -(-T // C)
+    G = -(-T // N)
     pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, N * C - T)
-    x = jnp.pad(x, pad).reshape(*x.shape[:axis], N, C, *x.shape[axis + 1:])
+    pad[axis] = (0, G * N - T)
+    x = jnp.pad(x, pad).reshape(*x.shape[:axis], G, N, *x.shape[axis + 1:])
     return jnp.moveaxis(x, axis, 0)
 
 
-def _chunk_valid(T: int, C: int):
-    """``[N, C]`` float mask of real (unpadded) positions."""
-    N = -(-T // C)
-    return (np.arange(N * C).reshape(N, C) < T).astype(np.float32)
+def _chunk_valid(T: int, N: int):
+    """``[G, N]`` float mask of real (unpadded) positions."""
+    G = -(-T // N)
+    return (np.arange(G * N).reshape(G, N) < T).astype(np.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _chunked(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, C):
-    return _chunked_fwd(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, C)[0]
+def _chunked(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, N):
+    return _chunked_fwd(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, N)[0]
 
 
-def _chunk_out(q_BKYCF, k_BKCF, v_BKCE, S_BKDE, z_BKD, feature_map, eps):
+def _chunk_out(q_BKYNF, k_BKNF, v_BKNE, S_BKJE, z_BKJ, feature_map, eps):
     """One chunk's outputs from the state entering it; also what the backward needs."""
-    C = q_BKYCF.shape[3]
-    w = _kernel(q_BKYCF, k_BKCF[:, :, None], feature_map) * jnp.tril(jnp.ones((C, C), jnp.float32))
-    phiq = features(q_BKYCF, feature_map)
-    v = v_BKCE.astype(jnp.float32)
-    num = jnp.einsum("bkyts,bkse->bkyte", w, v) + jnp.einsum("bkytd,bkde->bkyte", phiq, S_BKDE)
-    den = w.sum(-1) + jnp.einsum("bkytd,bkd->bkyt", phiq, z_BKD) + eps
+    N = q_BKYNF.shape[3]
+    w = _kernel(q_BKYNF, k_BKNF[:, :, None], feature_map) * jnp.tril(jnp.ones((N, N), jnp.float32))
+    phiq = features(q_BKYNF, feature_map)
+    v = v_BKNE.astype(jnp.float32)
+    num = jnp.einsum("bkyts,bkse->bkyte", w, v) + jnp.einsum("bkytd,bkde->bkyte", phiq, S_BKJE)
+    den = w.sum(-1) + jnp.einsum("bkytd,bkd->bkyt", phiq, z_BKJ) + eps
     return num / den[..., None], (w, phiq, num, den)
 
 
-def _chunked_fwd(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, C):
+def _chunked_fwd(q_BKYTF, k_BKTF, v_BKTE, state, feature_map, eps, N):
     T = q_BKYTF.shape[3]
-    qc, kc, vc = _to_chunks(q_BKYTF, C, 3), _to_chunks(k_BKTF, C, 2), _to_chunks(v_BKTE, C, 2)
-    valid_NC = jnp.asarray(_chunk_valid(T, C))
+    qc, kc, vc = _to_chunks(q_BKYTF, N, 3), _to_chunks(k_BKTF, N, 2), _to_chunks(v_BKTE, N, 2)
+    valid_GN = jnp.asarray(_chunk_valid(T, N))
 
     def body(carry, xs):
-        S_BKDE, z_BKD = carry
-        q, k, v, valid_C = xs
-        o, _ = _chunk_out(q, k, v, S_BKDE, z_BKD, feature_map, eps)
-        phik = features(k, feature_map) * valid_C[:, None]  # padded keys never enter the state
-        new = (S_BKDE + jnp.einsum("bkcd,bkce->bkde", phik, v.astype(jnp.float32)), z_BKD + phik.sum(2))
-        return new, (o, (S_BKDE, z_BKD))
+        S_BKJE, z_BKJ = carry
+        q, k, v, valid_N = xs
+        o, _ = _chunk_out(q, k, v, S_BKJE, z_BKJ, feature_map, eps)
+        phik = features(k, feature_map) * valid_N[:, None]  # padded keys never enter the state
+        new = (S_BKJE + jnp.einsum("bkcd,bkce->bkde", phik, v.astype(jnp.float32)), z_BKJ + phik.sum(2))
+        return new, (o, (S_BKJE, z_BKJ))
 
-    final, (o_N, entering_N) = jax.lax.scan(body, tuple(state), (qc, kc, vc, valid_NC))
-    o = jnp.moveaxis(o_N, 0, 3).reshape(*q_BKYTF.shape[:3], -1, v_BKTE.shape[-1])[:, :, :, :T]
+    final, (o_G, entering_G) = jax.lax.scan(body, tuple(state), (qc, kc, vc, valid_GN))
+    o = jnp.moveaxis(o_G, 0, 3).reshape(*q_BKYTF.shape[:3], -1, v_BKTE.shape[-1])[:, :, :, :T]
     # Residuals: the inputs and each chunk's entering state (per chunk, never per token).
-    return (o, final), (q_BKYTF, k_BKTF, v_BKTE, entering_N)
+    return (o, final), (q_BKYTF, k_BKTF, v_BKTE, entering_G)
 
 
-def _chunked_bwd(feature_map, eps, C, residuals, cotangents):
-    q_BKYTF, k_BKTF, v_BKTE, entering_N = residuals
+def _chunked_bwd(feature_map, eps, N, residuals, cotangents):
+    q_BKYTF, k_BKTF, v_BKTE, entering_G = residuals
     do_BKYTE, (dS_final, dz_final) = cotangents
     T = q_BKYTF.shape[3]
-    qc, kc, vc = _to_chunks(q_BKYTF, C, 3), _to_chunks(k_BKTF, C, 2), _to_chunks(v_BKTE, C, 2)
-    doc = _to_chunks(do_BKYTE.astype(jnp.float32), C, 3)
-    valid_NC = jnp.asarray(_chunk_valid(T, C))
+    qc, kc, vc = _to_chunks(q_BKYTF, N, 3), _to_chunks(k_BKTF, N, 2), _to_chunks(v_BKTE, N, 2)
+    doc = _to_chunks(do_BKYTE.astype(jnp.float32), N, 3)
+    valid_GN = jnp.asarray(_chunk_valid(T, N))
 
     def body(carry, xs):
         dS, dz = carry  # gradient w.r.t. the state leaving this chunk
-        q, k, v, do, valid_C, (S, z) = xs
+        q, k, v, do, valid_N, (S, z) = xs
 
         def chunk(q, k, v, S, z):
             o, _ = _chunk_out(q, k, v, S, z, feature_map, eps)
-            phik = features(k, feature_map) * valid_C[:, None]
+            phik = features(k, feature_map) * valid_N[:, None]
             new = (S + jnp.einsum("bkcd,bkce->bkde", phik, v.astype(jnp.float32)), z + phik.sum(2))
             return o, new
 
@@ -215,11 +215,11 @@ def _chunked_bwd(feature_map, eps, C, residuals, cotangents):
         dq, dk, dv, dS_in, dz_in = pull((do, (dS, dz)))
         return (dS_in, dz_in), (dq, dk, dv)
 
-    (dS0, dz0), (dq_N, dk_N, dv_N) = jax.lax.scan(body, (dS_final.astype(jnp.float32), dz_final.astype(jnp.float32)),
-                                                  (qc, kc, vc, doc, valid_NC, entering_N), reverse=True)
-    unchunk = lambda x_N, axis, like: jnp.moveaxis(x_N, 0, axis).reshape(
+    (dS0, dz0), (dq_G, dk_G, dv_G) = jax.lax.scan(body, (dS_final.astype(jnp.float32), dz_final.astype(jnp.float32)),
+                                                  (qc, kc, vc, doc, valid_GN, entering_G), reverse=True)
+    unchunk = lambda x_G, axis, like: jnp.moveaxis(x_G, 0, axis).reshape(
         *like.shape[:axis], -1, *like.shape[axis + 1:])[(slice(None),) * axis + (slice(0, T),)].astype(like.dtype)
-    return (unchunk(dq_N, 3, q_BKYTF), unchunk(dk_N, 2, k_BKTF), unchunk(dv_N, 2, v_BKTE), (dS0, dz0))
+    return (unchunk(dq_G, 3, q_BKYTF), unchunk(dk_G, 2, k_BKTF), unchunk(dv_G, 2, v_BKTE), (dS0, dz0))
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)

@@ -15,7 +15,7 @@ and ``w = q.k``. Taylor keeps the three moment states of the expansion uncompres
 
 (a2 as F separate ``[F, E]`` tiles: no 3-D values, which Triton cannot slice; the readout
 ``1/2 sum_ij q_i q_j a2[i, j]`` is F small matmuls). elu/relu keep only ``(a1, z1)``. The
-public state ``(S_BKDE, z_BKD)`` of the other forms uses the symmetric compression; the
+public state ``(S_BKJE, z_BKJ)`` of the other forms uses the symmetric compression; the
 wrappers convert (a linear map, so autodiff carries the initial state's gradient).
 
 Backward: the forward saves each chunk's entering state (per chunk, never per token); one
@@ -23,8 +23,8 @@ kernel walks the chunks in reverse carrying the state gradient and writes dq, dk
 and the initial state's gradient at the end. a2 and z2 are symmetric, and their incoming
 gradient is symmetrised, which the closed forms below rely on.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K). (Chunk
-counts and lengths appear only as plain integers ``N`` and ``C`` here, never in tensor names.)
+Letters as in the package legend: Y query heads per kv head (H / K); chunks are the legend's
+blocks (``G`` chunks of ``N`` tokens).
 """
 
 from __future__ import annotations
@@ -58,24 +58,24 @@ def _t_dot(a, b):
 
 
 def _col(x, i):
-    """Column ``i`` of ``x [C, F]`` as ``[C, 1]`` (a masked reduction: Triton cannot slice values)."""
+    """Column ``i`` of ``x [N, F]`` as ``[N, 1]`` (a masked reduction: Triton cannot slice values)."""
     iota = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1)
     return jnp.sum(jnp.where(iota == i, x, 0.0), axis=1, keepdims=True)
 
 
-def _causal(C):
-    return jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) >= jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+def _causal(N):
+    return jax.lax.broadcasted_iota(jnp.int32, (N, N), 0) >= jax.lax.broadcasted_iota(jnp.int32, (N, N), 1)
 
 
 def _intra(q, k, taylor):
-    """The chunk's masked kernel matrix ``w [C, C]`` and the raw scores ``s``."""
+    """The chunk's masked kernel matrix ``w [N, N]`` and the raw scores ``s``."""
     s = _dot_t(q, k)
     w = 1.0 + s + 0.5 * s * s if taylor else s
     return jnp.where(_causal(q.shape[0]), w, 0.0), s
 
 
 def _readout(q, st, taylor):
-    """What the state entering a chunk contributes: numerator ``[C, E]`` and denominator ``[C, 1]``."""
+    """What the state entering a chunk contributes: numerator ``[N, E]`` and denominator ``[N, 1]``."""
     if not taylor:
         a1, z1 = st
         return _dot(q, a1), jnp.sum(q * z1, axis=1, keepdims=True)
@@ -100,7 +100,7 @@ def _absorb(k, v, st, n_valid, taylor):
 
 
 def chunk_forward(qs, k, v, st, n_valid, taylor, eps):
-    """``qs``: the Y query tiles ``[C, F]``; returns their outputs ``[C, E]`` and the new state."""
+    """``qs``: the Y query tiles ``[N, F]``; returns their outputs ``[N, E]`` and the new state."""
     outs = []
     for q in qs:
         w, _ = _intra(q, k, taylor)
@@ -198,7 +198,7 @@ def _pairs(F):
 
 
 def to_kernel_state(state, F, Fp, Ep, taylor):
-    """Public ``(S_BKDE, z_BKD)`` -> in-kernel arrays, zero-padded to ``Fp`` features and ``Ep`` values."""
+    """Public ``(S_BKJE, z_BKJ)`` -> in-kernel arrays, zero-padded to ``Fp`` features and ``Ep`` values."""
     S, z = (x.astype(jnp.float32) for x in state)
     E = S.shape[-1]
     pe = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, Ep - E)])
@@ -222,7 +222,7 @@ def to_kernel_state(state, F, Fp, Ep, taylor):
 
 
 def from_kernel_state(kst, F, E, taylor):
-    """In-kernel arrays -> the public compressed ``(S_BKDE, z_BKD)`` (padding dropped)."""
+    """In-kernel arrays -> the public compressed ``(S_BKJE, z_BKJ)`` (padding dropped)."""
     if not taylor:
         a1, z1 = kst
         return a1[:, :, :F, :E], z1[:, :, 0, :F]
@@ -248,18 +248,18 @@ def _symmetrise(dkst, taylor):
 
 
 def call_dims(q, v, statics):
-    """A kernel call's statics ``(taylor, eps, C, T, interpret)`` (the backend name dropped) and
-    ``(B, K, Y, Tp, F, E, N, state shapes)`` of its heads-major, chunk-padded operands."""
-    _, taylor, eps, C, T, interpret = statics
+    """A kernel call's statics ``(taylor, eps, N, T, interpret)`` (the backend name dropped) and
+    ``(B, K, Y, Tp, F, E, G, state shapes)`` of its heads-major, chunk-padded operands."""
+    _, taylor, eps, N, T, interpret = statics
     B, K, Y, Tp, F = q.shape
     E = v.shape[-1]
-    return (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, Tp // C, state_shapes(F, E, taylor))
+    return (taylor, eps, N, T, interpret), (B, K, Y, Tp, F, E, Tp // N, state_shapes(F, E, taylor))
 
 
-def forward_outputs(B, K, Y, Tp, E, N, shapes):
+def forward_outputs(B, K, Y, Tp, E, G, shapes):
     """The forward kernels' outputs: o, each chunk's entering state, the final state."""
     return ([jax.ShapeDtypeStruct((B, K, Y, Tp, E), jnp.float32)]
-            + [jax.ShapeDtypeStruct((B, K, N) + s, jnp.float32) for s in shapes]
+            + [jax.ShapeDtypeStruct((B, K, G) + s, jnp.float32) for s in shapes]
             + [jax.ShapeDtypeStruct((B, K) + s, jnp.float32) for s in shapes])
 
 
@@ -319,7 +319,7 @@ def call_linear(kernel_call, backend, q_BKYTF, k_BKTF, v_BKTE, state, *, feature
     features and values change nothing in the sums."""
     B, K, Y, T, F = q_BKYTF.shape
     E = v_BKTE.shape[-1]
-    C = int(chunk_size)
+    N = int(chunk_size)
     taylor = feature_map == "taylor"
     if taylor:  # s = q.k / sqrt(F) == (q F^-1/4).(k F^-1/4)
         q = q_BKYTF.astype(jnp.float32) * F**-0.25
@@ -328,16 +328,16 @@ def call_linear(kernel_call, backend, q_BKYTF, k_BKTF, v_BKTE, state, *, feature
         q, k = features(q_BKYTF, feature_map), features(k_BKTF, feature_map)
     Fp, Ep = F, E
     if backend == "gpu":
-        if C & (C - 1) or C < 16:
-            raise ValueError(f"impl='pallas_gpu' needs chunk_size a power of two >= 16 (Triton tiles); got {C}.")
+        if N & (N - 1) or N < 16:
+            raise ValueError(f"impl='pallas_gpu' needs chunk_size a power of two >= 16 (Triton tiles); got {N}.")
         Fp, Ep = _pow2_at_least_16(F), _pow2_at_least_16(E)
-    N = -(-T // C)
+    G = -(-T // N)
     pad = lambda x, axis, n: jnp.pad(x, [(0, 0)] * axis + [(0, n)] + [(0, 0)] * (x.ndim - axis - 1))
-    q = pad(pad(q, 3, N * C - T), 4, Fp - F)
-    k = pad(pad(k, 2, N * C - T), 3, Fp - F)
-    v = pad(pad(v_BKTE.astype(jnp.float32), 2, N * C - T), 3, Ep - E)
+    q = pad(pad(q, 3, G * N - T), 4, Fp - F)
+    k = pad(pad(k, 2, G * N - T), 3, Fp - F)
+    v = pad(pad(v_BKTE.astype(jnp.float32), 2, G * N - T), 3, Ep - E)
     kst = to_kernel_state(state, F, Fp, Ep, taylor)
-    run = lambda interpret_mode, *ops: kernel_call(*ops, (backend, taylor, float(eps), C, T, interpret_mode))
+    run = lambda interpret_mode, *ops: kernel_call(*ops, (backend, taylor, float(eps), N, T, interpret_mode))
     # Rows and kv heads are independent: per shard under a mesh (XLA cannot partition the
     # kernels' custom calls itself).
     names = ("batch", "kv_heads_act")

@@ -9,8 +9,8 @@ The chunk math, the in-kernel state and the custom_vjp wiring are shared with th
 off-GPU. Triton's dot needs F and E powers of two (>= 16): the shared wrapper pads them and
 requires such a chunk size.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K). (Chunk
-counts and lengths appear only as plain integers ``N`` and ``C`` here, never in tensor names.)
+Letters as in the package legend: Y query heads per kv head (H / K); chunks are the legend's
+blocks (``G`` chunks of ``N`` tokens).
 """
 
 from __future__ import annotations
@@ -33,38 +33,38 @@ def _gpu_params(E):
 
 
 def _gpu_forward(q, k, v, kst, statics):
-    (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, N, shapes) = call_dims(q, v, statics)
+    (taylor, eps, N, T, interpret), (B, K, Y, Tp, F, E, G, shapes) = call_dims(q, v, statics)
     ns = len(shapes)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         init, (o_ref, *rest) = refs[:ns], refs[ns:]
         saved, final = rest[:ns], rest[ns:]
 
-        def body(n, st):
-            rows = pl.ds(pl.multiple_of(n * C, C), C)
-            store_state(saved, (n,), st, taylor)
-            n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
+        def body(g, st):
+            rows = pl.ds(pl.multiple_of(g * N, N), N)
+            store_state(saved, (g,), st, taylor)
+            n_valid = jnp.clip(T - g * N, 0, N).astype(jnp.float32)
             outs, st = chunk_forward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :], v_ref[rows, :], st,
                                      n_valid, taylor, eps)
             for y, o in enumerate(outs):
                 o_ref[y, rows, :] = o
             return st
 
-        store_state(final, (), jax.lax.fori_loop(0, N, body, load_state(init, (), taylor)), taylor)
+        store_state(final, (), jax.lax.fori_loop(0, G, body, load_state(init, (), taylor)), taylor)
 
     whole = lambda lead, s: block_spec(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
     out = pl.pallas_call(
         kernel, grid=(B, K),
         in_specs=[whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))] + [whole((), s) for s in shapes],
-        out_specs=[whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes] + [whole((), s) for s in shapes],
-        out_shape=forward_outputs(B, K, Y, Tp, E, N, shapes),
+        out_specs=[whole((), (Y, Tp, E))] + [whole((G,), s) for s in shapes] + [whole((), s) for s in shapes],
+        out_shape=forward_outputs(B, K, Y, Tp, E, G, shapes),
         interpret=interpret, compiler_params=None if interpret else _gpu_params(E),
     )(q, k, v, *kst)
     return split_forward(out, ns)
 
 
 def _gpu_backward(q, k, v, do, saved, dfinal, statics):
-    (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, N, shapes) = call_dims(q, v, statics)
+    (taylor, eps, N, T, interpret), (B, K, Y, Tp, F, E, G, shapes) = call_dims(q, v, statics)
     ns = len(shapes)
 
     def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
@@ -73,23 +73,23 @@ def _gpu_backward(q, k, v, do, saved, dfinal, statics):
         dinit = refs[2 * ns + 3:]
 
         def body(m, dst):
-            n = N - 1 - m
-            rows = pl.ds(pl.multiple_of(n * C, C), C)
+            g = G - 1 - m
+            rows = pl.ds(pl.multiple_of(g * N, N), N)
             dqs, dk, dv, dst = chunk_backward([q_ref[y, rows, :] for y in range(Y)], k_ref[rows, :],
                                               v_ref[rows, :], [do_ref[y, rows, :] for y in range(Y)],
-                                              load_state(saved_refs, (n,), taylor), dst, taylor, eps)
+                                              load_state(saved_refs, (g,), taylor), dst, taylor, eps)
             for y, dq in enumerate(dqs):
                 dq_ref[y, rows, :] = dq
             dk_ref[rows, :], dv_ref[rows, :] = dk, dv
             return dst
 
-        store_state(dinit, (), jax.lax.fori_loop(0, N, body, load_state(dfin, (), taylor)), taylor)
+        store_state(dinit, (), jax.lax.fori_loop(0, G, body, load_state(dfin, (), taylor)), taylor)
 
     whole = lambda lead, s: block_spec(lead + s, lambda b, h: (b, h) + (0,) * len(lead + s))
     qspec, kspec, vspec = whole((), (Y, Tp, F)), whole((), (Tp, F)), whole((), (Tp, E))
     out = pl.pallas_call(
         kernel, grid=(B, K),
-        in_specs=[qspec, kspec, vspec, whole((), (Y, Tp, E))] + [whole((N,), s) for s in shapes]
+        in_specs=[qspec, kspec, vspec, whole((), (Y, Tp, E))] + [whole((G,), s) for s in shapes]
         + [whole((), s) for s in shapes],
         out_specs=[qspec, kspec, vspec] + [whole((), s) for s in shapes],
         out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]

@@ -1,6 +1,6 @@
 """The chunked linear-attention form as a Pallas TPU (Mosaic) kernel, forward and backward.
 
-Grid ``(B, K, N)`` with the chunk axis last and sequential ("arbitrary"); the running
+Grid ``(B, K, G)`` with the chunk axis last and sequential ("arbitrary"); the running
 state lives in VMEM scratch across grid steps; each chunk's q/k/v tile is DMA'd by the
 block specs.
 
@@ -8,8 +8,8 @@ The chunk math, the in-kernel state and the custom_vjp wiring are shared with th
 (``glocal.kernels.linear_pallas_common``, whose docstring describes the state); interpret mode
 off-TPU.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K). (Chunk
-counts and lengths appear only as plain integers ``N`` and ``C`` here, never in tensor names.)
+Letters as in the package legend: Y query heads per kv head (H / K); chunks are the legend's
+blocks (``G`` chunks of ``N`` tokens).
 """
 
 from __future__ import annotations
@@ -34,40 +34,40 @@ def _tpu_params():
 def _tpu_forward(q, k, v, kst, statics):
     from jax.experimental.pallas import tpu as pltpu
 
-    (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, N, shapes) = call_dims(q, v, statics)
+    (taylor, eps, N, T, interpret), (B, K, Y, Tp, F, E, G, shapes) = call_dims(q, v, statics)
     ns = len(shapes)
     zeros = lambda s: (0,) * len(s)
 
     def kernel(q_ref, k_ref, v_ref, *refs):
         init, (o_ref, *rest) = refs[:ns], refs[ns:]
         saved, final, scratch = rest[:ns], rest[ns:2 * ns], rest[2 * ns:]
-        n = pl.program_id(2)
+        g = pl.program_id(2)
 
-        @pl.when(n == 0)
+        @pl.when(g == 0)
         def _():
             store_state(scratch, (), load_state(init, (), taylor), taylor)
 
         st = load_state(scratch, (), taylor)
-        store_state(saved, (), st, taylor)  # the state entering chunk n, for the backward
-        n_valid = jnp.clip(T - n * C, 0, C).astype(jnp.float32)
+        store_state(saved, (), st, taylor)  # the state entering chunk g, for the backward
+        n_valid = jnp.clip(T - g * N, 0, N).astype(jnp.float32)
         outs, st = chunk_forward([q_ref[y] for y in range(Y)], k_ref[...], v_ref[...], st, n_valid, taylor, eps)
         for y, o in enumerate(outs):
             o_ref[y] = o
         store_state(scratch, (), st, taylor)
 
-        @pl.when(n == N - 1)
+        @pl.when(g == G - 1)
         def _():
             store_state(final, (), st, taylor)
 
-    whole = [block_spec(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
-    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, n) + zeros(s)) for s in shapes]
+    whole = [block_spec(s, lambda b, h, g, s=s: (b, h) + zeros(s)) for s in shapes]
+    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, g, s=s: (b, h, g) + zeros(s)) for s in shapes]
     out = pl.pallas_call(
-        kernel, grid=(B, K, N),
-        in_specs=[block_spec((Y, C, F), lambda b, h, n: (b, h, 0, n, 0)),
-                  block_spec((C, F), lambda b, h, n: (b, h, n, 0)),
-                  block_spec((C, E), lambda b, h, n: (b, h, n, 0))] + whole,
-        out_specs=[block_spec((Y, C, E), lambda b, h, n: (b, h, 0, n, 0))] + per_chunk + whole,
-        out_shape=forward_outputs(B, K, Y, Tp, E, N, shapes),
+        kernel, grid=(B, K, G),
+        in_specs=[block_spec((Y, N, F), lambda b, h, g: (b, h, 0, g, 0)),
+                  block_spec((N, F), lambda b, h, g: (b, h, g, 0)),
+                  block_spec((N, E), lambda b, h, g: (b, h, g, 0))] + whole,
+        out_specs=[block_spec((Y, N, E), lambda b, h, g: (b, h, 0, g, 0))] + per_chunk + whole,
+        out_shape=forward_outputs(B, K, Y, Tp, E, G, shapes),
         scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in shapes],
         interpret=interpret, compiler_params=None if interpret else _tpu_params(),
     )(q, k, v, *kst)
@@ -77,18 +77,18 @@ def _tpu_forward(q, k, v, kst, statics):
 def _tpu_backward(q, k, v, do, saved, dfinal, statics):
     from jax.experimental.pallas import tpu as pltpu
 
-    (taylor, eps, C, T, interpret), (B, K, Y, Tp, F, E, N, shapes) = call_dims(q, v, statics)
+    (taylor, eps, N, T, interpret), (B, K, Y, Tp, F, E, G, shapes) = call_dims(q, v, statics)
     ns = len(shapes)
     zeros = lambda s: (0,) * len(s)
-    rev = lambda n: N - 1 - n  # walk the chunks last to first
+    rev = lambda g: G - 1 - g  # walk the chunks last to first
 
     def kernel(q_ref, k_ref, v_ref, do_ref, *refs):
         saved_refs, dfin = refs[:ns], refs[ns:2 * ns]
         dq_ref, dk_ref, dv_ref = refs[2 * ns:2 * ns + 3]
         dinit, scratch = refs[2 * ns + 3:3 * ns + 3], refs[3 * ns + 3:]
-        n = pl.program_id(2)
+        g = pl.program_id(2)
 
-        @pl.when(n == 0)
+        @pl.when(g == 0)
         def _():
             store_state(scratch, (), load_state(dfin, (), taylor), taylor)
 
@@ -100,19 +100,19 @@ def _tpu_backward(q, k, v, do, saved, dfinal, statics):
         dk_ref[...], dv_ref[...] = dk, dv
         store_state(scratch, (), dst, taylor)
 
-        @pl.when(n == N - 1)
+        @pl.when(g == G - 1)
         def _():
             store_state(dinit, (), dst, taylor)
 
-    whole = [block_spec(s, lambda b, h, n, s=s: (b, h) + zeros(s)) for s in shapes]
-    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, n, s=s: (b, h, rev(n)) + zeros(s))
+    whole = [block_spec(s, lambda b, h, g, s=s: (b, h) + zeros(s)) for s in shapes]
+    per_chunk = [pl.BlockSpec((None, None, None) + s, lambda b, h, g, s=s: (b, h, rev(g)) + zeros(s))
                  for s in shapes]
-    qspec = block_spec((Y, C, F), lambda b, h, n: (b, h, 0, rev(n), 0))
-    kspec = block_spec((C, F), lambda b, h, n: (b, h, rev(n), 0))
-    vspec = block_spec((C, E), lambda b, h, n: (b, h, rev(n), 0))
-    ospec = block_spec((Y, C, E), lambda b, h, n: (b, h, 0, rev(n), 0))
+    qspec = block_spec((Y, N, F), lambda b, h, g: (b, h, 0, rev(g), 0))
+    kspec = block_spec((N, F), lambda b, h, g: (b, h, rev(g), 0))
+    vspec = block_spec((N, E), lambda b, h, g: (b, h, rev(g), 0))
+    ospec = block_spec((Y, N, E), lambda b, h, g: (b, h, 0, rev(g), 0))
     out = pl.pallas_call(
-        kernel, grid=(B, K, N),
+        kernel, grid=(B, K, G),
         in_specs=[qspec, kspec, vspec, ospec] + per_chunk + whole,
         out_specs=[qspec, kspec, vspec] + whole,
         out_shape=[jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)]

@@ -11,7 +11,7 @@ Triton needs power-of-two tiles and head dimension of at least 16: the wrapper
 (``tiles.call_tiled(pow2_tiles=True)``) zero-pads short sequences and odd head dims up to
 them, so any shape runs.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K).
+Letters as in the package legend (Y: query heads per kv head, H / K).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ by ``jax.custom_vjp``. On CPU the kernels run in interpret mode (``interpret=Tru
 Supported: every mask whose predicate is plain arithmetic (all of ``glocal.kernels.masks``
 except ``Explicit``), GQA, soft-cap, segment ids, T != S.
 
-Letters added here (beyond the package legend): Y query heads per kv head (H / K).
+Letters as in the package legend (Y: query heads per kv head, H / K).
 """
 
 from __future__ import annotations

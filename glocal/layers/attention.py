@@ -27,7 +27,7 @@ from glocal.kernels.dense import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
 from glocal.layers.norms import RMSNorm
 from glocal.sharding import constrain
-from glocal.layers.params import as_dtype, fan_in_init, named_param, param
+from glocal.layers.params import Bias, as_dtype, fan_in_init, named_param, param
 from glocal.layers.rope import RopeScaling, apply_rope
 
 
@@ -79,7 +79,7 @@ class Attention(nnx.Module):
         v = fan_in_init(kv_dim)(rngs.params(), (kv_dim, K, E), param_dtype)
         # Fused storage: one matmul per projection input, no per-call concatenation (which
         # would also reshard under tensor parallelism). Kernels are grouped by kv head
-        # (A = the G = H/K query heads that read kv head k, then k, then v), so sharding the
+        # (A = the Y = H/K query heads that read kv head k, then k, then v), so sharding the
         # kv-head axis hands each device whole groups: its query heads with their keys.
         if self.cross:  # queries and keys/values come from different inputs
             self.q_DHE = named_param(q, ("embed", "heads", "head_dim"))
@@ -90,10 +90,10 @@ class Attention(nnx.Module):
         # Optional q/k/v biases (Qwen2), laid out like the kernels' output axes; no output bias.
         zeros = lambda k, shape, d: jnp.zeros(shape, d)
         if qkv_bias and self.cross:
-            self.q_b_HE = param(rngs, zeros, (H, E), ("heads", "head_dim"), param_dtype)
-            self.kv_b_KAE = param(rngs, zeros, (K, 2, E), ("kv_heads", None, "head_dim"), param_dtype)
+            self.q_b_HE = param(rngs, zeros, (H, E), ("heads", "head_dim"), param_dtype, Bias)
+            self.kv_b_KAE = param(rngs, zeros, (K, 2, E), ("kv_heads", None, "head_dim"), param_dtype, Bias)
         elif qkv_bias:
-            self.qkv_b_KAE = param(rngs, zeros, (K, H // K + 2, E), ("kv_heads", None, "head_dim"), param_dtype)
+            self.qkv_b_KAE = param(rngs, zeros, (K, H // K + 2, E), ("kv_heads", None, "head_dim"), param_dtype, Bias)
         self.qkv_bias = qkv_bias
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
         # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
@@ -108,8 +108,8 @@ class Attention(nnx.Module):
             kv = self.kv_DKAE[...]
             return self.q_DHE[...], kv[:, :, 0], kv[:, :, 1]
         w = self.qkv_DKAE[...]
-        G = self.num_heads // self.num_kv_heads
-        return w[:, :, :G].reshape(w.shape[0], self.num_heads, -1), w[:, :, G], w[:, :, G + 1]
+        Y = self.num_heads // self.num_kv_heads
+        return w[:, :, :Y].reshape(w.shape[0], self.num_heads, -1), w[:, :, Y], w[:, :, Y + 1]
 
     def set_qkv_kernels(self, q_DHE, k_DKE, v_DKE) -> None:
         """Store separate q / k / v kernels in this layer's (fused) layout."""
@@ -127,8 +127,8 @@ class Attention(nnx.Module):
         if self.cross:
             return self.q_DHE[...].astype(self.dtype), self.kv_DKAE[...].astype(self.dtype)
         w = self.qkv_DKAE[...].astype(self.dtype)
-        G = self.num_heads // self.num_kv_heads
-        return w[:, :, :G].reshape(w.shape[0], self.num_heads, -1), w[:, :, G:]
+        Y = self.num_heads // self.num_kv_heads
+        return w[:, :, :Y].reshape(w.shape[0], self.num_heads, -1), w[:, :, Y:]
 
     def _biases(self):
         """``(q [H, E], kv [K, 2, E])`` biases in the compute dtype (zeros when off: a
@@ -138,8 +138,8 @@ class Attention(nnx.Module):
         if self.cross:
             return self.q_b_HE[...].astype(self.dtype), self.kv_b_KAE[...].astype(self.dtype)
         b = self.qkv_b_KAE[...].astype(self.dtype)
-        G = self.num_heads // self.num_kv_heads
-        return b[:, :G].reshape(self.num_heads, -1), b[:, G:]
+        Y = self.num_heads // self.num_kv_heads
+        return b[:, :Y].reshape(self.num_heads, -1), b[:, Y:]
 
     def project_q(self, x_BTD, positions_BT=None):
         q_BTHE = _matmul(x_BTD.astype(self.dtype), self._kernels()[0]) + self._biases()[0]
@@ -154,13 +154,13 @@ class Attention(nnx.Module):
         if self.cross:
             return self.project_q(x_BTD, positions_BT), *self.project_kv(x_BTD, positions_BT)
         B, T, _ = x_BTD.shape
-        G = self.num_heads // self.num_kv_heads
+        Y = self.num_heads // self.num_kv_heads
         qkv_BTKAE = _matmul(x_BTD.astype(self.dtype), self.qkv_DKAE[...].astype(self.dtype))
         if self.qkv_bias:
             qkv_BTKAE = qkv_BTKAE + self.qkv_b_KAE[...].astype(self.dtype)
-        q_BTHE = qkv_BTKAE[:, :, :, :G].reshape(B, T, self.num_heads, self.head_dim)
+        q_BTHE = qkv_BTKAE[:, :, :, :Y].reshape(B, T, self.num_heads, self.head_dim)
         return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
-                self._norm_rope(qkv_BTKAE[:, :, :, G], self.k_norm, positions_BT), qkv_BTKAE[:, :, :, G + 1])
+                self._norm_rope(qkv_BTKAE[:, :, :, Y], self.k_norm, positions_BT), qkv_BTKAE[:, :, :, Y + 1])
 
     def _norm_rope(self, x_BTHE, norm, positions_BT):
         """Optional per-head qk-norm, then RoPE at ``positions_BT`` (if RoPE is on); for

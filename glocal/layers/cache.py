@@ -76,21 +76,13 @@ class KVCache(Cache):
         position ``>= size`` is dropped (callers check lengths up front). For a cache
         stacked over layers, ``layer`` selects the layer written.
         """
-        S = self.size
         if valid_BT is None:
             valid_BT = jnp.ones(positions_BT.shape, bool)
-        if self.wraps:
-            newest_B1 = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1, keepdims=True)
-            keep_BT = valid_BT & (positions_BT > newest_B1 - S)
-            slot_BT = positions_BT % S
-        else:
-            keep_BT = valid_BT
-            slot_BT = positions_BT
-        # Kept writes have distinct slots; dropped ones go out of range and mode="drop"
-        # discards them, so the scatter is deterministic.
-        slot_BT = jnp.where(keep_BT, slot_BT, S)
+        slot_BT = self._slots(positions_BT, valid_BT, layer)
         # Scatter only the new tokens: inside a decode loop XLA then updates the buffers in
-        # place instead of copying the whole cache every step.
+        # place instead of copying the whole cache every step. Kept writes have distinct
+        # slots; dropped ones are out of range (slot ``size``) and mode="drop" discards them,
+        # so the scatter is deterministic.
         row_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
         lead = () if layer is None else (layer,)
         # Advanced indices around a slice put the indexed (B, T) dims first: the update
@@ -105,6 +97,15 @@ class KVCache(Cache):
             pos_BS=write(self.pos_BS, pos_idx, positions_BT.astype(jnp.int32)),
         )
 
+    def _slots(self, positions_BT, valid_BT, layer):
+        """Where each new token goes: its position, or (ring) its position modulo the size;
+        ``size`` (out of range) for tokens not kept."""
+        S = self.size
+        if self.wraps:
+            newest_B1 = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1, keepdims=True)
+            keep_BT = valid_BT & (positions_BT > newest_B1 - S)
+            return jnp.where(keep_BT, positions_BT % S, S)
+        return jnp.where(valid_BT, positions_BT, S)
 
     def clear_rows(self, rows_B, layer=None) -> "KVCache":
         """Mark every slot of the rows where ``rows_B`` is true empty."""
@@ -141,20 +142,16 @@ class CompactKVCache(KVCache):
     def update(self, k_BTKE, v_BTKE, positions_BT, valid_BT=None, layer=None) -> "CompactKVCache":
         if valid_BT is None:
             valid_BT = jnp.ones(positions_BT.shape, bool)
+        out = super().update(k_BTKE, v_BTKE, positions_BT, valid_BT, layer)
+        count_B = self.count_B if layer is None else self.count_B[layer]
+        count_B = jnp.minimum(count_B + jnp.sum(valid_BT, axis=1, dtype=jnp.int32), self.size)
+        return dataclasses.replace(out, count_B=count_B if layer is None else self.count_B.at[layer].set(count_B))
+
+    def _slots(self, positions_BT, valid_BT, layer):
+        """The next free slots of each row, in arrival order."""
         count_B = self.count_B if layer is None else self.count_B[layer]
         slot_BT = count_B[:, None] + jnp.cumsum(valid_BT, axis=1, dtype=jnp.int32) - 1
-        slot_BT = jnp.where(valid_BT & (slot_BT < self.size), slot_BT, self.size)  # out of range: dropped
-        row_BT = jnp.broadcast_to(jnp.arange(slot_BT.shape[0])[:, None], slot_BT.shape)
-        lead = () if layer is None else (layer,)
-        write = lambda buf, idx, new: buf.at[idx].set(new.astype(buf.dtype), mode="drop")
-        count_B = jnp.minimum(count_B + jnp.sum(valid_BT, axis=1, dtype=jnp.int32), self.size)
-        return dataclasses.replace(
-            self,
-            k_BKSE=write(self.k_BKSE, lead + (row_BT, slice(None), slot_BT), k_BTKE),
-            v_BKSE=write(self.v_BKSE, lead + (row_BT, slice(None), slot_BT), v_BTKE),
-            pos_BS=write(self.pos_BS, lead + (row_BT, slot_BT), positions_BT.astype(jnp.int32)),
-            count_B=count_B if layer is None else self.count_B.at[layer].set(count_B),
-        )
+        return jnp.where(valid_BT & (slot_BT < self.size), slot_BT, self.size)  # out of range: dropped
 
     def clear_rows(self, rows_B, layer=None) -> "CompactKVCache":
         out = super().clear_rows(rows_B, layer)

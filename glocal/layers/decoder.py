@@ -112,12 +112,12 @@ class DecoderStack(nnx.Module):
                        if not getattr(layer.mixer, "packs_documents", False)})
 
 
-def _over_repeats(value_R, weight_R):
-    """A unit's aux entry stacked over the repeats: losses add up (a weight is the same in
-    every layer); statistics ``[R, P, ...]`` become per-layer ``[R P, ...]`` in layer order."""
-    if weight_R is None:
-        return value_R.reshape(-1, *value_R.shape[2:]), None
-    return jnp.sum(value_R, axis=0), weight_R[0]
+def _over_repeats(value_L, weight_L):
+    """A unit's aux entry stacked over the repeats (L): losses add up (a weight is the same in
+    every layer); statistics ``[L, P, ...]`` become per-layer ``[L P, ...]`` in layer order."""
+    if weight_L is None:
+        return value_L.reshape(-1, *value_L.shape[2:]), None
+    return jnp.sum(value_L, axis=0), weight_L[0]
 
 
 def merge_aux(a: dict, *others: dict) -> dict:

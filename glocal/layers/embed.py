@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.params import Embedding, as_dtype, fan_in_init, param
 
 
 class Embed(nnx.Module):
@@ -17,7 +17,7 @@ class Embed(nnx.Module):
         self.vocab_size = vocab_size
         self.dtype = as_dtype(dtype)
         init = lambda k, s, d: init_std * jax.random.normal(k, s, d)
-        self.table_VD = param(rngs, init, (vocab_size, d_model), ("vocab", "embed"), param_dtype)
+        self.table_VD = param(rngs, init, (vocab_size, d_model), ("vocab", "embed"), param_dtype, Embedding)
 
     def __call__(self, tokens_BT):
         return jnp.take(self.table_VD[...], tokens_BT, axis=0).astype(self.dtype)

@@ -14,6 +14,16 @@ from glocal.layers.params import as_dtype, fan_in_init, param
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 
 
+def activate(h_AI, activation: str):
+    """The hidden activations from the fused input projections ``[..., A, I]`` (gate and up
+    for the gated forms): ``[..., I]``. Dense MLPs and experts share it."""
+    if activation == "swiglu":
+        return jax.nn.silu(h_AI[..., 0, :]) * h_AI[..., 1, :]
+    if activation == "geglu":
+        return jax.nn.gelu(h_AI[..., 0, :]) * h_AI[..., 1, :]
+    return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_AI[..., 0, :])
+
+
 class MLP(nnx.Module):
     """``swiglu``: ``(silu(x Wg) * x Wu) Wo``; ``gelu``/``relu``: ``act(x Wi) Wo``."""
 
@@ -36,13 +46,5 @@ class MLP(nnx.Module):
         # Flattened 2-D matmuls: XLA:CPU runs these faster than the equivalent 4-D einsum.
         flat = x_BTD.astype(self.dtype).reshape(B * T, D)  # [(B T), D]
         h_BTAI = (flat @ self.wi_DAI[...].astype(self.dtype).reshape(D, A * I)).reshape(B, T, A, I)
-        if self.activation == "swiglu":
-            h_BTI = jax.nn.silu(h_BTAI[:, :, 0]) * h_BTAI[:, :, 1]
-        elif self.activation == "geglu":
-            h_BTI = jax.nn.gelu(h_BTAI[:, :, 0]) * h_BTAI[:, :, 1]
-        elif self.activation == "gelu":
-            h_BTI = jax.nn.gelu(h_BTAI[:, :, 0])
-        else:
-            h_BTI = jax.nn.relu(h_BTAI[:, :, 0])
-        h_BTI = constrain(h_BTI, ("batch", None, "mlp_act"))  # tensor parallel: hidden split
+        h_BTI = constrain(activate(h_BTAI, self.activation), ("batch", None, "mlp_act"))  # tensor parallel: hidden split
         return (h_BTI.reshape(B * T, I) @ self.wo_ID[...].astype(self.dtype)).reshape(B, T, D)

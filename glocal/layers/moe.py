@@ -13,8 +13,8 @@ nothing is dropped):
 * ``dense``: every expert on every token, masked combine (the reference; X times the FLOPs).
 * ``capacity``: per sequence, each expert has ``ceil(k T / X * capacity_factor)`` buffer
   slots filled in token order; assignments that do not fit are dropped (contribute zero;
-  the residual carries the token). Scatter into ``[B, X, Y, D]`` buffers, no one-hot
-  ``[tokens, X, Y]`` tensors.
+  the residual carries the token). Scatter into ``[B, X, S, D]`` buffers, no one-hot
+  ``[tokens, X, S]`` tensors.
 * ``dropless``: the ``B T k`` assignments sorted by expert, two grouped matmuls
   (``glocal.kernels.gmm``: ``jax.lax.ragged_dot`` on GPU/TPU, a tiled scan on CPU, where XLA's
   ragged_dot costs every expert on every row), unsorted and combined. Nothing is dropped.
@@ -24,8 +24,9 @@ Routers (``moe.router``, see ``glocal.layers.routing``): ``token_choice`` top-k,
 a causal predictor beside it; ``routing_mode="threshold"`` routes each token to the experts
 whose predictor says yes, which is what evaluation and decoding use).
 
-Letters (beyond the package legend): O token rows (B T flattened), Z experts chosen per token
-(top-k), Y rows handed to the experts (sorted assignments, or an expert's capacity slots).
+Letters as in the package legend: O rows, the B T tokens flattened (or, in ``_experts_grouped``
+and the expert-parallel exchange, the assignments handed to the experts), Z experts chosen per
+token (top-k), S an expert's capacity slots.
 
 Auxiliary losses go through the trainer's ``aux`` mechanism ``{name: (loss, weight)}``:
 ``moe_balance`` (Switch, ``alpha X sum f_e P_e``), ``moe_z`` (router z-loss), ``moe_predictor``
@@ -46,8 +47,8 @@ from flax import nnx
 
 from glocal.kernels.gmm import GMM_IMPLS, grouped_matmul
 from glocal.layers import routing
-from glocal.layers.mlp import MLP
-from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.mlp import MLP, activate
+from glocal.layers.params import SelectionBias, as_dtype, fan_in_init, param
 from glocal.layers.spec import KindOptions, LayerSpec, register_ffn
 from glocal.sharding import constrain
 
@@ -127,14 +128,6 @@ def _expert_parallel_axes(num_experts: int, num_rows: int) -> tuple[str, ...]:
     return axes
 
 
-def _activate(h_OAI, activation: str):
-    if activation == "swiglu":
-        return jax.nn.silu(h_OAI[:, 0]) * h_OAI[:, 1]
-    if activation == "geglu":
-        return jax.nn.gelu(h_OAI[:, 0]) * h_OAI[:, 1]
-    return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_OAI[:, 0])
-
-
 @register_ffn("moe", options=MoEOptions, aliases=_ALIASES)
 class MoEFFN(nnx.Module):
     """``X`` routed experts (+ shared experts). Returns ``(y_BTD, aux)``.
@@ -157,7 +150,7 @@ class MoEFFN(nnx.Module):
         self.wi_XDAI = param(rngs, fan_in_init(D), (X, D, A, I), ("expert", "embed", None, "mlp"), spec.param_dtype)
         self.wo_XID = param(rngs, fan_in_init(I), (X, I, D), ("expert", "mlp", "embed"), spec.param_dtype)
         if m.bias_rate > 0:
-            self.select_bias_X = param(rngs, nnx.initializers.zeros, (X,), (None,), jnp.float32)
+            self.select_bias_X = param(rngs, nnx.initializers.zeros, (X,), (None,), jnp.float32, SelectionBias)
         if m.router == "expert_choice":
             self.predictor_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
         self.shared = (MLP(D, m.shared_experts * I, activation=spec.mlp, dtype=spec.dtype,
@@ -182,22 +175,22 @@ class MoEFFN(nnx.Module):
         """Every expert on every row: ``[X, O, D]``."""
         h = jnp.einsum("nd,xdai->xnai", x_OD, self.wi_XDAI[...].astype(self.dtype))
         X, O, A, I = h.shape
-        h_XOI = _activate(h.reshape(X * O, A, I), self.activation).reshape(X, O, I)
+        h_XOI = activate(h.reshape(X * O, A, I), self.activation).reshape(X, O, I)
         return jnp.einsum("xni,xid->xnd", h_XOI, self.wo_XID[...].astype(self.dtype))
 
-    def _experts_grouped(self, x_YD, group_sizes_X):
-        """Rows sorted by expert (``group_sizes_X`` rows each): ``[Y, D]`` through a grouped matmul."""
+    def _experts_grouped(self, x_OD, group_sizes_X):
+        """Rows sorted by expert (``group_sizes_X`` rows each): ``[O, D]`` through a grouped matmul."""
         X, D, A, I = self.wi_XDAI.shape
         gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
-        h = gmm(x_YD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
-        h_YI = _activate(h.reshape(-1, A, I), self.activation)
-        return gmm(h_YI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
+        h = gmm(x_OD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
+        h_OI = activate(h.reshape(-1, A, I), self.activation)
+        return gmm(h_OI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
 
-    def _experts_buffers(self, buf_BXYD):
-        """Per-expert buffers ``[B, X, Y, D]`` -> outputs of the same shape."""
-        h = jnp.einsum("bxyd,xdai->bxyai", buf_BXYD, self.wi_XDAI[...].astype(self.dtype))
-        B, X, Y, A, I = h.shape
-        h = _activate(h.reshape(B * X * Y, A, I), self.activation).reshape(B, X, Y, I)
+    def _experts_buffers(self, buf_BXSD):
+        """Per-expert buffers ``[B, X, S, D]`` -> outputs of the same shape."""
+        h = jnp.einsum("bxyd,xdai->bxyai", buf_BXSD, self.wi_XDAI[...].astype(self.dtype))
+        B, X, S, A, I = h.shape
+        h = activate(h.reshape(B * X * S, A, I), self.activation).reshape(B, X, S, I)
         return jnp.einsum("bxyi,xid->bxyd", h, self.wo_XID[...].astype(self.dtype))
 
     # -- forward ------------------------------------------------------------------------------
@@ -249,13 +242,13 @@ class MoEFFN(nnx.Module):
             return self._dropless_expert_parallel(x_OD, idx_OZ, w_OZ, axes)
         O, Z = idx_OZ.shape
         X = self.moe.num_experts
-        expert_Y = idx_OZ.reshape(-1)
-        order_Y = jnp.argsort(expert_Y, stable=True)
-        token_Y = (jnp.arange(O * Z) // Z)[order_Y]
-        group_sizes_X = jnp.zeros((X,), jnp.int32).at[expert_Y].add(1)
-        out_YD = self._experts_grouped(x_OD[token_Y], group_sizes_X)
-        out_YD = out_YD * w_OZ.reshape(-1)[order_Y][:, None].astype(out_YD.dtype)
-        return jnp.zeros_like(x_OD).at[token_Y].add(out_YD)
+        assigned_expert = idx_OZ.reshape(-1)
+        order = jnp.argsort(assigned_expert, stable=True)
+        row_token = (jnp.arange(O * Z) // Z)[order]
+        group_sizes_X = jnp.zeros((X,), jnp.int32).at[assigned_expert].add(1)
+        out_rows = self._experts_grouped(x_OD[row_token], group_sizes_X)
+        out_rows = out_rows * w_OZ.reshape(-1)[order][:, None].astype(out_rows.dtype)
+        return jnp.zeros_like(x_OD).at[row_token].add(out_rows)
 
     def _dropless_expert_parallel(self, x_OD, idx_OZ, w_OZ, axes):
         """Dropless dispatch with the experts split over the ``axes`` mesh axes (E_p shards of
@@ -281,22 +274,22 @@ class MoEFFN(nnx.Module):
 
         def local(x, idx, w, wi, wo):
             n, Z = idx.shape
-            M = n * Z
+            O = n * Z
             expert = idx.reshape(-1)
             order = jnp.argsort(expert, stable=True)
-            expert, token, weight = expert[order], (jnp.arange(M) // Z)[order], w.reshape(-1)[order]
+            expert, token, weight = expert[order], (jnp.arange(O) // Z)[order], w.reshape(-1)[order]
             dest = expert // XL
             counts = jnp.zeros((E_p,), jnp.int32).at[dest].add(1)
-            rank = jnp.arange(M) - (jnp.cumsum(counts) - counts)[dest]
-            send_x = jnp.zeros((E_p, M, D), x.dtype).at[dest, rank].set(x[token])
-            send_e = jnp.full((E_p, M), XL, jnp.int32).at[dest, rank].set(expert % XL)  # XL: padding
+            rank = jnp.arange(O) - (jnp.cumsum(counts) - counts)[dest]
+            send_x = jnp.zeros((E_p, O, D), x.dtype).at[dest, rank].set(x[token])
+            send_e = jnp.full((E_p, O), XL, jnp.int32).at[dest, rank].set(expert % XL)  # XL: padding
             recv_x, recv_e = exchange(send_x), exchange(send_e)
             flat_e = recv_e.reshape(-1)
             order2 = jnp.argsort(flat_e, stable=True)  # padding (XL) sorts last: past every group
             sizes = jnp.zeros((XL,), jnp.int32).at[flat_e].add(1, mode="drop")
             h = gmm(recv_x.reshape(-1, D)[order2], wi, sizes)
-            out = gmm(_activate(h.reshape(-1, A, I), self.activation), wo, sizes)
-            back = exchange(jnp.zeros_like(out).at[order2].set(out).reshape(E_p, M, D))
+            out = gmm(activate(h.reshape(-1, A, I), self.activation), wo, sizes)
+            back = exchange(jnp.zeros_like(out).at[order2].set(out).reshape(E_p, O, D))
             y = back[dest, rank] * weight[:, None].astype(back.dtype)
             return jnp.zeros_like(x).at[token].add(y)
 
@@ -308,15 +301,15 @@ class MoEFFN(nnx.Module):
         m = self.moe
         B, T, D = x_BTD.shape
         X, Z = m.num_experts, m.top_k
-        Y = routing.capacity(T, Z, X, m.capacity_factor)
-        slot_BTZ, keep_BTZ = routing.capacity_slots(idx_BTZ, X, Y)
-        slot_BTZ = jnp.where(keep_BTZ, slot_BTZ, Y)  # dropped assignments land in a spare slot
+        S = routing.capacity(T, Z, X, m.capacity_factor)
+        slot_BTZ, keep_BTZ = routing.capacity_slots(idx_BTZ, X, S)
+        slot_BTZ = jnp.where(keep_BTZ, slot_BTZ, S)  # dropped assignments land in a spare slot
         b = jnp.arange(B)[:, None, None]
-        buf = jnp.zeros((B, X, Y + 1, D), x_BTD.dtype).at[b, idx_BTZ, slot_BTZ].set(
+        buf = jnp.zeros((B, X, S + 1, D), x_BTD.dtype).at[b, idx_BTZ, slot_BTZ].set(
             jnp.broadcast_to(x_BTD[:, :, None], (B, T, Z, D)))
-        out_BXYD = self._experts_buffers(buf[:, :, :Y])
-        out_BXYD = jnp.pad(out_BXYD, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the spare slot reads zeros
-        y_BTZD = out_BXYD[b, idx_BTZ, slot_BTZ] * (w_BTZ * keep_BTZ)[..., None].astype(out_BXYD.dtype)
+        out_BXSD = self._experts_buffers(buf[:, :, :S])
+        out_BXSD = jnp.pad(out_BXSD, ((0, 0), (0, 0), (0, 1), (0, 0)))  # the spare slot reads zeros
+        y_BTZD = out_BXSD[b, idx_BTZ, slot_BTZ] * (w_BTZ * keep_BTZ)[..., None].astype(out_BXSD.dtype)
         return y_BTZD.sum(2).reshape(B * T, D), 1.0 - jnp.mean(keep_BTZ.astype(jnp.float32))
 
     def _expert_choice(self, x_BTD, logits_BTX):
@@ -337,12 +330,12 @@ class MoEFFN(nnx.Module):
             aux.update(moe_load=(load_X.astype(jnp.float32), None),
                        moe_load_max_over_mean=(jnp.max(load_X) * X, None))
             return y.reshape(B, T, D), aux
-        Y = min(T, routing.capacity(T, 1, X, m.capacity_factor))
-        tok_BXY, gate_BXY, member_BTX = routing.expert_choice(logits_BTX, Y)
+        S = min(T, routing.capacity(T, 1, X, m.capacity_factor))
+        tok_BXS, gate_BXS, member_BTX = routing.expert_choice(logits_BTX, S)
         b = jnp.arange(B)[:, None, None]
-        out_BXYD = self._experts_buffers(x_BTD[b, tok_BXY])
-        out_BXYD = out_BXYD * gate_BXY[..., None].astype(out_BXYD.dtype)
-        y_BTD = jnp.zeros_like(x_BTD).at[b, tok_BXY].add(out_BXYD)
+        out_BXSD = self._experts_buffers(x_BTD[b, tok_BXS])
+        out_BXSD = out_BXSD * gate_BXS[..., None].astype(out_BXSD.dtype)
+        y_BTD = jnp.zeros_like(x_BTD).at[b, tok_BXS].add(out_BXSD)
         aux.update(
             moe_predictor=(routing.predictor_loss(pred_BTX, member_BTX), m.predictor_weight),
             moe_predictor_agreement=(jnp.mean(((pred_BTX > 0) == (member_BTX > 0)).astype(jnp.float32)), None),

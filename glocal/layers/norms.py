@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from glocal.layers.params import as_dtype, param
+from glocal.layers.params import Bias, Scale, as_dtype, param
 
 
 class RMSNorm(nnx.Module):
@@ -17,7 +17,7 @@ class RMSNorm(nnx.Module):
         # width, "head_dim" for per-head qk-norm (whose scale must not shard like a width).
         self.eps = eps
         self.dtype = as_dtype(dtype)
-        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), (axis,), param_dtype)
+        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), (axis,), param_dtype, Scale)
 
     def __call__(self, x_BTD):
         x = x_BTD.astype(jnp.float32)
@@ -32,9 +32,9 @@ class LayerNorm(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.eps = eps
         self.dtype = as_dtype(dtype)
-        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), ("embed",), param_dtype)
+        self.scale = param(rngs, lambda k, s, d: jnp.ones(s, d), (dim,), ("embed",), param_dtype, Scale)
         self.bias = (
-            param(rngs, lambda k, s, d: jnp.zeros(s, d), (dim,), ("embed",), param_dtype)
+            param(rngs, lambda k, s, d: jnp.zeros(s, d), (dim,), ("embed",), param_dtype, Bias)
             if use_bias else None
         )
 

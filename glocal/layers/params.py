@@ -20,25 +20,47 @@ from glocal.sharding import constrain
 Initializer = Callable[..., jax.Array]
 
 
+# Parameter types: what the optimizer treats differently (weight decay groups, an update rule
+# of its own) is said by the variable's type, not by its name (glocal.train.optim). All are
+# nnx.Param, so nnx.state(model, nnx.Param) still holds every trained value.
+class Scale(nnx.Param):
+    """A norm's gain."""
+
+
+class Bias(nnx.Param):
+    """An additive bias."""
+
+
+class Embedding(nnx.Param):
+    """An input token embedding table."""
+
+
+class SelectionBias(nnx.Param):
+    """A bias that shifts a router's selection only and is moved by its balancing rule, never
+    by Adam (glocal.layers.moe, glocal.train.optim)."""
+
+
 def param(
     rngs: nnx.Rngs,
     init: Initializer,
     shape: Sequence[int],
     axes: Sequence[str | None],
     dtype=jnp.float32,
+    kind: type[nnx.Param] = nnx.Param,
 ) -> nnx.Param:
-    """A parameter of ``shape`` initialised by ``init`` with logical ``axes`` (one per dim)."""
+    """A parameter of ``shape`` initialised by ``init`` with logical ``axes`` (one per dim);
+    ``kind`` is its type (``Scale``, ``Bias``, ``Embedding``, ... or plain ``nnx.Param``)."""
     if len(axes) != len(shape):
         raise ValueError(f"param of shape {tuple(shape)} needs {len(shape)} axis names, got {axes}.")
-    return named_param(init(rngs.params(), tuple(shape), dtype), axes)
+    return named_param(init(rngs.params(), tuple(shape), dtype), axes, kind)
 
 
-def named_param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+def named_param(value: jax.Array, axes: Sequence[str | None], kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
     """Wrap an initialised array as a parameter with logical ``axes`` (for kernels built
     from several draws, e.g. a fused projection)."""
     if len(axes) != value.ndim:
         raise ValueError(f"param of shape {value.shape} needs {value.ndim} axis names, got {axes}.")
-    return nnx.Param(constrain(value, axes), out_sharding=tuple(axes), eager_sharding=False)
+    return kind(constrain(value, axes), out_sharding=tuple(axes), eager_sharding=False)
 
 
 def fan_in_init(fan_in: int, scale: float = 1.0) -> Initializer:

@@ -20,7 +20,7 @@ from flax import nnx
 from glocal.kernels.linear import (FEATURE_MAPS, LINEAR_IMPLEMENTATIONS, feature_dim, features, linear_attention,
                                   linear_attention_step)
 from glocal.layers.cache import Cache
-from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.params import Bias, as_dtype, fan_in_init, param
 from glocal.layers.spec import KindOptions, LayerSpec, register_mixer
 from glocal.sharding import constrain
 
@@ -33,20 +33,20 @@ class LinearState(Cache):
     """Running sums of a linear-attention layer (float32): ``S = sum phi(k) v^T``,
     ``z = sum phi(k)`` per kv head."""
 
-    S_BKDE: jax.Array
-    z_BKD: jax.Array
+    S_BKJE: jax.Array
+    z_BKJ: jax.Array
 
-    def add(self, dS_BKDE, dz_BKD, layer=None) -> "LinearState":
+    def add(self, dS_BKJE, dz_BKJ, layer=None) -> "LinearState":
         if layer is None:
-            return LinearState(self.S_BKDE + dS_BKDE, self.z_BKD + dz_BKD)
-        return LinearState(self.S_BKDE.at[layer].add(dS_BKDE), self.z_BKD.at[layer].add(dz_BKD))
+            return LinearState(self.S_BKJE + dS_BKJE, self.z_BKJ + dz_BKJ)
+        return LinearState(self.S_BKJE.at[layer].add(dS_BKJE), self.z_BKJ.at[layer].add(dz_BKJ))
 
     def clear_rows(self, rows_B, layer=None) -> "LinearState":
         keep = (~rows_B).astype(jnp.float32)
         if layer is None:  # also right for a stack: [L, B, ...] broadcasts against [B, ...]
-            return LinearState(self.S_BKDE * keep[:, None, None, None], self.z_BKD * keep[:, None, None])
-        return LinearState(self.S_BKDE.at[layer].multiply(keep[:, None, None, None]),
-                           self.z_BKD.at[layer].multiply(keep[:, None, None]))
+            return LinearState(self.S_BKJE * keep[:, None, None, None], self.z_BKJ * keep[:, None, None])
+        return LinearState(self.S_BKJE.at[layer].multiply(keep[:, None, None, None]),
+                           self.z_BKJ.at[layer].multiply(keep[:, None, None]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +86,8 @@ class LinearAttention(nnx.Module):
         self.feature_map, self.dtype = options.feature_map, as_dtype(spec.dtype)
         self.impl, self.chunk_size = options.impl, options.chunk_size
         pd = spec.param_dtype
-        self.q_DHF = param(rngs, fan_in_init(D), (D, H, F), ("embed", "heads", "head_dim"), pd)
-        self.k_DKF = param(rngs, fan_in_init(D), (D, K, F), ("embed", "kv_heads", "head_dim"), pd)
+        self.q_DHF = param(rngs, fan_in_init(D), (D, H, F), ("embed", "heads", "feature"), pd)
+        self.k_DKF = param(rngs, fan_in_init(D), (D, K, F), ("embed", "kv_heads", "feature"), pd)
         self.v_DKE = param(rngs, fan_in_init(D), (D, K, E), ("embed", "kv_heads", "head_dim"), pd)
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, D), ("heads", "head_dim", "embed"), pd)
 
@@ -108,31 +108,31 @@ class LinearAttention(nnx.Module):
         kw = dict(feature_map=self.feature_map)
         if cache is None:
             return self._out(linear_attention(q, k, v, impl=self.impl, chunk_size=self.chunk_size, **kw)), None
-        state = (cache.S_BKDE, cache.z_BKD)
+        state = (cache.S_BKJE, cache.z_BKJ)
         if x_BTD.shape[1] == 1:
             o, _ = linear_attention_step(q[:, 0], k[:, 0], v[:, 0], state, **kw)
             o = o[:, None]
         else:  # right padding comes after every real token, so it never reaches their outputs
             o = linear_attention(q, k, v, initial_state=state, impl=self.impl, chunk_size=self.chunk_size, **kw)
         # Only real tokens enter the state.
-        phik_BTKD = features(k, self.feature_map)
+        phik_BTKJ = features(k, self.feature_map)
         if valid_BT is not None:
-            phik_BTKD = phik_BTKD * valid_BT[:, :, None, None]
-        cache = cache.add(jnp.einsum("btkd,btke->bkde", phik_BTKD, v.astype(jnp.float32)), phik_BTKD.sum(1))
+            phik_BTKJ = phik_BTKJ * valid_BT[:, :, None, None]
+        cache = cache.add(jnp.einsum("btkd,btke->bkde", phik_BTKJ, v.astype(jnp.float32)), phik_BTKJ.sum(1))
         return self._out(o), cache
 
     def init_cache(self, batch_size: int, max_len: int) -> LinearState:
-        D = feature_dim(self.feature_map, self.feature_dim)
+        J = feature_dim(self.feature_map, self.feature_dim)
         K, E = self.num_kv_heads, self.head_dim
-        return LinearState(jnp.zeros((batch_size, K, D, E), jnp.float32), jnp.zeros((batch_size, K, D), jnp.float32))
+        return LinearState(jnp.zeros((batch_size, K, J, E), jnp.float32), jnp.zeros((batch_size, K, J), jnp.float32))
 
     def score_flops(self, seq_len: int) -> float:
-        """Per token: the intra-chunk kernel (raw q k^T, weights x values, ~C/2 keys) per query
+        """Per token: the intra-chunk kernel (raw q k^T, weights x values, ~N/2 keys) per query
         head, the state read-out per query head and the state update per kv head."""
-        C = min(64, seq_len)
-        D = feature_dim(self.feature_map, self.feature_dim)
+        N = min(64, seq_len)
+        J = feature_dim(self.feature_map, self.feature_dim)
         H, K, E, F = self.num_heads, self.num_kv_heads, self.head_dim, self.feature_dim
-        return H * ((C + 1) / 2 * 2 * (F + E) + 2 * D * (E + 1)) + K * 2 * D * (E + 1)
+        return H * ((N + 1) / 2 * 2 * (F + E) + 2 * J * (E + 1)) + K * 2 * J * (E + 1)
 
 
 @jax.tree_util.register_dataclass
@@ -179,11 +179,11 @@ class ShortConv(nnx.Module):
         self.width, self.inner, self.dtype = W, I, as_dtype(spec.dtype)
         pd = spec.param_dtype
         self.w_in_DAI = param(rngs, fan_in_init(D), (D, 2, I), ("embed", None, "mlp"), pd)
-        self.b_in_AI = param(rngs, _zeros, (2, I), (None, "mlp"), pd)
+        self.b_in_AI = param(rngs, _zeros, (2, I), (None, "mlp"), pd, Bias)
         self.conv_WI = param(rngs, fan_in_init(W), (W, I), (None, "mlp"), pd)
-        self.b_conv_I = param(rngs, _zeros, (I,), ("mlp",), pd)
+        self.b_conv_I = param(rngs, _zeros, (I,), ("mlp",), pd, Bias)
         self.w_out_ID = param(rngs, fan_in_init(I), (I, D), ("mlp", "embed"), pd)
-        self.b_out_D = param(rngs, _zeros, (D,), ("embed",), pd)
+        self.b_out_D = param(rngs, _zeros, (D,), ("embed",), pd, Bias)
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):
         if segment_ids_BT is not None:

@@ -1,7 +1,7 @@
 """Routers of a mixture-of-experts layer, as pure functions of float32 router logits.
 
-Letters (beyond the package legend): O token rows (B T flattened), Z experts chosen per token
-(top-k), Y slots of an expert (its capacity). Capacity and expert choice count per sequence
+Letters as in the package legend: O token rows (B T flattened), Z experts chosen per token
+(top-k), S slots of an expert (its capacity). Capacity and expert choice count per sequence
 (batch row), so that routing stays causal and independent of the other rows.
 
 * Token choice (Switch / GShard / Mixtral): each token takes its top-k experts. Combine
@@ -85,17 +85,17 @@ def capacity_slots(idx_BTZ, num_experts: int, capacity: int):
 
 
 def expert_choice(logits_BTX, capacity: int):
-    """``(tok_BXY, gate_BXY, member_BTX)``: each expert's top-``capacity`` tokens of its softmax column
+    """``(tok_BXS, gate_BXS, member_BTX)``: each expert's top-``capacity`` tokens of its softmax column
     (sorted by position), their gates (the softmax values), and the 0/1 membership."""
     probs_BTX = jax.nn.softmax(logits_BTX, axis=-1)
-    gate_BXY, tok_BXY = jax.lax.top_k(jnp.swapaxes(probs_BTX, 1, 2), capacity)
-    order = jnp.argsort(tok_BXY, axis=-1)
-    tok_BXY = jnp.take_along_axis(tok_BXY, order, axis=-1)
-    gate_BXY = jnp.take_along_axis(gate_BXY, order, axis=-1)
+    gate_BXS, tok_BXS = jax.lax.top_k(jnp.swapaxes(probs_BTX, 1, 2), capacity)
+    order = jnp.argsort(tok_BXS, axis=-1)
+    tok_BXS = jnp.take_along_axis(tok_BXS, order, axis=-1)
+    gate_BXS = jnp.take_along_axis(gate_BXS, order, axis=-1)
     B, T, X = logits_BTX.shape
     member_BXT = jnp.zeros((B, X, T), jnp.float32).at[
-        jnp.arange(B)[:, None, None], jnp.arange(X)[None, :, None], tok_BXY].set(1.0)
-    return tok_BXY, gate_BXY, jnp.swapaxes(member_BXT, 1, 2)
+        jnp.arange(B)[:, None, None], jnp.arange(X)[None, :, None], tok_BXS].set(1.0)
+    return tok_BXS, gate_BXS, jnp.swapaxes(member_BXT, 1, 2)
 
 
 def predictor_loss(pred_logits_BTX, member_BTX):

@@ -177,6 +177,34 @@ class ModelBase(nnx.Module):
             raise ValueError(f"cache length must be positive, got {max_len}.")
         return max_len
 
+    # -- prefill and decode, for families that consume any chunk with one ``_extend`` ---------
+    def prefill(self, tokens_BT, lengths_B, cache):
+        """Right-padded prompts (``lengths_B`` real tokens each) into a fresh cache; returns
+        the next-token logits ``[B, V]`` at each prompt's last token."""
+        self._check_fresh(cache)
+        return self._extend(tokens_BT, lengths_B, cache)
+
+    def decode(self, tokens_B, cache):
+        """One new token per sequence -> next-token logits ``[B, V]`` and the updated cache."""
+        return self._extend(tokens_B[:, None], jnp.ones_like(cache.length_B), cache)
+
+    def _extend(self, tokens_BT, lengths_B, cache):
+        """Consume a chunk after what the cache holds: ``(logits_BV, cache)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not decode with a cache.")
+
+    def _chunk(self, tokens_BT, lengths_B, cache):
+        """``(positions_BT, valid_BT)`` of a chunk that continues each row of ``cache``
+        (checked like any input); the first ``lengths_B`` tokens of a row are real."""
+        self._check_inputs(tokens_BT)
+        T = tokens_BT.shape[1]
+        positions_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        return positions_BT, jnp.arange(T)[None] < lengths_B[:, None]
+
+    def _last_logits(self, x_BTD, lengths_B):
+        """Next-token logits ``[B, V]`` at each row's last real token of a chunk."""
+        last_B = jnp.maximum(lengths_B - 1, 0)
+        return self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
+
     def _check_fresh(self, cache) -> None:
         """``prefill`` takes a fresh cache (checked when the cache is concrete)."""
         if isinstance(cache.length_B, jax.core.Tracer):

@@ -10,7 +10,7 @@ decoder that writes each block from one context vector (global-to-local).
     output that predicts token p + 1, as for every LM here)
 
 Letters follow the package legend: G blocks, N tokens per block (``block_size``), Q prefix
-vectors (``prefix_len``), C block width (``d_block``), D token width (``d_token``), J = B*G
+vectors (``prefix_len``), C block width (``d_block``), D token width (``d_token``), O = B*G
 block rows; the token decoder runs on sequences of Q + N - 1 positions (its T).
 
 Unlike the paper's training (which never predicts block 0), every position gets logits:
@@ -146,11 +146,11 @@ class BlockTransformer(ModelBase):
         c_BGC = self.block_norm(c_BGC)
         start_BGC = jnp.broadcast_to(self.start_C[...].astype(c_BGC.dtype), (B, 1, C))
         ctx_BGC = jnp.concatenate([start_BGC, c_BGC[:, :-1]], axis=1)  # c_{j-1} decodes block j
-        prefix_JQD = self._prefix(ctx_BGC).reshape(B * G, Q, D)
-        inputs_JND = self.embed(tokens_BGN[:, :, :-1].reshape(B * G, N - 1))
-        seq_JTD = jnp.concatenate([prefix_JQD, inputs_JND.astype(prefix_JQD.dtype)], axis=1)
-        h_JTD, _, token_aux = self.token_decoder(seq_JTD, positions_BT=self._positions(B * G, Q + N - 1))
-        logits = self._logits(h_JTD[:, Q - 1:])  # [(B G), N, V]: prediction of each token
+        prefix_OQD = self._prefix(ctx_BGC).reshape(B * G, Q, D)
+        inputs_OND = self.embed(tokens_BGN[:, :, :-1].reshape(B * G, N - 1))
+        seq_OTD = jnp.concatenate([prefix_OQD, inputs_OND.astype(prefix_OQD.dtype)], axis=1)
+        h_OTD, _, token_aux = self.token_decoder(seq_OTD, positions_BT=self._positions(B * G, Q + N - 1))
+        logits = self._logits(h_OTD[:, Q - 1:])  # [(B G), N, V]: prediction of each token
         logits_BTV = logits.reshape(B, G * N, -1)[:, 1 : T + 1]  # position p predicts token p + 1
         return self._output(logits_BTV, block_aux, token_aux)
 

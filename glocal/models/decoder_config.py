@@ -105,6 +105,9 @@ class DecoderConfig(ModelConfig):
                               f"layer_pattern with its letter.")
         return cfg
 
+    def other_keys(self) -> list[str]:
+        return [f"{name}.{field.name}" for name, o in self.options.items() for field in dataclasses.fields(o)]
+
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
         return {**out, **self.options.to_dict()}

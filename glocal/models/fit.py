@@ -3,10 +3,10 @@
 The sequence is cut into groups of ``n`` tokens; each group owns ``m`` latent tokens. A
 layer spec ``"(a1)b1(a2)b2...(aK)"`` interleaves, per unit ``i``:
 
-    tokens  x_JND [(B G), n, D] --LocalStack_i (causal inside the group)-->
-    latents z_JMC [(B G), m, C] <- z + CrossAttn(q=z, kv=x)        "l2x": group g reads group g
+    tokens  x_OND [(B G), n, D] --LocalStack_i (causal inside the group)-->
+    latents z_OMC [(B G), m, C] <- z + CrossAttn(q=z, kv=x)        "l2x": group g reads group g
     latents z     [B, G*m, C]   --GlobalStack_i (chunk-causal over groups)-->
-    tokens  x_JND               <- x + CrossAttn(q=x, kv=shift(z)) "x2l": group g reads group g-1
+    tokens  x_OND               <- x + CrossAttn(q=x, kv=shift(z)) "x2l": group g reads group g-1
 
 ``shift`` hands group ``g`` the latents of group ``g - 1`` (group 0 gets zeros). l2x lets a
 group's latents read *all* of the group's tokens, so without the shift a token would see its
@@ -18,7 +18,7 @@ local-only unit. ``causal=False`` is the bidirectional encoder: full attention i
 and over all latents, and no shift.
 
 Letters follow the package legend: D token width (``d_model``), C latent width
-(``d_latent``), G groups, N tokens per group (n), M latents per group (m), J = B*G group
+(``d_latent``), G groups, N tokens per group (n), M latents per group (m), O = B*G group
 rows, U spec units.
 
 Positions: RoPE inside a group for tokens (0..n-1) and over the flat latent index for
@@ -226,21 +226,21 @@ class FIT(ModelBase):
         G = -(-T // N)
         # Padding at the end is exact: nothing before a position depends on what follows it.
         tokens_BT = jnp.pad(tokens_BT, ((0, 0), (0, G * N - T)))
-        x_JND = self.embed(tokens_BT).reshape(B * G, N, D)  # J = B*G group rows
-        pos_JN = self._positions(B * G, N)
+        x_OND = self.embed(tokens_BT).reshape(B * G, N, D)  # O = B*G group rows
+        pos_ON = self._positions(B * G, N)
         z_BGMC = self._start_latents(B, G)
         lat_pos = self._positions(B, G * M)  # [B, G*M]: latents in group-major order
         lat_valid = None if groups_done_B is None else lat_pos < (groups_done_B * M)[:, None]
         latents_U, caches_U, auxes = [], [], []
         for i, unit in enumerate(self.units):
-            x_JND, _, aux = unit.local(x_JND, positions_BT=pos_JN)
+            x_OND, _, aux = unit.local(x_OND, positions_BT=pos_ON)
             auxes.append(aux)
             if unit.global_ is None:
                 continue
             C = z_BGMC.shape[-1]
-            z_JMC = unit.l2x(z_BGMC.reshape(B * G, M, C), x_JND)
+            z_OMC = unit.l2x(z_BGMC.reshape(B * G, M, C), x_OND)
             caches = None if global_caches is None else global_caches[i]
-            z_flat, caches, aux = unit.global_(z_JMC.reshape(B, G * M, C), positions_BT=lat_pos, caches=caches,
+            z_flat, caches, aux = unit.global_(z_OMC.reshape(B, G * M, C), positions_BT=lat_pos, caches=caches,
                                                valid_BT=lat_valid)
             auxes.append(aux)
             caches_U.append(caches)
@@ -248,8 +248,8 @@ class FIT(ModelBase):
             latents_U.append(z_BGMC)
             if unit.x2l is not None:
                 src_BGMC = self._shift(z_BGMC) if shift else z_BGMC
-                x_JND = unit.x2l(x_JND, src_BGMC.reshape(B * G, M, C))
-        x_BTD = x_JND.reshape(B, G * N, D)[:, :T]
+                x_OND = unit.x2l(x_OND, src_BGMC.reshape(B * G, M, C))
+        x_BTD = x_OND.reshape(B, G * N, D)[:, :T]
         return x_BTD, latents_U, caches_U, merge_aux({}, *auxes) if auxes else {}
 
     # -- cost model ---------------------------------------------------------------------------

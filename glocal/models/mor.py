@@ -40,8 +40,8 @@ Caches are recursion-wise and compacted (``CompactKVCache``): step r's shared la
 ``ceil(cap_r max_len)`` slots, so a sequence costs ``2 K E L (2 + b sum_r cap_r)`` elements
 (middle_cycle) against ``2 K E L (2 + b N_r)`` for full recursion.
 
-Letters (beyond the package legend): R recursion steps; ``_BK`` tensors index the ``k_r``
-tokens routed at a step.
+Letters as in the package legend: R recursion steps; ``_BS`` tensors index the ``k_r``
+tokens routed at a step (its capacity slots).
 """
 
 from __future__ import annotations
@@ -232,9 +232,9 @@ class MoR(ModelBase):
         for r, cap in enumerate(cfg.capacity_schedule):
             logit_BT, gate_BT = self._router(x_BTD, r)
             k = max(1, math.floor(cap * T + 1e-6))
-            _, idx_BK = jax.lax.top_k(jnp.where(cand_BT, logit_BT, -jnp.inf), k)
-            idx_BK = jnp.sort(idx_BK, axis=-1)  # causal order among the routed tokens
-            member_BT = jnp.zeros((B, T), bool).at[b_B1, idx_BK].set(True)
+            _, idx_BS = jax.lax.top_k(jnp.where(cand_BT, logit_BT, -jnp.inf), k)
+            idx_BS = jnp.sort(idx_BS, axis=-1)  # causal order among the routed tokens
+            member_BT = jnp.zeros((B, T), bool).at[b_B1, idx_BS].set(True)
             # BCE over this step's candidates: sigmoid(logit) should say "selected".
             m = member_BT.astype(jnp.float32)
             loss_BT = jnp.maximum(logit_BT, 0) - logit_BT * m + jnp.log1p(jnp.exp(-jnp.abs(logit_BT)))
@@ -243,14 +243,14 @@ class MoR(ModelBase):
             rule_BT = (logit_BT > 0) | (cap >= 1.0)
             agree.append(jnp.sum((rule_BT == member_BT) & cand_BT) / jnp.maximum(jnp.sum(cand_BT), 1))
             if trace is not None:
-                trace.append(idx_BK)
-            x_BKD, pos_BK = x_BTD[b_B1, idx_BK], pos_BT[b_B1, idx_BK]
+                trace.append(idx_BS)
+            x_BSD, pos_BS = x_BTD[b_B1, idx_BS], pos_BT[b_B1, idx_BS]
             if cfg.kv_sharing:  # step 1 fills a KV cache; later steps only read it
-                y_BKD, kv = self._shared_kv_step(x_BKD, pos_BK, kv, jnp.ones((B, k), bool), first=r == 0)
+                y_BSD, kv = self._shared_kv_step(x_BSD, pos_BS, kv, jnp.ones((B, k), bool), first=r == 0)
             else:
-                y_BKD, _, a = self.shared(x_BKD, positions_BT=pos_BK)
+                y_BSD, _, a = self.shared(x_BSD, positions_BT=pos_BS)
                 aux = merge_aux(aux, a)
-            x_BTD = x_BTD.at[b_B1, idx_BK].add(gate_BT[b_B1, idx_BK][..., None].astype(x_BTD.dtype) * y_BKD)
+            x_BTD = x_BTD.at[b_B1, idx_BS].add(gate_BT[b_B1, idx_BS][..., None].astype(x_BTD.dtype) * y_BSD)
             cand_BT = member_BT
         aux["mor_router_bce"] = (bce, cfg.router_aux_weight)
         aux["mor_router_agreement"] = (jnp.stack(agree).astype(jnp.float32), None)  # per step
@@ -371,19 +371,9 @@ class MoR(ModelBase):
         return MoRCache(unique(self.first), steps, unique(self.last), jnp.zeros((R, batch_size), jnp.int32),
                         jnp.zeros((batch_size,), jnp.int32))
 
-    def prefill(self, tokens_BT, lengths_B, cache: MoRCache):
-        self._check_fresh(cache)
-        return self._extend(tokens_BT, lengths_B, cache)
-
-    def decode(self, tokens_B, cache: MoRCache):
-        return self._extend(tokens_B[:, None], jnp.ones_like(cache.length_B), cache)
-
     def _extend(self, tokens_BT, lengths_B, cache: MoRCache):
-        self._check_inputs(tokens_BT)
         cfg = self.config
-        T = tokens_BT.shape[1]
-        pos_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        valid_BT = jnp.arange(T)[None] < lengths_B[:, None]
+        pos_BT, valid_BT = self._chunk(tokens_BT, lengths_B, cache)
         x_BTD, first, last, admitted = self.embed(tokens_BT), cache.first, cache.last, cache.admitted_RB
         if self.first is not None:
             x_BTD, first, _ = self.first(x_BTD, positions_BT=pos_BT, caches=cache.first, valid_BT=valid_BT)
@@ -399,9 +389,7 @@ class MoR(ModelBase):
             x_BTD, steps, admitted = self._recurse_threshold(x_BTD, pos_BT, cache.steps, valid_BT, admitted)
         if self.last is not None:
             x_BTD, last, _ = self.last(x_BTD, positions_BT=pos_BT, caches=cache.last, valid_BT=valid_BT)
-        last_B = jnp.maximum(lengths_B - 1, 0)
-        logits_BV = self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
-        return logits_BV, MoRCache(first, steps, last, admitted, cache.length_B + lengths_B)
+        return self._last_logits(x_BTD, lengths_B), MoRCache(first, steps, last, admitted, cache.length_B + lengths_B)
 
 
 __all__ = ["MoR", "MoRCache", "MoRConfig"]

@@ -117,27 +117,12 @@ class Transformer(ModelBase):
     def _empty_cache(self, batch_size: int, length: int) -> TransformerCache:
         return TransformerCache(self.decoder.init_cache(batch_size, length), jnp.zeros((batch_size,), jnp.int32))
 
-    def prefill(self, tokens_BT, lengths_B, cache: TransformerCache):
-        """Right-padded prompts (``lengths_B`` real tokens each) into a fresh cache; returns
-        the next-token logits ``[B, V]`` at each prompt's last token."""
-        self._check_fresh(cache)
-        return self._extend(tokens_BT, lengths_B, cache)
-
-    def decode(self, tokens_B, cache: TransformerCache):
-        """One new token per sequence -> next-token logits ``[B, V]`` and the updated cache."""
-        return self._extend(tokens_B[:, None], jnp.ones_like(cache.length_B), cache)
-
     def _extend(self, tokens_BT, lengths_B, cache: TransformerCache):
         """Consume a chunk after what the cache holds (positions continue per row)."""
-        self._check_inputs(tokens_BT)
-        T = tokens_BT.shape[1]
-        positions_BT = cache.length_B[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        valid_BT = jnp.arange(T)[None] < lengths_B[:, None]
+        positions_BT, valid_BT = self._chunk(tokens_BT, lengths_B, cache)
         x_BTD, layers, _ = self.decoder(self.embed(tokens_BT), positions_BT=positions_BT, caches=cache.layers_P,
                                         valid_BT=valid_BT)
-        last_B = jnp.maximum(lengths_B - 1, 0)
-        logits_BV = self._logits(jnp.take_along_axis(x_BTD, last_B[:, None, None], axis=1))[:, 0]
-        return logits_BV, TransformerCache(layers, cache.length_B + lengths_B)
+        return self._last_logits(x_BTD, lengths_B), TransformerCache(layers, cache.length_B + lengths_B)
 
 
 __all__ = ["Transformer", "TransformerCache", "TransformerConfig"]

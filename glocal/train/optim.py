@@ -6,6 +6,7 @@ import jax
 import optax
 from flax import nnx
 
+from glocal.layers.params import Bias, Embedding, Scale, SelectionBias
 from glocal.train.config import TrainConfig
 
 
@@ -26,45 +27,39 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
 
 
-def param_kind(path) -> str:
-    """``norm`` / ``bias`` / ``embedding`` / ``router_bias`` / ``weight`` from a parameter's tree path.
+# The optimizer's parameter groups, by variable type (glocal.layers.params): the names that
+# TrainConfig.no_decay lists, and the selection biases that only their balancing rule moves.
+KINDS = ((SelectionBias, "router_bias"), (Scale, "norm"), (Bias, "bias"), (Embedding, "embedding"))
 
-    Conventions of glocal.layers: norm gains are called ``scale``, biases ``bias``, the
-    input embedding table ``table_VD``, and MoE selection biases ``select_bias_X``.
-    """
-    name = str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
-    if name.startswith("select_bias"):
-        return "router_bias"
-    if name == "scale":
-        return "norm"
-    if name == "bias" or name.startswith("bias_") or name.startswith("b_"):
-        return "bias"
-    if name.startswith("table"):
-        return "embedding"
-    return "weight"
+
+def param_kind(variable: nnx.Variable) -> str:
+    """``norm`` / ``bias`` / ``embedding`` / ``router_bias`` / ``weight``: the group of a
+    parameter, from its type."""
+    return next((name for cls, name in KINDS if isinstance(variable, cls)), "weight")
+
+
+def _by_kind(params, fn):
+    """``params`` with each variable's value replaced by ``fn(kind)``."""
+    return jax.tree.map(lambda v: v.replace(fn(param_kind(v))), params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def decay_mask(params, no_decay: tuple[str, ...]):
     """True where weight decay applies (same tree structure as ``params``)."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: v.replace(param_kind(path) not in no_decay), params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return _by_kind(params, lambda kind: kind not in no_decay)
 
 
 def make_optimizer(cfg: TrainConfig, params) -> optax.GradientTransformation:
-    """Clipped AdamW. MoE selection biases (``router_bias``) are not trained: their
-    "gradient" is the balancing step ``rate * sign(load - mean)`` (glocal.layers.moe), applied
-    as is by plain SGD of rate 1, outside clipping, Adam and weight decay."""
+    """Clipped AdamW. MoE selection biases (``SelectionBias``) are not trained by it: their
+    gradient is, by construction, the balancing step ``rate * sign(load - mean)`` (the
+    ``moe_bias`` term of ``glocal.layers.moe``, the way a per-layer value inside scanned stacks
+    reaches its own parameter), applied as is by plain SGD of rate 1, outside clipping, Adam and
+    weight decay."""
     mask = decay_mask(params, cfg.no_decay_kinds)
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(optax.adamw(schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=mask))
     main = optax.chain(*parts)
-    kinds = jax.tree_util.tree_map_with_path(lambda path, v: param_kind(path), params,
-                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
-    if "router_bias" not in jax.tree.leaves(kinds):
+    labels = _by_kind(params, lambda kind: "router_bias" if kind == "router_bias" else "main")
+    if "router_bias" not in [v.get_value() for v in jax.tree.leaves(labels, is_leaf=lambda x: isinstance(x, nnx.Variable))]:
         return main
-    labels = jax.tree_util.tree_map_with_path(
-        lambda path, v: v.replace("router_bias" if param_kind(path) == "router_bias" else "main"), params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
     return optax.multi_transform({"main": main, "router_bias": optax.sgd(1.0)}, labels)

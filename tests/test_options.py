@@ -65,6 +65,7 @@ def test_flat_and_nested_spellings_are_the_same_option():
     ("transformer", {"windw.size": 4}, r"no registered kind 'windw' has options\. Did you mean window"),
     ("transformer", {"layer_pattern": "sg", "window.size": 0}, r"window\.size=0 must be a positive number"),
     ("based", {"linear.impl": "pallas_gpu", "linear.chunk_size": 24}, r"linear\.chunk_size=24 must be a power of two"),
+    ("moe", {"options": "x"}, r"options='x': set a kind's options as kind\.option=value"),
 ])
 def test_bad_options_name_the_field_as_written(family, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -150,12 +150,18 @@ def unregister(name: str) -> None:
         del MIXER_LETTERS[letter]
 
 
+_BUILTINS_LOADED = []  # set once every module of the package has been imported
+
+
 def load_builtin_kinds() -> None:
     """Import every module of ``glocal.layers`` so that each built-in kind registers itself
-    (a new kind's file needs no import line anywhere)."""
+    (a new kind's file needs no import line anywhere). Done once; later calls are free."""
+    if _BUILTINS_LOADED:
+        return
     here = pathlib.Path(__file__).parent  # this package's folder (no import of the package itself)
     for info in pkgutil.iter_modules([str(here)]):
         importlib.import_module(f"{__package__}.{info.name}")
+    _BUILTINS_LOADED.append(True)
 
 
 def kind(name: str, role: str) -> Kind:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from glocal.configs import options as kind_options
@@ -20,7 +21,7 @@ from glocal.configs.options import KindSettings
 from glocal.kernels import IMPLEMENTATIONS
 from glocal.layers.mlp import ACTIVATIONS
 from glocal.layers.rope import RopeScaling
-from glocal.layers.spec import FFNS, LayerKind, LayerSpec
+from glocal.layers.spec import FFNS, KindOptions, LayerKind, LayerSpec
 from glocal.layers.stack import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -61,7 +62,7 @@ class DecoderConfig(ModelConfig):
     kind_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __post_init__(self):
-        settings = self.options if isinstance(self.options, KindSettings) else KindSettings(self.options)
+        settings = _as_settings(self.options)
         used = self.used_kinds()
         object.__setattr__(self, "options", kind_options.complete(settings, used, self.kind_defaults))
         super().__post_init__()
@@ -95,7 +96,8 @@ class DecoderConfig(ModelConfig):
         aliases of older configs (``sliding_window`` = ``window.size``)."""
         plain, sections, explicit = kind_options.split_keys(overrides, set(self.field_names()) - {"options"})
         if sections:
-            plain["options"] = kind_options.apply(self.options, sections, self.kind_defaults)
+            settings = _as_settings(plain.get("options", self.options))
+            plain["options"] = kind_options.apply(settings, sections, self.kind_defaults)
         cfg = super().replace(**plain)
         unused = sorted(explicit - cfg.used_kinds())
         if unused:
@@ -120,7 +122,10 @@ class DecoderConfig(ModelConfig):
         plain, sections, _ = kind_options.split_keys(d, fields)
         unknown = sorted(set(plain) - fields)
         if unknown:
-            raise ConfigError(f"{cls.__name__} does not know the keys {unknown}.")
+            sections_of = [k for k in unknown if isinstance(plain[k], Mapping)]
+            hint = (f" {sections_of} look like the options of kinds that are not registered: import the "
+                    f"module that registers them first." if sections_of else "")
+            raise ConfigError(f"{cls.__name__} does not know the keys {unknown}.{hint}")
         hints = typing.get_type_hints(cls)
         values = {k: _coerce(v, hints[k], k) for k, v in plain.items()}
         return cls(**values, options=kind_options.apply(KindSettings(), sections, cls.kind_defaults))
@@ -185,3 +190,13 @@ class DecoderConfig(ModelConfig):
                          rope_scaling=self.rope_scaling_spec(), qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
                          attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype)
+
+
+def _as_settings(value) -> KindSettings:
+    """``value`` as a ``KindSettings``, or a ConfigError saying how options are set."""
+    if isinstance(value, KindSettings):
+        return value
+    if isinstance(value, Mapping) and all(isinstance(v, KindOptions) for v in value.values()):
+        return KindSettings(value)
+    raise ConfigError(f"options={value!r}: set a kind's options as kind.option=value (e.g. moe.num_experts=8), "
+                      f"not through the options field.")

@@ -7,9 +7,10 @@
 
 A stack owns its layers' caches: ``init_cache`` gives, per pattern slot P, that slot's
 mixer cache stacked over the repeats (any ``Cache`` pytree: KV, ring, recurrent state), and
-a cached call reads and writes them in place. What a stack can do is what its parts can:
-``packs_documents`` holds when every mixer keeps packed documents apart. The baseline is one stack; FIT's local and
-global stacks and the Block Transformer's two decoders are stacks of their own shapes.
+a cached call reads and writes them in place. What a stack can do is what its parts can: it
+keeps packed documents apart when every mixer's ``packs_documents`` holds. The baseline is
+one stack; FIT's local and global stacks and the Block Transformer's two decoders are stacks
+of their own shapes.
 """
 
 from __future__ import annotations

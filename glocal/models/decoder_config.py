@@ -138,7 +138,6 @@ class DecoderConfig(ModelConfig):
                               ("attention_impl", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
-        kind_options.optioned_kinds()  # (registers the built-in kinds)
         if self.ffn not in FFNS:
             raise ConfigError(f"ffn={self.ffn!r} is not a registered FFN kind; choose one of {sorted(FFNS)}.")
         for name in ("attn_softcap", "logit_softcap"):

@@ -1,5 +1,6 @@
 """The ``glocal`` command: ``glocal train ...``, ``glocal generate ...``, ``glocal convert`` /
-``glocal export`` (Hugging Face checkpoints), ``glocal models``.
+``glocal export`` (Hugging Face checkpoints), ``glocal models``, ``glocal launch -n N -- ...``
+(one command as N processes of a JAX job).
 
 A user error (``glocal.errors.UserError``: a bad config value, path, data file or
 generation argument) prints one ``glocal: error: ...`` message that says how to fix it and
@@ -32,6 +33,18 @@ def _check_override_keys(overrides: dict[str, str], config_name: str | None, wor
     split_overrides(overrides, family)
 
 
+def _one_process(command: str) -> None:
+    """Commands other than train run as one process: they read checkpoints written by any
+    number of processes (orbax stores global arrays), and have no use for more."""
+    from glocal.errors import UserError
+    from glocal.train.distributed import wants_distributed
+
+    if wants_distributed():
+        raise UserError(f"glocal {command} runs as one process; run it on one host without glocal launch "
+                        f"(it reads checkpoints written by any number of processes; under SLURM use srun -n 1, "
+                        f"or set GLOCAL_DISTRIBUTED=0).")
+
+
 def _train(args) -> int:
     from glocal.configs.base import parse_overrides
     from glocal.train.trainer import train
@@ -49,6 +62,7 @@ def _eval(args) -> int:
     from glocal.train.evaluate import evaluate_workdir
     from glocal.workdir import check_workdir
 
+    _one_process("eval")
     overrides = parse_overrides(args.overrides)
     check_workdir(args.workdir, writable=False)
     _check_override_keys(overrides, None, args.workdir)
@@ -72,6 +86,7 @@ def _generate(args) -> int:
     from glocal.errors import UserError
     from glocal.tokenizers import decode_continuation, get_tokenizer, stop_ids
 
+    _one_process("generate")
     overrides = parse_overrides(args.overrides)
     if args.workdir:
         if overrides:
@@ -101,6 +116,7 @@ def _convert(args) -> int:
     from glocal.configs.base import parse_overrides
     from glocal.hf import convert
 
+    _one_process("convert")
     convert(args.from_hf, args.workdir, dtype=args.dtype, tokenizer=args.tokenizer,
             overrides=parse_overrides(args.overrides))
     return 0
@@ -109,6 +125,7 @@ def _convert(args) -> int:
 def _export(args) -> int:
     from glocal.hf import export
 
+    _one_process("export")
     export(args.workdir, args.to_hf, args.step, format=args.format,
            max_shard_bytes=_parse_size(args.max_shard_size), dtype=args.dtype)
     return 0
@@ -211,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor dtype of the files (default: the model's parameter dtype)")
     x.set_defaults(func=_export)
 
+    la = sub.add_parser("launch", add_help=False,
+                        help="run a glocal command as N processes of one JAX job on this machine "
+                             "(glocal launch --help)")
+    la.add_argument("rest", nargs=argparse.REMAINDER)
+
     m = sub.add_parser("models", parents=[debug], help="list registered models and presets")
     m.set_defaults(func=_models)
     return p
@@ -230,16 +252,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # its own parser: everything after -- is the command it runs
+        from glocal.launch import main as launch_main
+
+        return launch_main(argv[1:])
     args = parse_args(argv)
     from glocal.errors import UserError
 
     try:
-        return args.func(args)
+        status = args.func(args)
     except UserError as e:
         if args.debug:
+            _leave_job_after_traceback(e)
             raise
         print(f"glocal: error: {e}", file=sys.stderr)
-        return 2
+        status = 2
+    except BaseException as e:
+        _leave_job_after_traceback(e)
+        raise
+    if status and _in_job():
+        from glocal.train.distributed import leave
+
+        leave(status)  # not through JAX's shutdown barrier, which waits for every process
+    return status
+
+
+def _in_job() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    from glocal.train.distributed import in_job
+
+    return in_job()
+
+
+def _leave_job_after_traceback(error: BaseException) -> None:
+    """In a multi-process job a failure must end this process now (a normal exit waits for
+    the others at JAX's shutdown barrier, and they may be waiting for this one): a lost
+    peer as one line, anything else (a bug) with its traceback; exit status 3 and 1."""
+    if not _in_job():
+        return
+    import traceback
+
+    from glocal.train import distributed
+
+    if distributed.is_peer_loss(error):
+        print(f"glocal: error: {distributed.peer_loss_message(error)}", file=sys.stderr)
+        distributed.leave(distributed.PEER_LOST_EXIT)
+    traceback.print_exception(error)
+    distributed.leave(130 if isinstance(error, KeyboardInterrupt) else 1)
 
 
 if __name__ == "__main__":

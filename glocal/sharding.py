@@ -217,6 +217,19 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def process_rows(sharding: NamedSharding, rows: int, ndim: int = 1, axis: int = 0) -> slice:
+    """The rows (dimension ``axis`` of an ``ndim``-d array with ``rows`` of them) that this
+    process's devices hold under ``sharding``: the part of a global batch this process
+    supplies. All of them when the batch axes do not split across processes (e.g. a mesh
+    that is all ``tensor``), so it must never be assumed to be ``1 / process_count``."""
+    shape = tuple(rows if d == axis else 1 for d in range(ndim))
+    spans = sorted({idx[axis].indices(rows)[:2] for idx in sharding.addressable_devices_indices_map(shape).values()})
+    if any(a != b_prev for (_, b_prev), (a, _) in zip(spans, spans[1:])):
+        raise ShardingError(f"this process's devices hold rows {spans} of the batch, not one block; order the "
+                            f"mesh so each process's devices hold neighbouring rows (the default order does).")
+    return slice(spans[0][0], spans[-1][1])
+
+
 def per_shard(fn, args, arg_names, out_names):
     """``fn(*args)`` run per device with ``jax.shard_map`` when a mesh and a rule table are
     active (a plain call otherwise). Every array of ``args[i]`` (an array or a pytree) is split

@@ -332,8 +332,9 @@ def restore_init_params(workdir, abstract_params):
     """The starting weights, placed like ``abstract_params`` (ShapeDtypeStructs, with
     shardings where the caller wants them)."""
     path = (pathlib.Path(workdir) / INIT_DIR / "params").absolute()
-    target = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else
-                          jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None else
+                          jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_params)
     try:
         with _quiet_failed_read(), ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path, target)
@@ -373,7 +374,10 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
         if step not in steps:
             raise WorkdirError(f"{workdir} has no checkpoint at step {step}; available: {sorted(steps)}.")
         earlier = sorted(s for s in steps if s < step)
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract_params)
+        # Placed on one local device: a checkpoint written over a mesh of other devices (a pod,
+        # several processes) is read on this machine (without a sharding orbax wants the saved devices).
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_params)
         try:
             with _quiet_failed_read():
                 restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))

@@ -141,17 +141,18 @@ def test_iterator_is_deterministic_reshuffles_and_restores():
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
 
 
-def test_hosts_get_disjoint_rows_that_make_the_global_batch():
+def test_processes_rows_make_the_global_batch():
     tokens = np.arange(20_000) % 250
     w = data.Windows(tokens, 16, None, pack=True, what="t")
     whole = _take(data.train_iterator(w, batch_size=8, grad_accum=2, seed=1), 3)
-    parts = [_take(data.train_iterator(w, batch_size=8, grad_accum=2, seed=1, host=h, num_hosts=2), 3)
+    parts = [_take(data.train_iterator(w, batch_size=8, grad_accum=2, seed=1, rows=slice(2 * h, 2 * h + 2)), 3)
              for h in range(2)]
     for i in range(3):
         joined = np.concatenate([parts[0][i]["inputs"], parts[1][i]["inputs"]], axis=1)
         np.testing.assert_array_equal(joined, whole[i]["inputs"])
-    with pytest.raises(data.DataError, match="does not split over 3 hosts"):
-        data.train_iterator(w, batch_size=8, grad_accum=2, seed=1, host=0, num_hosts=3)
+    evals = [data.eval_batches(w, batch_size=4, num_batches=2, rows=r) for r in (slice(0, 2), slice(2, 4), None)]
+    for a, b, both in zip(*evals):
+        np.testing.assert_array_equal(np.concatenate([a["inputs"], b["inputs"]]), both["inputs"])
 
 
 def test_eval_batches_are_fixed_and_cover_the_split():

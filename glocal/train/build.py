@@ -46,6 +46,7 @@ class Setup:
     n_params: int
     n_active: float  # parameters one token uses (fewer than n_params in routed models)
     packed_documents: bool  # does the model keep packed documents apart (glocal.models.base)?
+    rows: slice  # the rows of each microbatch this process's devices hold (and its data reads)
 
 
 def _opt_shardings(abstract_opt, param_sh, mesh):
@@ -97,15 +98,19 @@ def build_setup(mcfg, tcfg: TrainConfig, devices=None) -> Setup:
            else 6.0 * n_params)
     return Setup(mcfg, tcfg, mesh, rules, merge, abstract_params, param_sh, opt_sh, batch_sh, eval_batch_sh,
                  lambda: init_state()[0], init_opt, train_step, eval_step, fpt, n_params,
-                 active_param_count(abstract_model), bool(getattr(abstract_model, "packed_documents", False)))
+                 active_param_count(abstract_model), bool(getattr(abstract_model, "packed_documents", False)),
+                 shd.process_rows(eval_batch_sh, tcfg.microbatch, ndim=2))
 
 
 def _with_shardings(abstract, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-def _to_device(batch: dict, sharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def _to_device(batch: dict, sharding, rows: int) -> dict:
+    """This process's rows of a batch (``[..., b_local, T]``) as global arrays of ``rows``
+    rows (the global shape is given so that a wrong local part is an error, not a guess)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v, (*v.shape[:-2], rows, v.shape[-1]))
+            for k, v in batch.items()}
 
 
 def bits_label(tokens_per_byte: float | None) -> str:
@@ -119,7 +124,7 @@ def evaluate(setup: Setup, params, batches, tokens_per_byte: float | None = 1.0)
     tokens are bytes). With ``None`` (bytes unknown) the second number is bits/token."""
     total, count = 0.0, 0.0
     for b in batches:
-        s, n = setup.eval_step(params, _to_device(b, setup.eval_batch_sh))
+        s, n = setup.eval_step(params, _to_device(b, setup.eval_batch_sh, setup.tcfg.microbatch))
         total, count = total + float(s), count + float(n)
     loss = total / max(count, 1.0)
     return loss, loss / math.log(2) * (tokens_per_byte or 1.0)

@@ -4,7 +4,8 @@ trained model for use is ``glocal.workdir.load_model``).
     DIR/checkpoints/<step>/params     model parameters (nnx.Param state; what `generate` loads)
     DIR/checkpoints/<step>/opt_state  optimizer state
     DIR/checkpoints/<step>/meta       {"step", "tokens", "elapsed_s", ...} as JSON
-    DIR/checkpoints/<step>/data       the grain iterator state of each host
+    DIR/checkpoints/<step>/data       the grain iterator state of each process (all equal:
+                                      the count of global batches taken)
 
 Saves are asynchronous (orbax copies device arrays to host, then writes in the
 background). Old steps are deleted only by the keep policy: the last ``keep_last``
@@ -20,6 +21,8 @@ moved, and the caller explains what differs and how to proceed.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import pathlib
 import shutil
 
@@ -53,7 +56,7 @@ class TrainCheckpointer:
     def _new_manager(self) -> ocp.CheckpointManager:
         # Named handlers let a fresh manager read each item's metadata before restoring.
         handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                    "meta": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+                    "meta": ocp.JsonCheckpointHandler(), "data": DataHandler()}
         return ocp.CheckpointManager(self.directory, options=self.options, item_handlers=handlers)
 
     def all_steps(self) -> list[int]:
@@ -62,7 +65,7 @@ class TrainCheckpointer:
     def save(self, step: int, params, opt_state, meta: dict, data_iter) -> None:
         self.manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+            meta=ocp.args.JsonSave(meta), data=DataSave(data_iter)), force=True)
 
     def restore_latest(self, abstract_params, abstract_opt_state, data_iter, *, check=None,
                        restore_opt: bool = True):
@@ -92,7 +95,7 @@ class TrainCheckpointer:
             if restore_opt:
                 items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
             if restore_data:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+                items["data"] = DataRestore(data_iter)
             try:
                 r = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # the trees fit, so the data itself is unreadable
@@ -125,6 +128,41 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's iterator checkpoint, readable by another number of processes. grain writes
+    one file per process and reads back only the file of the same index and count; our
+    iterators' states are the same in every process (every process walks the same global
+    batches), so a run on N processes may resume one written by M: from any file, once all
+    files are checked to agree."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item=item)
+        files = sorted(directory.glob("process_*-of-*.json"))
+        states = {f.read_text() for f in files}
+        if len(states) != 1:
+            raise ValueError(f"the data iterator states in {directory} differ between processes or are missing "
+                             f"({len(files)} files), so they cannot be shared out over {jax.process_count()} "
+                             f"processes")
+        item.set_state(json.loads(states.pop()))
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: object  # a grain iterator
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: object  # the grain iterator whose state is set
 
 
 def tree_difference(saved, target) -> str | None:

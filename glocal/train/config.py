@@ -103,6 +103,11 @@ class TrainConfig(Config):
         return {a: getattr(self, f"mesh_{a}") for a in MESH_AXES}
 
     @property
+    def microbatch(self) -> int:
+        """Sequences per microbatch (one forward/backward): the global batch the mesh splits."""
+        return self.batch_size // self.grad_accum
+
+    @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
 

@@ -17,9 +17,10 @@ positions that restart at document starts (attention stays inside documents) and
 mask that drops only the prediction across a boundary.
 
 Batches come from a grain ``MapDataset``: a seeded global shuffle of window indices,
-reshuffled each epoch, cut into global batches. Every host builds the same global batch of
-indices and materialises only its own rows, so the data order does not depend on the
-number of hosts. The iterator state is a step counter saved in every checkpoint.
+reshuffled each epoch, cut into global batches. Every process builds the same global batch of
+indices and reads only the rows its devices hold (``glocal.sharding.process_rows``), so the
+data order does not depend on the number of processes. The iterator state is a count of
+global batches, saved in every checkpoint (the same in every process).
 """
 
 from __future__ import annotations
@@ -304,37 +305,33 @@ class Windows:
 
 
 class _MakeBatch(grain.transforms.Map):
-    """Global batch of window indices -> this host's rows, shaped ``[grad_accum, b_local, T]``."""
+    """Global batch of window indices -> this process's rows, shaped ``[grad_accum, b_local, T]``."""
 
-    def __init__(self, windows: Windows, grad_accum: int, host: int, num_hosts: int):
-        self.windows, self.accum, self.host, self.num_hosts = windows, grad_accum, host, num_hosts
+    def __init__(self, windows: Windows, grad_accum: int, rows: slice):
+        self.windows, self.accum, self.rows = windows, grad_accum, rows
 
     def map(self, idx_B):
-        idx_Ab = np.asarray(idx_B).reshape(self.accum, -1)
-        per_host = idx_Ab.shape[1] // self.num_hosts
-        return self.windows.rows(idx_Ab[:, self.host * per_host:(self.host + 1) * per_host])
+        return self.windows.rows(np.asarray(idx_B).reshape(self.accum, -1)[:, self.rows])
 
 
-def train_iterator(windows: Windows, *, batch_size: int, grad_accum: int, seed: int,
-                   host: int = 0, num_hosts: int = 1, threads: int = 2):
-    """An endless, checkpointable grain iterator of this host's training batches."""
-    if (batch_size // grad_accum) % num_hosts:
-        raise DataError(f"the microbatch of {batch_size // grad_accum} sequences does not split over "
-                        f"{num_hosts} hosts; make batch_size / grad_accum a multiple of the host count.")
+def train_iterator(windows: Windows, *, batch_size: int, grad_accum: int, seed: int, rows: slice | None = None,
+                   threads: int = 2):
+    """An endless, checkpointable grain iterator of this process's training batches:
+    ``rows`` of each microbatch (``glocal.sharding.process_rows``; default all). Its state
+    (the number of global batches taken) is the same in every process."""
     ds = (grain.MapDataset.range(len(windows)).seed(seed).shuffle().repeat(None)
           .batch(batch_size, drop_remainder=True)
-          .map(_MakeBatch(windows, grad_accum, host, num_hosts)))
+          .map(_MakeBatch(windows, grad_accum, rows or slice(None))))
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4)))
 
 
-def eval_batches(windows: Windows, *, batch_size: int, num_batches: int, host: int = 0,
-                 num_hosts: int = 1) -> list[dict[str, np.ndarray]]:
+def eval_batches(windows: Windows, *, batch_size: int, num_batches: int,
+                 rows: slice | None = None) -> list[dict[str, np.ndarray]]:
     """The same ``num_batches`` validation batches every time: windows evenly spread over the
-    whole split (repeating when it is smaller), this host's rows of each."""
+    whole split (repeating when it is smaller), ``rows`` of each (default all)."""
     n = batch_size * num_batches
     idx = np.linspace(0, len(windows) - 1, n).round().astype(np.int64).reshape(num_batches, batch_size)
-    per_host = batch_size // num_hosts
-    return [windows.rows(row[host * per_host:(host + 1) * per_host]) for row in idx]
+    return [windows.rows(row[rows or slice(None)]) for row in idx]
 
 
 # --------------------------------------------------------------------------------------
@@ -346,11 +343,11 @@ class RunData:
 
     corpus: Corpus
     tokens_per_byte: float | None  # ``tokens_per_byte``: turns bits/token into bits/byte
-    val_batches: list[dict[str, np.ndarray]]  # this host's rows of the fixed validation batches
+    val_batches: list[dict[str, np.ndarray]]  # this process's rows of the fixed validation batches
     train_windows: Windows | None  # (None when only evaluating)
 
 
-def run_data(tcfg, tokenizer, vocab_size: int, *, host: int = 0, num_hosts: int = 1, train: bool = True,
+def run_data(tcfg, tokenizer, vocab_size: int, *, rows: slice | None = None, train: bool = True,
              log=None) -> RunData:
     """Load the corpus of ``tcfg`` (a ``TrainConfig``) and cut it into windows; ``log`` (if
     given) hears what was loaded. The validation batches are microbatches of the training
@@ -363,5 +360,5 @@ def run_data(tcfg, tokenizer, vocab_size: int, *, host: int = 0, num_hosts: int 
     train_windows = Windows(corpus.train, tcfg.seq_len, corpus.eos_id, tcfg.pack, "training split") if train else None
     val_windows = Windows(corpus.val, tcfg.seq_len, corpus.eos_id, tcfg.pack, "validation split")
     batches = eval_batches(val_windows, batch_size=tcfg.batch_size // tcfg.grad_accum,
-                           num_batches=tcfg.eval_batches * tcfg.grad_accum, host=host, num_hosts=num_hosts)
+                           num_batches=tcfg.eval_batches * tcfg.grad_accum, rows=rows)
     return RunData(corpus, tokens_per_byte(corpus, tokenizer, tcfg.pack), batches, train_windows)

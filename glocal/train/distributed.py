@@ -1,10 +1,33 @@
-"""Multi-host start-up and run control (preemption signals)."""
+"""Multi-process start-up and run control: the environment contract, the coordination
+service's timeouts, a clear exit when a peer dies, and stop requests that every process
+agrees on.
+
+The environment a process reads (``glocal launch`` sets it; on a pod or cluster JAX's own
+detection fills what is missing):
+
+    JAX_COORDINATOR_ADDRESS   host:port of process 0's coordination service
+    GLOCAL_NUM_PROCESSES      how many processes take part
+    GLOCAL_PROCESS_ID         this process's index, 0 .. N-1
+    GLOCAL_HEARTBEAT_TIMEOUT  seconds without a heartbeat before a process counts as dead
+                              (default 30): the bound on how long the survivors wait
+    GLOCAL_INIT_TIMEOUT       seconds process 0 waits for all processes to join (default 300)
+    GLOCAL_DISTRIBUTED        1 forces jax.distributed on, 0 off (default: on when the
+                              variables above, a multi-task SLURM step or a multi-worker TPU
+                              slice say so)
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
+
+import numpy as np
+
+HEARTBEAT_TIMEOUT_S = 30
+INIT_TIMEOUT_S = 300
+PEER_LOST_EXIT = 3  # exit status of a process whose peer died (2 is a user error)
 
 
 def wants_distributed(env=os.environ) -> bool:
@@ -15,22 +38,112 @@ def wants_distributed(env=os.environ) -> bool:
     if flag is not None:
         return flag not in ("0", "false", "")
     return ("JAX_COORDINATOR_ADDRESS" in env
+            or int(env.get("GLOCAL_NUM_PROCESSES", "1") or 1) > 1
             or int(env.get("SLURM_NTASKS", "1") or 1) > 1
             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
 
 
+def _int_env(env, name: str, default: int | None) -> int | None:
+    text = env.get(name)
+    if text in (None, ""):
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        from glocal.errors import UserError
+        raise UserError(f"{name}={text!r} is not a whole number; unset it or set e.g. {name}={default or 1}.") from None
+
+
+def initialize_args(env=os.environ) -> dict:
+    """Keyword arguments of ``jax.distributed.initialize`` from the environment (None:
+    left to JAX's cluster detection)."""
+    return {"coordinator_address": env.get("JAX_COORDINATOR_ADDRESS") or None,
+            "num_processes": _int_env(env, "GLOCAL_NUM_PROCESSES", None),
+            "process_id": _int_env(env, "GLOCAL_PROCESS_ID", None),
+            "heartbeat_timeout_seconds": _int_env(env, "GLOCAL_HEARTBEAT_TIMEOUT", HEARTBEAT_TIMEOUT_S),
+            "initialization_timeout": _int_env(env, "GLOCAL_INIT_TIMEOUT", INIT_TIMEOUT_S)}
+
+
 def maybe_initialize() -> None:
-    """``jax.distributed.initialize()`` (which auto-detects TPU pods and SLURM) when the
-    environment asks for it. Must run before anything touches the JAX backend."""
+    """Join the multi-process job the environment describes (nothing otherwise). Must run
+    before anything touches the JAX backend. On CPU the processes' collectives go over
+    gloo (TCP)."""
     import jax
 
-    if wants_distributed() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if not wants_distributed() or jax.distributed.is_initialized():
+        return
+    if "cpu" in (os.environ.get("JAX_PLATFORMS") or "").split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # An executable read back from the persistent compile cache runs its cross-process
+        # collectives without gloo and waits for ever (seen on jax 0.10 and 0.12): compile afresh.
+        jax.config.update("jax_enable_compilation_cache", False)
+    jax.distributed.initialize(**initialize_args())
+
+
+def in_job() -> bool:
+    """True inside a multi-process JAX job (after ``maybe_initialize`` joined one)."""
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+# Words of the runtime errors a collective raises when a peer process has gone away.
+_PEER_LOSS_SIGNS = ("gloo", "connection reset", "connection closed", "connection refused", "heartbeat",
+                    "unavailable", "deadline_exceeded", "socket closed", "broken pipe")
+
+
+def is_peer_loss(error: BaseException) -> bool:
+    """Whether ``error`` is a failed collective or coordination call (another process of
+    the job died), not a fault of this process."""
+    text = f"{type(error).__name__} {error}".lower()
+    return "runtimeerror" in text and any(sign in text for sign in _PEER_LOSS_SIGNS)
+
+
+def peer_loss_message(error: BaseException) -> str:
+    detail = " ".join(str(error).split())[:240]
+    return (f"process {_process_label()} lost contact with another process of this job (it was killed, crashed "
+            f"or hung), so this one stops too. Run the same command again to resume from the last checkpoint. "
+            f"[{type(error).__name__}: {detail}]")
+
+
+def leave(status: int) -> None:
+    """End a process of a multi-process job now, with ``status``. A normal interpreter exit
+    would first wait at JAX's shutdown barrier for every other process (minutes, or for
+    ever when one is stuck in a collective); the others notice this one's exit at their
+    next collective, or within the heartbeat timeout, and leave the same way. Checkpoint
+    writes were already finished or abandoned by the trainer; orbax commits a step only
+    once it is complete, so the last complete checkpoint stays valid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _process_label() -> str:
+    try:
+        import jax
+
+        return f"{jax.process_index()} of {jax.process_count()}"
+    except Exception:  # noqa: BLE001 (only a label)
+        return os.environ.get("GLOCAL_PROCESS_ID", "?")
+
+
+def agree(flag: bool) -> bool:
+    """True on every process if ``flag`` is true on any (one small all-gather; a plain
+    value with one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.array(bool(flag)))))
 
 
 class StopRequest:
     """Turns SIGTERM/SIGINT (preemption, Ctrl-C) into a flag the training loop checks after
-    each step, so it can save a checkpoint and exit cleanly. A second Ctrl-C interrupts."""
+    each step, so it can save a checkpoint and exit cleanly. A second Ctrl-C interrupts.
+    With several processes the signal reaches them at different moments; ``agreed()``
+    makes all of them see the stop at the same step."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -55,3 +168,7 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop (the same answer on all of them)."""
+        return agree(self.requested)

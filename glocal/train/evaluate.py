@@ -4,6 +4,7 @@ workdir's tokenizer."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 
 import jax
@@ -22,11 +23,17 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
                      log=print) -> dict:
     workdir = pathlib.Path(workdir)
     mcfg, tcfg = workdirs.resolve_configs(None, workdir, overrides or {})
+    sizes = tcfg.mesh_sizes
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fits = jax.device_count() % fixed == 0 if -1 in sizes.values() else fixed == jax.device_count()
+    if not fits and not any(k.startswith("mesh") for k in overrides or {}):
+        # The training mesh needs other devices than this machine has (e.g. a pod's checkpoint read
+        # on a workstation): evaluate data-parallel over the devices here.
+        tcfg = tcfg.replace(mesh_data=-1, mesh_fsdp=1, mesh_expert=1, mesh_tensor=1)
     tokenizer, _ = workdirs.resolve_tokenizer(workdir, tcfg.tokenizer, mcfg)
     model, step = workdirs.load_model(workdir, step)
     setup = build_setup(mcfg, tcfg)
-    rd = data.run_data(tcfg, tokenizer, mcfg.vocab_size, host=jax.process_index(), num_hosts=jax.process_count(),
-                       train=False)
+    rd = data.run_data(tcfg, tokenizer, mcfg.vocab_size, rows=setup.rows, train=False)
     batches, per_byte = rd.val_batches, rd.tokens_per_byte
     params = jax.device_put(nnx.state(model, nnx.Param), setup.param_sh)
     where = (f"over {len(batches) * batches[0]['inputs'].shape[0]} windows of {tcfg.seq_len} tokens "

@@ -87,7 +87,8 @@ class MetricsWriter:
         if self._tb is not None:
             step = record["step"]
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+                # (the first step's throughput is NaN by design: it holds the compilation)
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:

@@ -140,15 +140,15 @@ class _Run:
 def _train_in(workdir: pathlib.Path, setup: Setup, tokenizer, record: str, hooks, log, primary) -> dict:
     """Load the data, record the model, resume or start, and train to ``steps``."""
     mcfg, tcfg = setup.mcfg, setup.tcfg
-    host, hosts = jax.process_index(), jax.process_count()
-    rd = data.run_data(tcfg, tokenizer, mcfg.vocab_size, host=host, num_hosts=hosts, log=log)
+    rd = data.run_data(tcfg, tokenizer, mcfg.vocab_size, rows=setup.rows, log=log)
     data_iter = data.train_iterator(rd.train_windows, batch_size=tcfg.batch_size, grad_accum=tcfg.grad_accum,
-                                    seed=tcfg.seed, host=host, num_hosts=hosts, threads=tcfg.data_threads)
+                                    seed=tcfg.seed, rows=setup.rows, threads=tcfg.data_threads)
     if primary:
         workdirs.keep_tokenizer(workdir, tokenizer, record)
         workdirs.write_model_file(workdir, mcfg, record)
     ckpt = TrainCheckpointer(workdir, keep_last=tcfg.keep_last, keep_every=tcfg.keep_every,
                              async_save=tcfg.async_checkpoint, log=log)
+    abandon = False
     try:
         params, opt_state, meta = _restore(setup, workdir, ckpt, rd.corpus, data_iter, log)
         start = int(meta["step"])
@@ -171,8 +171,13 @@ def _train_in(workdir: pathlib.Path, setup: Setup, tokenizer, record: str, hooks
                    step=start, tokens=int(meta["tokens"]), elapsed0=float(meta["elapsed_s"]),
                    lr_at=schedule(tcfg), peak_total=peak * jax.device_count())
         return _loop(run, hooks)
+    except BaseException as e:
+        # A pending save needs every process; after a lost one it would wait for ever: abandon it.
+        abandon = distributed.in_job() and distributed.is_peer_loss(e)
+        raise
     finally:
-        ckpt.close()  # waits for pending async saves, whatever happened
+        if not abandon:
+            ckpt.close()  # waits for pending async saves
 
 
 def _restore(setup: Setup, workdir: pathlib.Path, ckpt: TrainCheckpointer, corpus, data_iter, log):
@@ -264,7 +269,7 @@ def _loop(run: _Run, hooks) -> dict:
                 saved_at = step
             for hook in hooks:
                 hook(step)
-            if _stop_requested(stop):
+            if stop.agreed():  # every process stops after the same step
                 break
     bar.close()
     return _finish(run, saved_at)
@@ -272,7 +277,7 @@ def _loop(run: _Run, hooks) -> dict:
 
 def _take_step(run: _Run, step: int):
     """One optimizer step on the next batch; its metrics (on device)."""
-    batch = _to_device(next(run.data_iter), run.setup.batch_sh)
+    batch = _to_device(next(run.data_iter), run.setup.batch_sh, run.setup.tcfg.microbatch)
     run.params, run.opt_state, metrics = run.setup.train_step(run.params, run.opt_state, batch)
     run.step, run.tokens = step, run.tokens + run.setup.tcfg.tokens_per_step
     return metrics
@@ -342,14 +347,6 @@ def _finish(run: _Run, saved_at: int) -> dict:
     if setup.tcfg.sample_tokens and jax.process_count() == 1 and run.primary:
         summary["sample"] = _sample(setup, run.params, run.tokenizer, run.log)
     return summary
-
-
-def _stop_requested(stop: distributed.StopRequest) -> bool:
-    if jax.process_count() == 1:
-        return stop.requested
-    from jax.experimental import multihost_utils  # every host must stop at the same step
-
-    return bool(np.any(multihost_utils.process_allgather(np.array(stop.requested))))
 
 
 def _sample(setup: Setup, params, tokenizer, log) -> str:

@@ -46,11 +46,15 @@ def process_env(base: dict, *, index: int, processes: int, port: int, devices: i
                 heartbeat: int) -> dict:
     """The environment of process ``index``: the contract ``glocal.train.distributed`` reads."""
     env = dict(base)
-    env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "GLOCAL_NUM_PROCESSES": str(processes),
-                "GLOCAL_PROCESS_ID": str(index), "GLOCAL_DISTRIBUTED": "1",
-                "GLOCAL_HEARTBEAT_TIMEOUT": str(heartbeat), "PYTHONUNBUFFERED": "1"})
     for name in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID"):  # our variables, not an outer job's
         env.pop(name, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    if processes > 1:  # (one process is a plain run: no coordinator to start)
+        env.update({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "GLOCAL_NUM_PROCESSES": str(processes),
+                    "GLOCAL_PROCESS_ID": str(index), "GLOCAL_DISTRIBUTED": "1",
+                    "GLOCAL_HEARTBEAT_TIMEOUT": str(heartbeat)})
+    else:
+        env["GLOCAL_DISTRIBUTED"] = "0"
     if devices:
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
         env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])

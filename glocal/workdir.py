@@ -332,7 +332,7 @@ def restore_init_params(workdir, abstract_params):
     """The starting weights, placed like ``abstract_params`` (ShapeDtypeStructs, with
     shardings where the caller wants them)."""
     path = (pathlib.Path(workdir) / INIT_DIR / "params").absolute()
-    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    one = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) and a.sharding is not None else
                           jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_params)
     try:
@@ -376,7 +376,7 @@ def load_model(workdir, step: int | None = None) -> tuple[nnx.Module, int]:
         earlier = sorted(s for s in steps if s < step)
         # Placed on one local device: a checkpoint written over a mesh of other devices (a pod,
         # several processes) is read on this machine (without a sharding orbax wants the saved devices).
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        one = jax.sharding.make_single_device_sharding(jax.local_devices()[0])
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_params)
         try:
             with _quiet_failed_read():

@@ -8,7 +8,10 @@
 # SLURM's variables make the trainer call jax.distributed.initialize(), which reads the
 # coordinator address and process ids from them. The workdir must be on a shared
 # filesystem. A requeued job (--requeue; SIGTERM before preemption) resumes from the
-# newest checkpoint because the command is the same.
+# newest checkpoint because the command is the same: the tasks agree to stop after one step.
+# If a task dies the others exit (status 3) with one line; GLOCAL_HEARTBEAT_TIMEOUT (seconds,
+# default 30) bounds how long a silent task is waited for. To rehearse on one machine:
+#   glocal launch --processes 2 --devices-per-process 4 -- train ...
 #SBATCH --job-name=glocal
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

@@ -293,10 +293,24 @@ def test_one_process_reads_a_two_process_workdir(tmp_path, dense):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
-def test_each_process_reads_the_rows_its_devices_hold():
+def _slurm_env(index: int) -> dict:
+    """A SLURM step's environment for task ``index`` of 2 on this machine (no launcher: JAX's own
+    cluster detection finds the coordinator and the process ids)."""
+    env = {k: v for k, v in _env().items() if not k.startswith(("GLOCAL_", "JAX_COORDINATOR"))}
+    env.update(SLURM_JOB_ID=str(1000 + free_port() % 3000), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+               SLURM_PROCID=str(index), SLURM_LOCALID=str(index), SLURM_NODEID="0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    return env
+
+
+@pytest.mark.parametrize("how", ["launcher", "slurm"])
+def test_each_process_reads_the_rows_its_devices_hold(how):
     port, procs = free_port(), []
+    slurm = [_slurm_env(0)]
+    slurm.append({**slurm[0], **{k: v for k, v in _slurm_env(1).items() if k in ("SLURM_PROCID", "SLURM_LOCALID")}})
     for i in range(2):
-        env = process_env(_env(), index=i, processes=2, port=port, devices=4, heartbeat=10)
+        env = (process_env(_env(), index=i, processes=2, port=port, devices=4, heartbeat=10) if how == "launcher"
+               else slurm[i])
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "tests" / "multihost_rows.py")], env=env, cwd=ROOT,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
@@ -305,7 +319,7 @@ def test_each_process_reads_the_rows_its_devices_hold():
         line = [x for x in out.splitlines() if x.startswith("RESULT ")]
         assert p.returncode == 0 and line, err[-3000:]
         results.append(json.loads(line[0][len("RESULT "):]))
-    assert [r["process"] for r in results] == [0, 1]
+    assert [(r["process"], r["processes"]) for r in results] == [(0, 2), (1, 2)]
     for mesh, expect in {"data2_fsdp2_tensor2": [[0, 4], [4, 8]], "tensor8": [[0, 8], [0, 8]],
                          "fsdp8": [[0, 4], [4, 8]], "data2_expert4": [[0, 4], [4, 8]]}.items():
         assert [r[mesh]["rows"] for r in results] == expect, mesh

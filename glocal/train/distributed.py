@@ -8,8 +8,9 @@ detection fills what is missing):
     JAX_COORDINATOR_ADDRESS   host:port of process 0's coordination service
     GLOCAL_NUM_PROCESSES      how many processes take part
     GLOCAL_PROCESS_ID         this process's index, 0 .. N-1
-    GLOCAL_HEARTBEAT_TIMEOUT  seconds without a heartbeat before a process counts as dead
-                              (default 30): the bound on how long the survivors wait
+    GLOCAL_HEARTBEAT_TIMEOUT  seconds without a sign of life before a process counts as dead
+                              (default 30): the bound on how long the survivors wait (JAX's
+                              own heartbeat check, which aborts, is set to 2x + 10 s)
     GLOCAL_INIT_TIMEOUT       seconds process 0 waits for all processes to join (default 300)
     GLOCAL_DISTRIBUTED        1 forces jax.distributed on, 0 off (default: on when the
                               variables above, a multi-task SLURM step or a multi-worker TPU
@@ -18,10 +19,12 @@ detection fills what is missing):
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
 import threading
+import time
 
 import numpy as np
 
@@ -72,12 +75,71 @@ def maybe_initialize() -> None:
 
     if not wants_distributed() or jax.distributed.is_initialized():
         return
-    if "cpu" in (os.environ.get("JAX_PLATFORMS") or "").split(","):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (only the CPU backend reads it)
+    args = initialize_args()
+    timeout = args.pop("heartbeat_timeout_seconds")
+    # JAX's own heartbeat check aborts the process with a C++ stack dump; ours (below) fires first
+    # and says what happened, so JAX's is only the backstop.
+    jax.distributed.initialize(**args, heartbeat_timeout_seconds=2 * timeout + 10)
+    _Watchdog(timeout).start()
+    if jax.default_backend() == "cpu":
         # An executable read back from the persistent compile cache runs its cross-process
         # collectives without gloo and waits for ever (seen on jax 0.10 and 0.12): compile afresh.
         jax.config.update("jax_enable_compilation_cache", False)
-    jax.distributed.initialize(**initialize_args())
+
+
+class _Watchdog(threading.Thread):
+    """Notices a process of the job that died or hung, and ends this one with one clear line.
+
+    Every process bumps a counter in the coordination service's key-value store each second
+    and reads the others'; a counter that has not moved for ``timeout`` seconds (of this
+    machine's clock: no clock skew between hosts matters) means its process is gone. A thread,
+    so it runs while the main thread is blocked in a collective or a checkpoint barrier (those
+    release the GIL). At interpreter exit it stops judging (this process is done; a peer may
+    still be finishing) but goes on beating through JAX's shutdown barrier."""
+
+    PREFIX = "glocal_alive/"
+
+    def __init__(self, timeout: float):
+        super().__init__(daemon=True, name="glocal-watchdog")
+        import jax
+        from jax._src import distributed as jd
+
+        self.client, self.timeout = jd.global_state.client, timeout
+        self.index, self.count = jax.process_index(), jax.process_count()
+        self.exiting = threading.Event()
+        atexit.register(self.exiting.set)
+
+    def run(self) -> None:
+        start, beat, heard = time.monotonic(), 0, {}  # peer -> (its counter, when it last moved)
+        while True:
+            time.sleep(1.0)
+            beat += 1
+            try:
+                self.client.key_value_set(f"{self.PREFIX}{self.index}", str(beat), allow_overwrite=True)
+                counters = dict(self.client.key_value_dir_get(self.PREFIX))
+            except Exception as e:  # noqa: BLE001 (any failure means the service is gone)
+                if not self.exiting.is_set():
+                    _lost(f"the job's coordination service (process 0) stopped answering "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:160]})")
+                return
+            now = time.monotonic()
+            for peer in range(self.count):
+                if peer == self.index:
+                    continue
+                value = counters.get(f"{self.PREFIX}{peer}", counters.get(f"/{self.PREFIX}{peer}"))
+                if peer not in heard or heard[peer][0] != value:
+                    heard[peer] = (value, now if value is not None else start)
+                if now - heard[peer][1] > self.timeout and not self.exiting.is_set():
+                    _lost(f"process {peer} has not been heard from for {self.timeout} s "
+                          f"(GLOCAL_HEARTBEAT_TIMEOUT): it was killed, crashed or hung")
+                    return
+
+
+def _lost(why: str) -> None:
+    sys.stderr.write(f"\nglocal: error: process {_process_label()} stops: {why}. Run the same command again to "
+                     f"resume from the last checkpoint.\n")
+    leave(PEER_LOST_EXIT)
 
 
 def in_job() -> bool:

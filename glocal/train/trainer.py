@@ -22,7 +22,6 @@ import time
 from typing import Callable, Iterable
 
 import jax
-import numpy as np
 from tqdm import tqdm
 
 import glocal

@@ -13,7 +13,8 @@ of a process that failed differently from process 0 are shown at the end). SIGTE
 SIGINT are passed to every process, which stop after one agreed step with a checkpoint. If
 a process exits with an error or dies, the others get ``--grace`` seconds to end on their
 own (they notice at once, or within the heartbeat timeout) and are then terminated. A second
-SIGTERM/SIGINT kills every process. The exit status is the worst of the processes' (a death
+SIGTERM/SIGINT kills every process; SIGHUP counts as SIGTERM; if the launcher itself is killed,
+the processes get SIGTERM (Linux). The exit status is the worst of the processes' (a death
 by signal S counts as 128 + S).
 """
 
@@ -127,31 +128,29 @@ def launch(command: list[str], *, processes: int, devices: int | None = None, lo
     os.makedirs(log_dir, exist_ok=True)
     grace = heartbeat + 15 if grace is None else grace
     argv = [sys.executable, "-m", "glocal.cli", *command]
-    procs, echoes, logs = [], [], []
-    for i in range(processes):
-        env = process_env(os.environ, index=i, processes=processes, port=port, devices=devices, heartbeat=heartbeat)
-        if i == 0:
-            p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, start_new_session=True)
-            echoes = [_Echo(p.stdout, out), _Echo(p.stderr, err)]
-            for e in echoes:
-                e.start()
-        else:
-            logs.append(os.path.join(log_dir, f"process_{i}.log"))
-            with open(logs[-1], "wb") as f:
-                p = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # our signals reach it once, through us
-        procs.append(p)
-
-    signals = []
+    procs, logs, signals = [], [], []
 
     def forward(signum, frame):  # the first signal asks for a clean stop; a second one kills
         signals.append(signum)
         for q in procs:
             if q.poll() is None:
-                q.send_signal(signum if len(signals) == 1 else signal.SIGKILL)
+                q.send_signal(signal.SIGTERM if len(signals) == 1 else signal.SIGKILL)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    # (SIGHUP too: a closed terminal must not leave the processes running without us)
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    for i in range(processes):
+        env = process_env(os.environ, index=i, processes=processes, port=port, devices=devices, heartbeat=heartbeat)
+        # Own sessions: a terminal's Ctrl-C reaches them once, through us. If we die, they get SIGTERM.
+        kw = dict(env=env, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_term_with_parent)
+        if i == 0:
+            procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw))
+        else:
+            logs.append(os.path.join(log_dir, f"process_{i}.log"))
+            with open(logs[-1], "wb") as f:
+                procs.append(subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, **kw))
+    echoes = [_Echo(procs[0].stdout, out), _Echo(procs[0].stderr, err)]  # (threads only after the forks)
+    for e in echoes:
+        e.start()
     try:
         failed_at = None
         while any(q.poll() is None for q in procs):
@@ -169,6 +168,16 @@ def launch(command: list[str], *, processes: int, devices: int | None = None, lo
     codes = [exit_status(q.wait()) for q in procs]
     _report(codes, echoes, logs, log_dir, err)
     return max(codes)
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies (Linux; elsewhere nothing)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop_all(procs) -> None:

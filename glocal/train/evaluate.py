@@ -4,7 +4,6 @@ workdir's tokenizer."""
 
 from __future__ import annotations
 
-import math
 import pathlib
 
 import jax
@@ -23,10 +22,7 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
                      log=print) -> dict:
     workdir = pathlib.Path(workdir)
     mcfg, tcfg = workdirs.resolve_configs(None, workdir, overrides or {})
-    sizes = tcfg.mesh_sizes
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    fits = jax.device_count() % fixed == 0 if -1 in sizes.values() else fixed == jax.device_count()
-    if not fits and not any(k.startswith("mesh") for k in overrides or {}):
+    if not _fits(tcfg) and not any(k.startswith("mesh") for k in overrides or {}):
         # The training mesh needs other devices than this machine has (e.g. a pod's checkpoint read
         # on a workstation): evaluate data-parallel over the devices here.
         tcfg = tcfg.replace(mesh_data=-1, mesh_fsdp=1, mesh_expert=1, mesh_tensor=1)
@@ -60,6 +56,15 @@ def evaluate_workdir(workdir, *, step: int | None = None, overrides: dict[str, s
     log(f"  routing agreement (causal rule == top-k choice, per token and expert/step): "
         f"{out['routing_agreement']:.4f}")
     return out
+
+
+def _fits(tcfg) -> bool:
+    """Whether the run's mesh can be laid over this machine's devices."""
+    try:
+        shd.mesh_shape(tcfg.mesh_sizes, jax.device_count())
+    except shd.ShardingError:
+        return False
+    return True
 
 
 def _agreement_stats(logits, aux) -> list:

@@ -271,10 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as e:
         _leave_job_after_traceback(e)
         raise
-    if status and _in_job():
-        from glocal.train.distributed import leave
+    if _in_job():
+        from glocal.train.distributed import finish, leave
 
-        leave(status)  # not through JAX's shutdown barrier, which waits for every process
+        if status:
+            leave(status)  # not through JAX's shutdown barrier, which waits for every process
+        finish()
     return status
 
 

@@ -95,10 +95,14 @@ class _Watchdog(threading.Thread):
     and reads the others'; a counter that has not moved for ``timeout`` seconds (of this
     machine's clock: no clock skew between hosts matters) means its process is gone. A thread,
     so it runs while the main thread is blocked in a collective or a checkpoint barrier (those
-    release the GIL). At interpreter exit it stops judging (this process is done; a peer may
-    still be finishing) but goes on beating through JAX's shutdown barrier."""
+    release the GIL). At interpreter exit (an ``atexit`` hook, which runs before JAX's shutdown
+    barrier) it is stopped and joined, and the counter is replaced by ``done`` so the others
+    never count this process as lost while they finish. Stopped, not left running: Python's
+    finalisation kills a daemon thread that is inside a C++ call (this one's key-value calls)
+    with a forced unwind, which aborts the process ("FATAL: exception not rethrown")."""
 
     PREFIX = "glocal_alive/"
+    DONE = "done"
 
     def __init__(self, timeout: float):
         super().__init__(daemon=True, name="glocal-watchdog")
@@ -107,19 +111,29 @@ class _Watchdog(threading.Thread):
 
         self.client, self.timeout = jd.global_state.client, timeout
         self.index, self.count = jax.process_index(), jax.process_count()
-        self.exiting = threading.Event()
-        atexit.register(self.exiting.set)
+        self.stopped = threading.Event()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        if self.is_alive() and self is not threading.current_thread():
+            self.join(timeout=10.0)
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.index}", self.DONE, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 (the service may be gone already; nothing to tell)
+            pass
 
     def run(self) -> None:
         start, beat, heard = time.monotonic(), 0, {}  # peer -> (its counter, when it last moved)
-        while True:
-            time.sleep(1.0)
+        while not self.stopped.wait(1.0):
             beat += 1
             try:
                 self.client.key_value_set(f"{self.PREFIX}{self.index}", str(beat), allow_overwrite=True)
                 counters = dict(self.client.key_value_dir_get(self.PREFIX))
             except Exception as e:  # noqa: BLE001 (any failure means the service is gone)
-                if not self.exiting.is_set():
+                if not self.stopped.is_set():
                     _lost(f"the job's coordination service (process 0) stopped answering "
                           f"({type(e).__name__}: {' '.join(str(e).split())[:160]})")
                 return
@@ -128,9 +142,11 @@ class _Watchdog(threading.Thread):
                 if peer == self.index:
                     continue
                 value = counters.get(f"{self.PREFIX}{peer}", counters.get(f"/{self.PREFIX}{peer}"))
+                if value == self.DONE:
+                    continue  # finished cleanly; it waits at JAX's shutdown barrier, not beating
                 if peer not in heard or heard[peer][0] != value:
                     heard[peer] = (value, now if value is not None else start)
-                if now - heard[peer][1] > self.timeout and not self.exiting.is_set():
+                if now - heard[peer][1] > self.timeout and not self.stopped.is_set():
                     _lost(f"process {peer} has not been heard from for {self.timeout} s "
                           f"(GLOCAL_HEARTBEAT_TIMEOUT): it was killed, crashed or hung")
                     return
@@ -178,6 +194,17 @@ def leave(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def finish() -> None:
+    """End a process of a multi-process job that succeeded: run the exit hooks (the
+    watchdog's stop, then JAX's shutdown barrier, where the processes wait for each other)
+    and leave with status 0 without Python's finalisation, which kills the daemon threads
+    libraries leave behind and aborts the process when one of them is inside C++ code."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    leave(0)
 
 
 def _process_label() -> str:

@@ -1,4 +1,5 @@
 """Efficiency card: the baseline, FIT, the Block Transformer, Based, MoE and MoR at the `small` shape.
+(any preset too: ``--models transformer moe:qwen3_next_small``, the Qwen3-Next-style hybrid)
 
     python benchmarks/efficiency.py                       # every section, `small` presets
     python benchmarks/efficiency.py --sections cache decode --preset small
@@ -44,7 +45,10 @@ SECTIONS = ("params", "flops", "cache", "train", "decode", "bpb")
 
 def build(name, preset, max_len, **kw):
     """The preset with a context of at least ``max_len`` (rounded to whole groups/blocks);
-    a router that is non-causal in training runs its causal mode (what decoding uses)."""
+    a router that is non-causal in training runs its causal mode (what decoding uses).
+    ``name`` is a family (its ``preset``) or ``family:preset`` (e.g. ``moe:qwen3_next_small``)."""
+    name, _, own = name.partition(":")
+    preset = own or preset
     cfg = gm.get_config(name, preset)
     unit = getattr(cfg, "group_size", None) or getattr(cfg, "block_size", None) or 1
     if cfg.routing_modes():
@@ -218,7 +222,8 @@ def section_bpb(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS[:-1]), choices=SECTIONS)
-    p.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument("--models", nargs="+", default=list(FAMILIES),
+                   help=f"families ({', '.join(FAMILIES)}; each at --preset) or family:preset")
     p.add_argument("--preset", default="small")
     p.add_argument("--train-lens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--time-max-len", type=int, default=4096, help="time the train step up to this L")

@@ -7,7 +7,8 @@ test; no MLP; LayerNorm pre-norm; one head) trained on CPU.
 
 Models (name: layer pattern, width, options): attention (``cg``, d 64 / 128), sliding window
 (``cs``, d 128, windows of 16 and 64 tokens), Based linear attention (``cl``, d 64 / 128,
-feature dim 8 / 16 / 24). Training (every model the same): AdamW (lr 3e-3, weight decay 0.1,
+feature dim 8 / 16 / 24), Gated DeltaNet (``cd``, d 64 / 128 with one head, d 128 with two heads
+of 64: states of 16 / 64 / 32 KiB plus the convolution windows). Training (every model the same): AdamW (lr 3e-3, weight decay 0.1,
 5% warm-up, cosine), vocabulary 256, batches of 4,096 tokens (64 sequences of 64 tokens, 16 of
 256) drawn fresh each step; the first 300 of 900 steps use only short sequences ((L, pairs) =
 (64, 4), (64, 8), (64, 16): MQAR's phase transition comes after a few hundred steps there),
@@ -56,6 +57,11 @@ MODELS = {
     "based128_f8": dict(layer_pattern="cl", d_model=128, feature_dim=8),
     "based128_f16": dict(layer_pattern="cl", d_model=128, feature_dim=16),
     "based128_f24": dict(layer_pattern="cl", d_model=128, feature_dim=24),
+    # Gated DeltaNet (``cd``): one head of width d, or two heads of 64 at d 128 (state F x E per head).
+    "gdn64": dict(layer_pattern="cd", d_model=64),
+    "gdn128_h2": dict(layer_pattern="cd", d_model=128, **{"gated_delta.key_heads": 2, "gated_delta.value_heads": 2,
+                                                          "gated_delta.key_dim": 64, "gated_delta.value_dim": 64}),
+    "gdn128": dict(layer_pattern="cd", d_model=128),
 }
 SHORT_MIX = ((64, 4), (64, 8), (64, 16))  # the first --short-steps steps
 TRAIN_MIX = ((64, 4), (128, 8), (256, 16), (256, 32), (256, 64))  # the rest

@@ -49,6 +49,9 @@ FAMILY_VARIANTS = {
     # Sliding window 6 < sequence length: the ring buffers wrap many times.
     # Checkpoint-import options: q/k/v biases, qk-norm and llama3 rope scaling (all regimes at E 16).
     "transformer": {"window": dict(num_layers=3, layer_pattern="ssg", sliding_window=6, max_seq_len=64),
+                    # A dense delta-rule hybrid: Gated DeltaNet (chunks of 8, GVA 1:2) with a window layer.
+                    "delta": dict(num_layers=3, layer_pattern="dds", sliding_window=6, max_seq_len=64, seed=11,
+                                  **{"gated_delta.chunk_size": 8, "gated_delta.key_heads": 1}),
                     "imported": dict(qkv_bias=True, qk_norm=True, rope_scaling="llama3", rope_factor=4.0,
                                      rope_original_context=64, num_kv_heads=2, max_seq_len=64, seed=9)},
     # Latents wider than tokens, GQA in the local layers, 3 latents per group of 6, tied
@@ -58,6 +61,9 @@ FAMILY_VARIANTS = {
     # Blocks of 3 with a 3-vector prefix and GQA in both decoders.
     "block": {"odd": dict(block_size=3, prefix_len=3, d_block=48, block_heads=4, block_kv_heads=2, token_heads=2,
                           token_kv_heads=1, max_seq_len=48, seed=4)},
+    # Qwen3-Next's layout (its own preset): Gated DeltaNet 3:1 with gated attention, chunks of
+    # 16 (prompts cross them), zero-centred norms, partial RoPE, MoE with a gated shared expert.
+    "moe": {"qwen3_next": dict(preset="qwen3_next_tiny", seed=10)},
     # Three recursions with plain cycle sharing (capacities 1, 2/3, 1/3), and full recursion.
     "mor": {"cycle3": dict(sharing="cycle", num_layers=3, num_recursions=3, seed=5),
             "full": dict(recursion_router="none", seed=6),
@@ -82,10 +88,11 @@ def model_for(family, variant=None):
     (``routing_modes()``: expert choice) is checked in its causal mode, the one that
     evaluation and decoding use."""
     kw = dict(FAMILY_VARIANTS[family][variant]) if variant else {}
-    cfg = gm.get_config(family, "tiny", **{k: v for k, v in kw.items() if k != "seed"})
+    preset = kw.pop("preset", "tiny")
+    cfg = gm.get_config(family, preset, **{k: v for k, v in kw.items() if k != "seed"})
     if cfg.routing_modes():
         kw["routing_mode"] = "threshold"
-    return build(family, "tiny", **kw)
+    return build(family, preset, **kw)
 
 
 def tokens_for(model, seed=0):
@@ -106,7 +113,12 @@ def test_causality(family, variant):
 @pytest.mark.parametrize("family,variant", CASES, ids=CASE_IDS)
 def test_prefill_and_decode_equal_teacher_forcing(family, variant):
     model = model_for(family, variant)
-    assert_decode_matches(model, tokens_for(model), PROMPTS)
+    # A delta-rule layer's state passes every token through L2-normalised keys and a decayed sum,
+    # so float32 reassociation between the parallel and the one-token forms reaches ~3e-5 on
+    # logits of ~4 after three layers (the recurrent form alone gives the same; the kernel's own
+    # tests bound the forms against float64).
+    tol = 1e-4 if "d" in getattr(model.config, "layer_pattern", "") else 2e-5
+    assert_decode_matches(model, tokens_for(model), PROMPTS, tol=tol)
 
 
 @pytest.mark.parametrize("family,variant", CASES, ids=CASE_IDS)

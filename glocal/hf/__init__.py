@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Qwen3 and Mixtral.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-Next.
 
     model = glocal.hf.from_pretrained("path/to/llama", dtype="bfloat16")   # local folder
     glocal.hf.save_pretrained(model, "path/to/out")                          # transformers loads it

@@ -29,7 +29,7 @@ import glocal.models as gm
 from glocal.pytree import path_name
 from glocal import sharding as shd
 from glocal.errors import UserError
-from glocal.hf import configs, safetensors as st, weights
+from glocal.hf import configs, qwen3_next, safetensors as st, weights
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -60,8 +60,8 @@ def read_config(folder) -> dict:
 # -- loading ----------------------------------------------------------------------------------
 def from_pretrained(path, dtype: str = "float32", *, mesh=None, rules=None):
     """A glocal model (what ``glocal.models.build`` returns) with the weights of the local
-    Hugging Face folder ``path``: Llama, Mistral, Qwen2, Qwen3 -> ``transformer``, Mixtral ->
-    ``moe``; also folders written by ``save_pretrained(..., format="glocal")`` (any family).
+    Hugging Face folder ``path``: Llama, Mistral, Qwen2, Qwen3 -> ``transformer``, Mixtral,
+    Qwen3-Next -> ``moe``; also folders written by ``save_pretrained(..., format="glocal")`` (any family).
     ``dtype`` is the parameter and compute dtype. Sharded placement: pass ``mesh`` and
     ``rules`` (a ``glocal.sharding`` rule table), or call inside ``jax.set_mesh`` +
     ``use_rules``."""
@@ -77,11 +77,17 @@ def from_pretrained(path, dtype: str = "float32", *, mesh=None, rules=None):
 
 def _hf_plan(config, reader) -> list:
     """``(variable path, layer index or None, rule)`` for every parameter of ``config``."""
-    fused = "model.layers.0.mlp.experts.gate_up_proj" in reader
+    fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.keys())
     plan = [(rule.path, None, rule) for rule in weights.top_rules(config)]
     for i in range(config.num_layers):
-        plan += [(rule.path, i, rule) for rule in weights.layer_rules(config, i, fused_experts=fused)]
+        plan += [(view.path, i, view) for rule in _layer_rules(config, i, fused)
+                 for view in rule.views()]
     return plan
+
+
+def _layer_rules(config, i: int, fused_experts: bool = False) -> list:
+    rules = qwen3_next.layer_rules if qwen3_next.is_qwen3_next(config) else weights.layer_rules
+    return rules(config, i, fused_experts=fused_experts)
 
 
 def _glocal_plan(config, reader) -> list:
@@ -159,6 +165,7 @@ def _check_tensors(config, plan, reader) -> None:
                     f"intermediate_size, vocab_size); the config and the weights disagree.")
             used.add(name)
     extra = [n for n in reader.keys() if n not in used and not n.endswith(weights.IGNORED_SUFFIXES)
+             and not n.startswith(weights.IGNORED_PREFIXES)
              and not (config.tie_embeddings and n == "lm_head.weight")]
     if extra:
         raise weights.HFWeightsError(
@@ -204,7 +211,7 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
 
     ``format="hf"``: a Hugging Face folder (``config.json``, ``generation_config.json``,
     ``model.safetensors`` or shards above ``max_shard_bytes`` + index) that transformers loads
-    as Llama / Mistral / Qwen2 / Qwen3 / Mixtral; an error if the model has no such twin.
+    as Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-Next; an error if the model has no such twin.
     ``format="glocal"``: the parameters under their glocal names + glocal's ``config.json``
     (any family; ``from_pretrained`` reads it back). ``"auto"``: hf when possible.
     ``architecture`` prefers an HF class the config fits (e.g. Mistral for a model
@@ -255,7 +262,7 @@ def _hf_tensors(model, config, dtype: str) -> list:
     top = {rule.path: rule for rule in weights.top_rules(config)}
     plan = [(model, None, top.pop("embed.table_VD"))]
     for i, (owner, r) in enumerate(layers):
-        plan += [(owner, r, rule) for rule in weights.layer_rules(config, i)]
+        plan += [(owner, r, rule) for rule in _layer_rules(config, i)]
     plan += [(model, None, rule) for rule in top.values()]
     cache = {}
 
@@ -263,8 +270,8 @@ def _hf_tensors(model, config, dtype: str) -> list:
         key = (id(owner), r, rule.path)
         if key not in cache:
             cache.clear()  # one rule's outputs at a time (q, k, v come from one slice)
-            value = weights.variable(owner, rule.path)[...]
-            cache[key] = rule.save(np.asarray(jax.device_get(value if r is None else value[r])))
+            values = [weights.variable(owner, p)[...] for p in rule.paths]
+            cache[key] = rule.save(*[np.asarray(jax.device_get(v if r is None else v[r])) for v in values])
         return cache[key][j]
 
     # One dtype per checkpoint, as Hugging Face models expect: glocal keeps norm scales and the

@@ -5,6 +5,8 @@
     Qwen2ForCausalLM    <-> transformer with qkv_bias (layer_types -> a "g"/"s" pattern)
     Qwen3ForCausalLM    <-> transformer with qk_norm (the same layer types)
     MixtralForCausalLM  <-> moe: top-k of num_experts, softmax over the chosen k, every layer
+    Qwen3NextForCausalLM <-> moe with Gated DeltaNet layers ("dddg"), gated attention and a
+                             gated shared expert (glocal.hf.qwen3_next)
 
 Every field that changes the function a checkpoint computes is read explicitly; a value
 glocal cannot represent (a rope scaling type, biases, another activation, quantisation)
@@ -22,6 +24,7 @@ from __future__ import annotations
 import warnings
 
 from glocal.errors import UserError
+from glocal.hf import qwen3_next
 
 ARCHITECTURES = {  # HF class -> (family, kind)
     "LlamaForCausalLM": ("transformer", "llama"),
@@ -29,6 +32,7 @@ ARCHITECTURES = {  # HF class -> (family, kind)
     "Qwen2ForCausalLM": ("transformer", "qwen2"),
     "Qwen3ForCausalLM": ("transformer", "qwen3"),
     "MixtralForCausalLM": ("moe", "mixtral"),
+    "Qwen3NextForCausalLM": ("moe", "qwen3_next"),  # glocal.hf.qwen3_next
 }
 MODEL_TYPES = {kind: arch for arch, (_, kind) in ARCHITECTURES.items()}
 
@@ -160,8 +164,6 @@ def layer_pattern(hf: dict, kind: str, num_layers: int, context: int) -> tuple[s
 
 def to_glocal(hf: dict, dtype: str = "float32"):
     """``(family, config)`` for a Hugging Face config dict."""
-    import glocal.models as gm
-
     arch = architecture(hf)
     family, kind = ARCHITECTURES[arch]
     if hf.get("quantization_config"):
@@ -174,6 +176,10 @@ def to_glocal(hf: dict, dtype: str = "float32"):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if not isinstance(hf.get(name), int) or hf[name] < 1:
             raise HFConfigError(f"config.json field {name} is missing or not a positive integer ({hf.get(name)!r}).")
+    if kind == "qwen3_next":
+        fields = dict(qwen3_next.glocal_fields(hf, error=HFConfigError, rope_fields=rope_fields), dtype=dtype,
+                      param_dtype=dtype)
+        return family, _config(family, fields)
     D, H = hf["hidden_size"], hf["num_attention_heads"]
     L = hf["num_hidden_layers"]
     head_dim = field(hf, kind, "head_dim") or D // H
@@ -192,11 +198,16 @@ def to_glocal(hf: dict, dtype: str = "float32"):
                       router="token_choice", router_weights="renorm", moe_impl="dropless", shared_experts=0,
                       balance_weight=float(field(hf, kind, "router_aux_loss_coef")), router_z_weight=0.0,
                       moe_every=1, first_dense_layers=0)
+    return family, _config(family, fields)
+
+
+def _config(family: str, fields: dict):
+    import glocal.models as gm
+
     try:
-        config = gm.config_class(family).from_dict(fields)  # (flat option names; validates)
+        return gm.config_class(family).from_dict(fields)  # (flat option names or sections; validates)
     except UserError as e:
         raise HFConfigError(f"config.json maps to a {family} config glocal rejects: {e}") from None
-    return family, config
 
 
 def bos_eos(hf: dict) -> dict:
@@ -214,6 +225,11 @@ def export_architecture(config, prefer: str | None = None) -> str:
         raise HFConfigError(f"this {type(config).__name__} has no Hugging Face twin: {why}. "
                             f"save_pretrained(..., format='glocal') writes safetensors + glocal's config.json instead.")
 
+    if qwen3_next.is_qwen3_next(config):
+        why = qwen3_next.export_refusal(config)
+        if why:
+            refuse(f"{why}; with Gated DeltaNet layers or gated attention the one Hugging Face twin is Qwen3-Next")
+        return qwen3_next.ARCH
     if not isinstance(config, TransformerConfig):
         refuse("only the transformer and moe families map onto Llama/Mistral/Qwen2/Qwen3/Mixtral")
     checks = [("mlp", "swiglu"), ("norm", "rms"), ("attn_softcap", None), ("logit_softcap", None)]
@@ -287,6 +303,8 @@ def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
         m = config.options["moe"]
         hf.update(intermediate_size=m.d_expert or config.d_ff, num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
                   router_aux_loss_coef=m.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
+    if kind == "qwen3_next":
+        hf.update(qwen3_next.hf_fields(config))
     hf.update(extra or {})
     return hf
 

@@ -33,6 +33,8 @@ from glocal.errors import UserError
 Shape = tuple[int, ...]
 # Tensors a checkpoint may hold that carry no weights (old Llama exports saved RoPE tables).
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Heads beside the language model that transformers skips too (Qwen3-Next's multi-token prediction).
+IGNORED_PREFIXES = ("mtp.",)
 
 
 class HFWeightsError(UserError, ValueError):
@@ -48,7 +50,21 @@ class Rule:
     names: tuple[str, ...]
     shapes: tuple[Shape, ...]
     load: Callable[..., np.ndarray]
-    save: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    save: Callable[..., tuple[np.ndarray, ...]]
+    # Further glocal parameters the same HF tensors hold (Qwen3-Next's q_proj: queries and
+    # gates): ``load`` then returns one array per path and ``save`` takes one per path.
+    more_paths: tuple[str, ...] = ()
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path, *self.more_paths)
+
+    def views(self) -> list["Rule"]:
+        """One single-parameter rule per path (loading fills one parameter at a time)."""
+        if not self.more_paths:
+            return [self]
+        return [dataclasses.replace(self, path=p, more_paths=(), load=lambda *t, j=j: self.load(*t)[j])
+                for j, p in enumerate(self.paths)]
 
 
 def _t(w: np.ndarray) -> np.ndarray:

@@ -9,8 +9,9 @@ per-tile visit lists that block-sparse kernels follow.
 
 from glocal.kernels import masks
 from glocal.kernels.api import IMPLEMENTATIONS, attention, auto_impl
+from glocal.kernels.delta import DELTA_IMPLEMENTATIONS, gated_delta_rule, gated_delta_step
 from glocal.kernels.linear import linear_attention, linear_attention_step
 from glocal.kernels.reference import attention_reference
 from glocal.kernels.schedule import BlockSchedule, build_schedule
 
-__all__ = ["linear_attention", "linear_attention_step", "IMPLEMENTATIONS", "BlockSchedule", "attention", "auto_impl", "attention_reference", "build_schedule", "masks"]
+__all__ = ["DELTA_IMPLEMENTATIONS", "gated_delta_rule", "gated_delta_step", "linear_attention", "linear_attention_step", "IMPLEMENTATIONS", "BlockSchedule", "attention", "auto_impl", "attention_reference", "build_schedule", "masks"]

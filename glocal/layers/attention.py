@@ -11,12 +11,17 @@ Three ways to call it, each returning ``(y_BTD, cache)`` (``cache`` None when no
   self-attention layer stores one fused ``qkv`` kernel);
 * ``attn(x_BTD, positions_BT=..., cache=c)``: attend to the cached tokens plus the new
   chunk and return the updated cache (prefill and decode).
-The pieces (``project_q``, ``project_kv``, ``attend``, ``project_out``) are public so
-models with their own cache layouts (FIT latents, block decoders) can reuse them.
+The pieces (``project_q``, ``project_kv``, ``attend``, ``gate_output``, ``project_out``) are
+public so models with their own cache layouts (FIT latents, block decoders) can reuse them.
+
+Qwen3-Next options: ``rope_fraction`` (RoPE on the first ``int(E * fraction)`` dims of each
+head), ``norm="rms_centered"`` (zero-centred qk-norm, gain ``1 + scale``) and ``output_gate``
+(self-attention only: ``o * sigmoid(x gate_DHE)`` per head before the output projection).
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -25,10 +30,10 @@ from glocal import kernels
 from glocal.kernels import masks as masks_lib
 from glocal.kernels.dense import allowed_pairs, dense_attention
 from glocal.layers.cache import KVCache
-from glocal.layers.norms import RMSNorm
+from glocal.layers.norms import make_head_norm
 from glocal.sharding import constrain
 from glocal.layers.params import Bias, as_dtype, fan_in_init, named_param, param
-from glocal.layers.rope import RopeScaling, apply_rope
+from glocal.layers.rope import RopeScaling, apply_rope, rotary_dim
 
 
 class Attention(nnx.Module):
@@ -46,7 +51,10 @@ class Attention(nnx.Module):
         softcap: float | None = None,
         qk_norm: bool = False,
         qkv_bias: bool = False,
+        norm: str = "rms",
         norm_eps: float = 1e-6,
+        rope_fraction: float = 1.0,
+        output_gate: bool = False,
         impl: str = "auto",
         dtype=None,
         param_dtype=jnp.float32,
@@ -72,6 +80,10 @@ class Attention(nnx.Module):
         self.rope_scaling = rope_scaling
         self.dtype = as_dtype(dtype)
         self.cross = kv_dim is not None
+        if output_gate and self.cross:
+            raise ValueError("output_gate (attn_output_gate) is for self-attention layers; this one has kv_dim.")
+        # None = rotate the whole head (the original code path, bit for bit).
+        self.rotary_dim = None if rope_fraction == 1.0 else rotary_dim(head_dim, rope_fraction)
         kv_dim = d_model if kv_dim is None else kv_dim
         H, K, E = num_heads, num_kv_heads, head_dim
         q = fan_in_init(d_model)(rngs.params(), (d_model, H, E), param_dtype)
@@ -96,10 +108,17 @@ class Attention(nnx.Module):
             self.qkv_b_KAE = param(rngs, zeros, (K, H // K + 2, E), ("kv_heads", None, "head_dim"), param_dtype, Bias)
         self.qkv_bias = qkv_bias
         self.o_HED = param(rngs, fan_in_init(H * E), (H, E, d_model), ("heads", "head_dim", "embed"), param_dtype)
-        # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style).
-        norm = lambda: RMSNorm(E, eps=norm_eps, axis="head_dim", dtype=dtype, rngs=rngs)
-        self.q_norm = norm() if qk_norm else None
-        self.k_norm = norm() if qk_norm else None
+        # Optional per-head RMSNorm on q and k (stabilises logits at scale; Gemma/OLMo style),
+        # zero-centred when the model's norms are (``norm="rms_centered"``).
+        head_norm = lambda: make_head_norm(norm, E, eps=norm_eps, dtype=dtype, rngs=rngs)
+        self.q_norm = head_norm() if qk_norm else None
+        self.k_norm = head_norm() if qk_norm else None
+        # Output gate (Qwen3-Next): per-head gates from the query input, a kernel of its own so
+        # the fused qkv layout stays as it is; drawn last so the other parameters do not move.
+        if output_gate:
+            self.gate_DHE = param(rngs, fan_in_init(d_model), (d_model, H, E), ("embed", "heads", "head_dim"),
+                                  param_dtype)
+        self.output_gate = output_gate
 
     # -- kernels as separate q / k / v (checkpoint conversion, tests) ------------------------
     def qkv_kernels(self):
@@ -168,7 +187,8 @@ class Attention(nnx.Module):
         if norm is not None:
             x_BTHE = norm(x_BTHE)
         if self.rope_theta is not None and positions_BT is not None:
-            x_BTHE = apply_rope(x_BTHE, positions_BT, theta=self.rope_theta, scaling=self.rope_scaling)
+            x_BTHE = apply_rope(x_BTHE, positions_BT, theta=self.rope_theta, scaling=self.rope_scaling,
+                                rotary_dim=self.rotary_dim)
         return x_BTHE
 
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
@@ -178,6 +198,15 @@ class Attention(nnx.Module):
             segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
             softcap=self.softcap, impl=self.impl,
         )
+
+    def gate_output(self, o_BTHE, x_BTD):
+        """``o * sigmoid(x gate_DHE)`` (float32, cast back) with the output gate on; ``o`` otherwise.
+        ``x_BTD`` is the query input the projections saw."""
+        if not self.output_gate:
+            return o_BTHE
+        gate_BTHE = _matmul(x_BTD.astype(self.dtype), self.gate_DHE[...].astype(self.dtype))
+        gate_BTHE = constrain(gate_BTHE, ("batch", None, "heads_act", None))  # sharded like the queries
+        return (o_BTHE.astype(jnp.float32) * jax.nn.sigmoid(gate_BTHE.astype(jnp.float32))).astype(o_BTHE.dtype)
 
     def project_out(self, o_BTHE):
         B, T, H, E = o_BTHE.shape
@@ -209,7 +238,7 @@ class Attention(nnx.Module):
         if cache is None:
             # Structural path: masks index the arrays directly, so kernels can skip blocks.
             o = checkpoint_name(self.attend(q, k, v, segment_ids=segment_ids), "attn_out")
-            return self.project_out(o), None
+            return self.project_out(self.gate_output(o, x_BTD)), None
         if segment_ids is not None:
             raise ValueError("cached attention takes no segment_ids: a cache holds one sequence per row.")
         if not self_attn:
@@ -236,7 +265,7 @@ class Attention(nnx.Module):
                                     kv_positions=pos_all)
         o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
                             softcap=self.softcap, kv_heads_major=True)
-        return self.project_out(o), cache
+        return self.project_out(self.gate_output(o, x_BTD)), cache
 
 
 def _matmul(x_BTD, w):

@@ -27,7 +27,9 @@ class AttentionMixer(nnx.Module):
         self.attn = Attention(
             spec.d_model, spec.num_heads, spec.kv_heads, spec.head_size, mask=mask,
             rope_theta=spec.rope_theta, rope_scaling=spec.rope_scaling, softcap=spec.attn_softcap,
-            qk_norm=spec.qk_norm, qkv_bias=spec.qkv_bias, norm_eps=spec.norm_eps, impl=spec.attention_impl, dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs,
+            qk_norm=spec.qk_norm, qkv_bias=spec.qkv_bias, norm=spec.norm, norm_eps=spec.norm_eps,
+            rope_fraction=spec.rope_fraction, output_gate=spec.attn_output_gate, impl=spec.attention_impl,
+            dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs,
         )
 
     def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None, valid_BT=None):

@@ -4,6 +4,9 @@ can use it with ``ffn="moe"``).
     logits = x W_r (float32, no bias) -> router -> experts(x) -> sum_e combine_e * expert_e(x)
                                                            (+ always-on shared experts)
 
+The shared experts are one dense FFN of width ``shared_experts * d_expert`` (or ``d_shared``);
+``shared_gate`` scales its output per token by ``sigmoid(x shared_gate_D1)`` (Qwen3-Next).
+
 Experts are the dense FFN's shape, stored stacked: ``wi_XDAI`` (gate and up fused, as in
 ``glocal.layers.MLP``) and ``wo_XID``, logical axis ``expert`` first, so an ``expert`` mesh
 axis shards them. Its options are ``MoEOptions`` (``moe.num_experts=8`` on any model config).
@@ -70,6 +73,8 @@ class MoEOptions(KindOptions):
     impl: str = "dropless"  # dense | capacity | dropless
     capacity_factor: float = 1.25  # capacity dispatch; expert choice: T * factor / X tokens per expert
     shared_experts: int = 0  # always-on experts (one dense FFN of shared_experts * d_expert)
+    d_shared: int | None = None  # that FFN's hidden width instead of shared_experts * d_expert
+    shared_gate: bool = False  # scale the shared output by sigmoid(x shared_gate_D1) per token (Qwen3-Next)
     balance_weight: float = 1e-2  # alpha of the Switch load-balance loss
     z_weight: float = 1e-3  # router z-loss
     bias_rate: float = 0.0  # > 0: auxiliary-loss-free balancing bias, moved +/- rate per step
@@ -95,6 +100,11 @@ class MoEOptions(KindOptions):
         for name in ("shared_experts", "bias_rate"):
             if getattr(self, name) < 0:
                 raise self.error(name, "must be >= 0.")
+        if self.d_shared is not None and self.d_shared < 1:
+            raise self.error("d_shared", "must be a positive integer (or None for shared_experts * d_expert).")
+        for name, value in (("d_shared", self.d_shared is not None), ("shared_gate", self.shared_gate)):
+            if value and self.shared_experts < 1:
+                raise self.error(name, "needs a shared expert, but moe.shared_experts=0; set moe.shared_experts=1.")
 
     def routing_modes(self) -> tuple[str, ...]:
         return ROUTING_MODES if self.router == "expert_choice" else ()
@@ -153,13 +163,15 @@ class MoEFFN(nnx.Module):
             self.select_bias_X = param(rngs, nnx.initializers.zeros, (X,), (None,), jnp.float32, SelectionBias)
         if m.router == "expert_choice":
             self.predictor_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
-        self.shared = (MLP(D, m.shared_experts * I, activation=spec.mlp, dtype=spec.dtype,
+        self.shared = (MLP(D, m.d_shared or m.shared_experts * I, activation=spec.mlp, dtype=spec.dtype,
                            param_dtype=spec.param_dtype, rngs=rngs) if m.shared_experts else None)
+        if m.shared_gate:  # drawn last: the other parameters are those of the ungated layer
+            self.shared_gate_D1 = param(rngs, fan_in_init(D), (D, 1), ("embed", None), spec.param_dtype)
 
     def active_params(self) -> float:
         """Parameters one position uses: the router, k experts (expert choice: on average
-        ``capacity_factor`` of them), the shared experts and the selection predictor (sizes
-        of stacked layers include their repeats)."""
+        ``capacity_factor`` of them), the shared experts (and their gate) and the selection
+        predictor (sizes of stacked layers include their repeats)."""
         m = self.moe
         per_expert = (self.wi_XDAI.size + self.wo_XID.size) / m.num_experts
         used = m.capacity_factor if m.router == "expert_choice" else m.top_k
@@ -168,6 +180,8 @@ class MoEFFN(nnx.Module):
             n += self.predictor_DX.size
         if self.shared is not None:
             n += sum(x.size for x in jax.tree.leaves(nnx.state(self.shared, nnx.Param)))
+        if m.shared_gate:
+            n += self.shared_gate_D1.size
         return n
 
     # -- experts on gathered rows -----------------------------------------------------------
@@ -204,9 +218,18 @@ class MoEFFN(nnx.Module):
         else:
             y_BTD, aux = self._token_choice(x_BTD, logits_BTX)
         if self.shared is not None:
-            y_BTD = y_BTD + self.shared(x_BTD)
+            y_BTD = y_BTD + self._shared(x_BTD)
         aux["moe_z"] = (routing.z_loss(logits_BTX.reshape(B * T, -1)), m.z_weight)
         return constrain(y_BTD.astype(x_BTD.dtype), ("batch", None, None)), aux
+
+    def _shared(self, x_BTD):
+        """The shared experts' output, times ``sigmoid(x shared_gate_D1)`` (float32) when gated."""
+        s_BTD = self.shared(x_BTD)
+        if not self.moe.shared_gate:
+            return s_BTD
+        B, T, D = x_BTD.shape
+        logit_O1 = x_BTD.reshape(B * T, D).astype(jnp.float32) @ self.shared_gate_D1[...].astype(jnp.float32)
+        return (s_BTD.astype(jnp.float32) * jax.nn.sigmoid(logit_O1).reshape(B, T, 1)).astype(s_BTD.dtype)
 
     def _token_choice(self, x_BTD, logits_BTX):
         m = self.moe

@@ -4,7 +4,9 @@ Positions are an argument, not implied by array index, so grouped models (FIT gr
 Block Transformer blocks) and caches can re-index tokens freely. Convention: the head
 dimension is split in halves ``(x1, x2)`` and pair ``(x1[i], x2[i])`` is rotated by angle
 ``pos * f_i`` with ``f_i = theta ** (-2i / E)`` (the "rotate-half" layout used by Llama
-checkpoints). ``RopeScaling`` rescales the frequencies for longer contexts:
+checkpoints). Partial rotary (``rotary_dim=rd < E``, Qwen3-Next, GPT-NeoX) rotates only
+``x[..., :rd]`` with that layout inside it (pairs ``(i, i + rd/2)``, ``f_i = theta ** (-2i / rd)``)
+and passes ``x[..., rd:]`` through. ``RopeScaling`` rescales the frequencies for longer contexts:
 
 * ``linear`` (position interpolation): every ``f_i / factor``.
 * ``llama3`` (Llama 3.1): wavelengths ``2 pi / f_i`` longer than ``original_context /
@@ -62,11 +64,28 @@ def rope_angles(positions_BT, head_dim: int, theta: float = 10_000.0, scaling: R
     return positions_BT.astype(jnp.float32)[..., None] * inv_freq
 
 
-def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0, scaling: RopeScaling | None = None):
-    """Rotate ``x [B, T, H, E]`` by ``positions [B, T]`` (or ``[T]``); returns x's dtype."""
+def rotary_dim(head_dim: int, fraction: float) -> int:
+    """The rotated part of a head of ``head_dim`` for a rotary ``fraction`` (as transformers'
+    ``partial_rotary_factor``: ``int(head_dim * fraction)``); ValueError unless even and >= 2."""
+    rd = int(head_dim * fraction)
+    if rd < 2 or rd % 2:
+        raise ValueError(f"rope_fraction={fraction} rotates int({head_dim} * {fraction}) = {rd} dims of a "
+                         f"{head_dim}-dim head; that must be an even number >= 2.")
+    return rd
+
+
+def apply_rope(x_BTHE, positions_BT, *, theta: float = 10_000.0, scaling: RopeScaling | None = None,
+               rotary_dim: int | None = None):
+    """Rotate ``x [B, T, H, E]`` by ``positions [B, T]`` (or ``[T]``); returns x's dtype.
+    ``rotary_dim``: rotate only the first that many dims (None: all E)."""
     if positions_BT.ndim == 1:
         positions_BT = positions_BT[None]
     E = x_BTHE.shape[-1]
+    if rotary_dim is not None and rotary_dim != E:
+        if not 0 < rotary_dim < E:
+            raise ValueError(f"rotary_dim={rotary_dim} must be in (0, head_dim={E}].")
+        rotated = apply_rope(x_BTHE[..., :rotary_dim], positions_BT, theta=theta, scaling=scaling)
+        return jnp.concatenate([rotated, x_BTHE[..., rotary_dim:]], axis=-1)
     angles = rope_angles(positions_BT, E, theta, scaling)[:, :, None, :]  # [B, T, 1, E/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x = x_BTHE.astype(jnp.float32)

@@ -20,7 +20,8 @@ from glocal.configs.base import ConfigError, ModelConfig, _coerce
 from glocal.configs.options import KindSettings
 from glocal.kernels import IMPLEMENTATIONS
 from glocal.layers.mlp import ACTIVATIONS
-from glocal.layers.rope import RopeScaling
+from glocal.layers.norms import NORMS
+from glocal.layers.rope import RopeScaling, rotary_dim
 from glocal.layers.spec import FFNS, KindOptions, LayerKind, LayerSpec
 from glocal.layers.stack import REMAT_POLICIES
 
@@ -37,7 +38,7 @@ class DecoderConfig(ModelConfig):
     max_seq_len: int = 256
     ffn: str = "mlp"  # FFN kind of every layer (glocal.layers.FFNS)
     mlp: str = "swiglu"  # dense FFN activation: swiglu | geglu | gelu | relu
-    norm: str = "rms"  # rms | layer
+    norm: str = "rms"  # rms | layer | rms_centered (RMSNorm with gain 1 + scale, scale init 0; qk-norm too)
     norm_eps: float = 1e-6
     rope_theta: float | None = 10_000.0  # None: no rotary positions
     rope_scaling: str | None = None  # None | linear | llama3 (glocal.layers.rope.RopeScaling)
@@ -45,8 +46,10 @@ class DecoderConfig(ModelConfig):
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
     rope_original_context: int = 8192  # llama3 only: the pre-training context
+    rope_fraction: float = 1.0  # RoPE on the first int(head_dim * rope_fraction) dims of each head (partial rotary)
     qk_norm: bool = False  # per-head RMSNorm on queries and keys
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    attn_output_gate: bool = False  # per-head sigmoid gate on the attention output, from the query input (Qwen3-Next)
     attn_softcap: float | None = None  # c * tanh(scores / c) before the softmax
     logit_softcap: float | None = None  # the same on the output logits
     tie_embeddings: bool = False  # output head = the token embedding table
@@ -133,7 +136,7 @@ class DecoderConfig(ModelConfig):
     # -- validation ------------------------------------------------------------------------
     def validate(self) -> None:
         self.require_positive("vocab_size", "max_seq_len")
-        for name, allowed in (("mlp", ACTIVATIONS), ("norm", ("rms", "layer")), ("dtype", DTYPES),
+        for name, allowed in (("mlp", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
                               ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
                               ("attention_impl", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
@@ -143,6 +146,10 @@ class DecoderConfig(ModelConfig):
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
+        if not 0 < self.rope_fraction <= 1:
+            raise ConfigError(f"rope_fraction={self.rope_fraction} must be in (0, 1] (the rotated part of each head).")
+        if self.rope_fraction != 1 and self.rope_theta is None:
+            raise ConfigError("rope_fraction is set but rope_theta=None (no rotary positions); unset one.")
         if self.rope_scaling is not None:
             if self.rope_theta is None:
                 raise ConfigError("rope_scaling is set but rope_theta=None (no rotary positions); unset one.")
@@ -173,9 +180,14 @@ class DecoderConfig(ModelConfig):
             ok = [k for k in range(1, H + 1) if H % k == 0]
             raise ConfigError(f"{kv_heads}={K} does not divide {heads}={H}. Choose {kv_heads} from {ok}.")
         size = D // H if E is None else E
+        what = head_dim if E is not None else f"the head size {width} / {heads}"
         if size < 1 or (self.rope_theta is not None and size % 2):
-            what = head_dim if E is not None else f"the head size {width} / {heads}"
             raise ConfigError(f"{what} must be even for RoPE (and positive), got {size}.")
+        if self.rope_theta is not None and self.rope_fraction != 1:
+            try:
+                rotary_dim(size, self.rope_fraction)
+            except ValueError as e:
+                raise ConfigError(f"{e} ({what})") from None
 
     def rope_scaling_spec(self) -> RopeScaling | None:
         if self.rope_scaling is None:
@@ -186,7 +198,8 @@ class DecoderConfig(ModelConfig):
     def layer(self, **shape) -> LayerSpec:
         """A ``LayerSpec`` of the given shape with this config's shared layer numerics."""
         return LayerSpec(**shape, mlp=self.mlp, norm=self.norm, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
-                         rope_scaling=self.rope_scaling_spec(), qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                         rope_scaling=self.rope_scaling_spec(), rope_fraction=self.rope_fraction,
+                         qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, attn_output_gate=self.attn_output_gate,
                          attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype)
 

@@ -22,7 +22,10 @@ Implementations (``impl``):
 
   Everything but the last three lines ignores the entering state ``S0``, so it is computed for
   all chunks at once; a ``lax.scan`` over chunks then carries only ``S [B, H, F, E]``. Its custom
-  VJP keeps only each chunk's entering state (memory linear in T) and walks the chunks in reverse.
+  VJP keeps each chunk's entering state and the linearisation of the state-independent part
+  (per-chunk ``[N, N]`` and ``[N, F]`` blocks: memory linear in T, never a state per token) and
+  walks the chunks in reverse. ``(I + A)^-1`` is a blocked substitution (16 x 16 diagonal blocks,
+  merged by matmuls): float32-accurate like a triangular solve and several times faster on CPU.
 * ``"auto"``: ``"chunked"`` when T > 1, else ``"recurrent"``.
 
 ``gated_delta_step`` is the recurrence for one token (decoding). The state ``S_BHFE`` (float32) is
@@ -101,13 +104,12 @@ def gated_delta_rule(q_BTKF, k_BTKF, v_BTHE, g_BTH, beta_BTH, *, impl: str = "au
               else initial_state.astype(jnp.float32))
     # l2 norm, scale and GVA repeat are plain JAX (autodiff), outside the chunked custom VJP.
     q_BTHF, k_BTHF = _prep_qk(q_BTKF, k_BTKF, H // K, l2_qk, scale)
-    to_bh = lambda x: jnp.swapaxes(x.astype(jnp.float32), 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
-    args = tuple(to_bh(x) for x in (q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH))
+    args = tuple(x.astype(jnp.float32) for x in (q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH))
     if impl == "recurrent" or (impl == "auto" and T <= 1):
-        o_BHTE, S_BHFE = _recurrent(*args, S_BHFE)
+        o_BTHE, S_BHFE = _recurrent(*args, S_BHFE)
     else:
-        o_BHTE, S_BHFE = _chunked(*args, S_BHFE, int(chunk_size))
-    o_BTHE = jnp.swapaxes(o_BHTE, 1, 2).astype(v_BTHE.dtype)
+        o_BTHE, S_BHFE = _chunked(*args, S_BHFE, int(chunk_size))
+    o_BTHE = o_BTHE.astype(v_BTHE.dtype)
     return (o_BTHE, S_BHFE) if return_state else o_BTHE
 
 
@@ -129,26 +131,27 @@ def gated_delta_step(q_BKF, k_BKF, v_BHE, g_BH, beta_BH, state_BHFE, *, l2_qk: b
 
 
 # -- recurrent (reference) --------------------------------------------------------------------------
-def _recurrent(q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT, S_BHFE):
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT))
+def _recurrent(q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH, S_BHFE):
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH))
     S_BHFE, o_TBHE = jax.lax.scan(lambda S, x: _step(S, *x), S_BHFE, xs)
-    return jnp.moveaxis(o_TBHE, 0, 2), S_BHFE
+    return jnp.moveaxis(o_TBHE, 0, 1), S_BHFE
 
 
 # -- chunked (training) -----------------------------------------------------------------------------
 def _to_chunks(x, N: int):
-    """``[B, H, T, ...]`` -> ``[G, B, H, N, ...]`` (chunks leading, for the scan), T zero-padded
-    to G * N. Zero padding is exact: beta = 0 writes nothing and g = 0 decays nothing."""
-    T = x.shape[2]
+    """``[B, T, H, ...]`` -> ``[G, B, H, N, ...]`` (chunks leading, for the scan) in one transpose,
+    T zero-padded to G * N. Zero padding is exact: beta = 0 writes nothing and g = 0 decays nothing."""
+    B, T = x.shape[:2]
     G = -(-T // N)
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, G * N - T)] + [(0, 0)] * (x.ndim - 3))
-    return jnp.moveaxis(x.reshape(*x.shape[:2], G, N, *x.shape[3:]), 2, 0)
+    x = jnp.pad(x, [(0, 0), (0, G * N - T)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(B, G, N, *x.shape[2:])  # [B, G, N, H, ...]
+    return jnp.transpose(x, (1, 0, 3, 2, *range(4, x.ndim)))
 
 
 def _from_chunks(x_G, T: int):
-    """Inverse of ``_to_chunks``: ``[G, B, H, N, ...]`` -> ``[B, H, T, ...]``."""
-    x = jnp.moveaxis(x_G, 0, 2)
-    return x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :T]
+    """Inverse of ``_to_chunks``: ``[G, B, H, N, ...]`` -> ``[B, T, H, ...]``."""
+    x = jnp.transpose(x_G, (1, 0, 3, 2, *range(4, x_G.ndim)))  # [B, G, N, H, ...]
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :T]
 
 
 def _intra(q_GBHNF, k_GBHNF, v_GBHNE, g_GBHN, beta_GBHN):
@@ -162,17 +165,46 @@ def _intra(q_GBHNF, k_GBHNF, v_GBHNE, g_GBHN, beta_GBHN):
     Gam_GBHNN = jnp.exp(jnp.where(incl_NN, gam_GBHN[..., :, None] - gam_GBHN[..., None, :], -jnp.inf))
     kk_GBHNN = _ein("...if,...jf->...ij", k_GBHNF, k_GBHNF)
     A_GBHNN = jnp.where(np.tril(incl_NN, -1), beta_GBHN[..., :, None] * kk_GBHNN * Gam_GBHNN, 0.0)
-    # (I + A)^-1 by a unit-lower-triangular solve (forward substitution; float32-accurate, unlike
-    # the all-matmul nilpotent product), both right-hand sides in one call.
-    rhs = jnp.concatenate([beta_GBHN[..., None] * v_GBHNE,
-                           (beta_GBHN * jnp.exp(gam_GBHN))[..., None] * k_GBHNF], -1)
-    sol = jax.lax.linalg.triangular_solve(A_GBHNN, rhs, left_side=True, lower=True, unit_diagonal=True)
-    E = v_GBHNE.shape[-1]
-    U_GBHNE, Wk_GBHNF = sol[..., :E], sol[..., E:]
+    T_GBHNN = _unit_lower_inverse(A_GBHNN)
+    U_GBHNE = _ein("...ij,...je->...ie", T_GBHNN, beta_GBHN[..., None] * v_GBHNE)
+    Wk_GBHNF = _ein("...ij,...jf->...if", T_GBHNN, (beta_GBHN * jnp.exp(gam_GBHN))[..., None] * k_GBHNF)
     P_GBHNN = _ein("...if,...jf->...ij", q_GBHNF, k_GBHNF) * Gam_GBHNN  # diagonal included
     qd_GBHNF = jnp.exp(gam_GBHN)[..., None] * q_GBHNF
     kd_GBHNF = jnp.exp(gam_GBHN[..., -1:] - gam_GBHN)[..., None] * k_GBHNF
     return Wk_GBHNF, U_GBHNE, P_GBHNN, qd_GBHNF, kd_GBHNF, jnp.exp(gam_GBHN[..., -1])
+
+
+_BLOCK = 16  # diagonal blocks inverted by substitution; larger blocks are merged by matmuls
+
+
+def _unit_lower_inverse(A_NN):
+    """``(I + A)^-1`` for strictly lower-triangular ``A [..., N, N]``, float32-accurate (as
+    forward substitution; the all-matmul nilpotent product ``prod (I + (-A)^(2^k))`` is not).
+    Diagonal blocks of 16 by substitution (16 batched row updates), then pairs of blocks merged,
+    ``[[X11, 0], [-X22 L21 X11, X22]]``, until the whole chunk: mostly batched matmuls, several
+    times faster on CPU than XLA's batched triangular solve (one small LAPACK call per matrix)."""
+    N = A_NN.shape[-1]
+    b = min(_BLOCK, N)
+    if N % b or (N // b) & (N // b - 1):  # not 16 x a power of two: one substitution over N rows
+        b = N
+    lead = A_NN.shape[:-2]
+    n = N // b
+    # [..., n, b, b]: the diagonal blocks.
+    blocks = jnp.stack([A_NN[..., i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(n)], axis=-3)
+    X = jnp.zeros_like(blocks)
+    eye = jnp.eye(b, dtype=A_NN.dtype)
+    for i in range(b):  # row i of (I + A)^-1 = e_i - A[i, :i] X[:i] (rows >= i of X are still 0)
+        X = X.at[..., i, :].set(eye[i] - _ein("...j,...jc->...c", blocks[..., i, :], X))
+    while X.shape[-3] > 1:  # merge neighbouring blocks: size s -> 2s
+        s = X.shape[-1]
+        X11, X22 = X[..., 0::2, :, :], X[..., 1::2, :, :]
+        m = X.shape[-3] // 2
+        L21 = jnp.stack([A_NN[..., (2 * j + 1) * s:(2 * j + 2) * s, 2 * j * s:(2 * j + 1) * s] for j in range(m)], -3)
+        X21 = -_ein("...ij,...jk,...kl->...il", X22, L21, X11)
+        top = jnp.concatenate([X11, jnp.zeros_like(X11)], -1)
+        bottom = jnp.concatenate([X21, X22], -1)
+        X = jnp.concatenate([top, bottom], -2)
+    return X.reshape(*lead, N, N)
 
 
 def _inter(S_BHFE, Wk_BHNF, U_BHNE, P_BHNN, qd_BHNF, kd_BHNF, decay_BH):
@@ -184,29 +216,29 @@ def _inter(S_BHFE, Wk_BHNF, U_BHNE, P_BHNN, qd_BHNF, kd_BHNF, decay_BH):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _chunked(q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT, S_BHFE, N):
-    return _chunked_fwd(q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT, S_BHFE, N)[0]
+def _chunked(q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH, S_BHFE, N):
+    return _chunked_fwd(q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH, S_BHFE, N)[0]
 
 
-def _chunked_fwd(q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT, S_BHFE, N):
-    inputs = (q_BHTF, k_BHTF, v_BHTE, g_BHT, beta_BHT)
-    intra = _intra(*(_to_chunks(x, N) for x in inputs))
+def _chunked_fwd(q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH, S_BHFE, N):
+    inputs = (q_BTHF, k_BTHF, v_BTHE, g_BTH, beta_BTH)
+    intra, pull_intra = jax.vjp(_intra, *(_to_chunks(x, N) for x in inputs))
 
     def body(S, xs):
         o, S_out = _inter(S, *xs)
         return S_out, (o, S)
 
     S_final, (o_GBHNE, entering_GBHFE) = jax.lax.scan(body, S_BHFE, intra)
-    # Residuals: the inputs and each chunk's entering state (per chunk, never per token).
-    return (_from_chunks(o_GBHNE, q_BHTF.shape[2]), S_final), (inputs, entering_GBHFE)
+    # Residuals: the pullback of the state-independent part (kept rather than recomputed: a
+    # training step ~1.35x faster on CPU for ~3% more temp memory) and each chunk's entering
+    # state (per chunk, never per token).
+    return (_from_chunks(o_GBHNE, q_BTHF.shape[1]), S_final), (intra, pull_intra, entering_GBHFE)
 
 
 def _chunked_bwd(N, residuals, cotangents):
-    inputs, entering_GBHFE = residuals
-    do_BHTE, dS_BHFE = cotangents
-    T = inputs[0].shape[2]
-    # Recompute the state-independent quantities of all chunks (batched), keeping their pullback.
-    intra, pull_intra = jax.vjp(_intra, *(_to_chunks(x, N) for x in inputs))
+    intra, pull_intra, entering_GBHFE = residuals
+    do_BTHE, dS_BHFE = cotangents
+    T = do_BTHE.shape[1]
 
     def body(dS, xs):  # dS: the gradient w.r.t. the state leaving this chunk
         S_in, do, chunk = xs
@@ -215,7 +247,7 @@ def _chunked_bwd(N, residuals, cotangents):
         return dS_in, tuple(dchunk)
 
     dS0, dintra = jax.lax.scan(body, dS_BHFE.astype(jnp.float32),
-                               (entering_GBHFE, _to_chunks(do_BHTE.astype(jnp.float32), N), intra), reverse=True)
+                               (entering_GBHFE, _to_chunks(do_BTHE.astype(jnp.float32), N), intra), reverse=True)
     dinputs = tuple(_from_chunks(d, T) for d in pull_intra(dintra))
     return (*dinputs, dS0)
 

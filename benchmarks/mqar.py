@@ -139,7 +139,7 @@ def plot(rows, png):
         return
     fig, axes = plt.subplots(1, len(PLOT), figsize=(10, 4))
     kinds = {"attn": ("attention", "tab:blue", "o"), "swa": ("sliding window", "tab:orange", "s"),
-             "based": ("Based", "tab:green", "^")}
+             "based": ("Based", "tab:green", "^"), "gdn": ("Gated DeltaNet", "tab:red", "D")}
     for ax, setting in zip(axes, PLOT):
         seen = set()
         for r in rows:

@@ -34,11 +34,11 @@ OUR_IMPL = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}
 TCFG = TrainConfig(mesh_data=1, mesh_fsdp=2, mesh_tensor=2, sharding="fsdp_tp", batch_size=2, seq_len=64)
 
 
-def lower_family(name: str, platform: str) -> dict:
+def lower_family(name: str, platform: str, preset: str = "tiny") -> dict:
     overrides = {"dtype": "bfloat16", "attention_impl": OUR_IMPL[platform]}
     if "linear_impl" in {f for f in gm.config_class(name).__dataclass_fields__}:
         overrides["linear_impl"] = OUR_IMPL[platform]
-    mcfg = gm.get_config(name, "tiny", **overrides)
+    mcfg = gm.get_config(name, preset, **overrides)
     setup = trainer.build_setup(mcfg, TCFG, devices=jax.devices()[:4])
     A, b, T = 1, TCFG.batch_size, TCFG.seq_len
     batch = {k: jax.ShapeDtypeStruct((A, b, T), jnp.float32 if k == "loss_mask" else jnp.int32, sharding=setup.batch_sh)
@@ -93,6 +93,8 @@ def _compare(f, args, mesh, rules, spec) -> float:
 
 def main() -> None:
     lowered = {name: {p: lower_family(name, p) for p in ("tpu", "cuda")} for name in gm.list_models()}
+    # Gated DeltaNet (pure JAX) inside Qwen3-Next's layout, next to the Pallas attention of its global layer.
+    lowered["moe:qwen3_next_tiny"] = {p: lower_family("moe", p, "qwen3_next_tiny") for p in ("tpu", "cuda")}
     print("RESULT " + json.dumps({"lowered": lowered, "sharded_vs_one_device": sharded_vs_one_device()}))
 
 

@@ -32,7 +32,7 @@ def main(corpus: str, out: str) -> None:
            "sample_tokens": "0", "warmup_steps": "1", "checkpoint_every": "0", "data": corpus,
            "tensorboard": "false"}
     loss = lambda r: [h["loss"] for h in r["history"]]
-    params = lambda wd: [np.asarray(x) for x in jax.tree.leaves(nnx.state(workdirs.load_model(wd)[0], nnx.Param))]
+    params = lambda wd: effective_params(workdirs.load_model(wd)[0])
     rel = lambda a, b: max(float(np.linalg.norm(x - y) / (np.linalg.norm(y) + 1e-12)) for x, y in zip(a, b))
     one = train("transformer_tiny", out / "one", {**run, "mesh.data": "1"}, devices=jax.devices()[:1])
     p_one = params(out / "one")
@@ -72,6 +72,20 @@ def main(corpus: str, out: str) -> None:
                                                                   params(out / "moe_tiny_one"))}
     result["hf_sharded"] = hf_sharded_import(out / "hf")
     print("RESULT " + json.dumps(result))
+
+
+def effective_params(model) -> list:
+    """Every parameter as the model uses it: a zero-centred norm's stored offset ``w`` (init 0,
+    ``norm="rms_centered"``) as its gain ``1 + w``, so that a relative difference is not taken
+    of a value that starts at zero (after two Adam steps ~lr, where float noise in a near-zero
+    gradient flips an update's sign)."""
+    centred = getattr(model.config, "norm", None) == "rms_centered"
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]:
+        name = jax.tree_util.keystr(path)
+        is_scale = name.endswith("['scale']") or name.endswith("['scale'].value")
+        out.append(np.asarray(x) + (1.0 if centred and is_scale else 0.0))
+    return out
 
 
 def hf_sharded_import(folder: pathlib.Path) -> dict:

@@ -101,3 +101,13 @@ def test_unsupported_configs_are_named(changes, match):
     hf = {**transformers.Qwen3NextConfig(**HF).to_dict(), **changes}
     with pytest.raises(HFConfigError, match=match):
         glocal.hf.configs.to_glocal(hf)
+
+
+def test_export_refuses_what_qwen3_next_cannot_express(tmp_path):
+    model = gm.build("moe", "qwen3_next_tiny", vocab_size=V, max_seq_len=CONTEXT)  # delta norm eps 1e-6 = norm_eps
+    with pytest.raises(HFConfigError, match=r"gated_delta.norm_eps=1e-05 differs from norm_eps=1e-06"):
+        glocal.hf.save_pretrained(gm.build("moe", "qwen3_next_tiny", **{"gated_delta.norm_eps": 1e-5}), tmp_path / "a",
+                                  format="hf")
+    with pytest.raises(HFConfigError, match="qk_norm=False"):
+        glocal.hf.save_pretrained(gm.build("moe", "qwen3_next_tiny", qk_norm=False), tmp_path / "b", format="hf")
+    assert glocal.hf.save_pretrained(model, tmp_path / "c") == "hf"

@@ -138,6 +138,10 @@ def export_refusal(config) -> str | None:
     for name, (value, ok) in moe.items():
         if value != ok:
             return f"moe.{name}={value!r} (Qwen3-Next: {ok!r})"
+    d = config.options.get("gated_delta")
+    if d is not None and d.norm_eps != config.norm_eps:
+        return (f"gated_delta.norm_eps={d.norm_eps} differs from norm_eps={config.norm_eps} (Qwen3-Next has one "
+                f"rms_norm_eps for every norm)")
     if config.first_dense_layers and config.moe_every != 1:
         return "first_dense_layers with moe_every != 1 (Hugging Face's mlp_only_layers + decoder_sparse_step)"
     return None

@@ -185,26 +185,15 @@ def layer_rules(config, i: int, *, fused_experts: bool = False) -> list[Rule]:
     if not _is_moe_layer(config, i):
         return rules + mlp_rules(pre, D, config.d_ff)
     m = config.options["moe"]
-    experts = mixtral_rules(pre, D, m.d_expert or config.d_ff, m.num_experts, fused=True)
-    if not fused_experts:  # per-expert names (what every transformers version reads and 5.x writes)
-        experts = experts[:1] + _expert_rules(pre, D, m.d_expert or config.d_ff, m.num_experts)
+    # Fused or per-expert names (the latter what every transformers version reads and 5.x writes).
+    experts = mixtral_rules(pre, D, m.d_expert or config.d_ff, m.num_experts, fused_experts, block="mlp.",
+                            expert_names=("gate_proj", "up_proj", "down_proj"))
     I_s, s = m.d_shared or m.d_expert or config.d_ff, pre + "mlp."  # noqa: E741
     shared = [dataclasses.replace(r, path=r.path.replace("ffn.", "ffn.shared."),
                                   names=tuple(n.replace(".mlp.", ".mlp.shared_expert.") for n in r.names))
               for r in mlp_rules(pre, D, I_s)]
     return (rules + experts + shared
             + [Rule("ffn.shared_gate_D1", (s + "shared_expert_gate.weight",), ((1, D),), _t, lambda w: (_t(w),))])
-
-
-def _expert_rules(pre: str, D: int, I: int, X: int) -> list[Rule]:  # noqa: E741
-    e = [f"{pre}mlp.experts.{x}." for x in range(X)]
-    return [
-        Rule("ffn.wi_XDAI", tuple(p + w for p in e for w in ("gate_proj.weight", "up_proj.weight")), ((I, D),) * (2 * X),
-             lambda *gu: np.stack([np.stack([_t(gu[2 * x]), _t(gu[2 * x + 1])], axis=1) for x in range(X)]),
-             lambda w: tuple(_t(w[x, :, a]) for x in range(X) for a in (0, 1))),
-        Rule("ffn.wo_XID", tuple(p + "down_proj.weight" for p in e), ((D, I),) * X,
-             lambda *d: np.stack([_t(t) for t in d]), lambda w: tuple(_t(w[x]) for x in range(X))),
-    ]
 
 
 def _gated_attention_rules(pre: str, config) -> list[Rule]:

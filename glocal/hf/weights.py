@@ -113,8 +113,12 @@ def mlp_rules(pre: str, D: int, I: int) -> list[Rule]:  # noqa: E741 - I is the 
     ]
 
 
-def mixtral_rules(pre: str, D: int, I: int, X: int, fused: bool = False) -> list[Rule]:  # noqa: E741
-    m = pre + "block_sparse_moe."
+def mixtral_rules(pre: str, D: int, I: int, X: int, fused: bool = False, *, block: str = "block_sparse_moe.",  # noqa: E741
+                  expert_names: tuple[str, str, str] = ("w1", "w3", "w2")) -> list[Rule]:
+    """Router and experts; ``block`` and ``expert_names`` (gate, up, down) name the per-expert
+    tensors (Mixtral's; Qwen3-Next stores ``mlp.experts.{x}.gate_proj`` / ``up_proj`` / ``down_proj``)."""
+    m = pre + block
+    gate, up, down = (f"{n}.weight" for n in expert_names)
     router = Rule("ffn.router_DX", (m + "gate.weight",), ((X, D),), lambda g: _t(g), lambda w: (_t(w),))
     if fused:  # transformers 5 in memory: mlp.gate, mlp.experts.gate_up_proj [X, 2I, D] (gate rows first)
         f = pre + "mlp."
@@ -128,10 +132,10 @@ def mixtral_rules(pre: str, D: int, I: int, X: int, fused: bool = False) -> list
     e = [f"{m}experts.{x}." for x in range(X)]
     return [
         router,
-        Rule("ffn.wi_XDAI", tuple(p + w for p in e for w in ("w1.weight", "w3.weight")), ((I, D),) * (2 * X),
+        Rule("ffn.wi_XDAI", tuple(p + w for p in e for w in (gate, up)), ((I, D),) * (2 * X),
              lambda *gu: np.stack([np.stack([_t(gu[2 * x]), _t(gu[2 * x + 1])], axis=1) for x in range(X)]),
              lambda w: tuple(_t(w[x, :, a]) for x in range(X) for a in (0, 1))),
-        Rule("ffn.wo_XID", tuple(p + "w2.weight" for p in e), ((D, I),) * X,
+        Rule("ffn.wo_XID", tuple(p + down for p in e), ((D, I),) * X,
              lambda *d: np.stack([_t(t) for t in d]), lambda w: tuple(_t(w[x]) for x in range(X))),
     ]
 

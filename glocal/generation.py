@@ -109,7 +109,8 @@ def generate(
     likely and/or the nucleus of mass ``top_p``. A sequence stops after emitting any of
     ``stop_tokens`` (the stop token itself is not returned). Prompts may differ in length.
     Returns the new token ids per prompt. Models whose router is non-causal in training
-    decode with their causal routing rule (``causal_variant``).
+    decode with their causal routing rule (``causal_variant``). A model whose every layer has
+    a bounded cache (``model.growing_caches`` empty) may generate past ``max_seq_len``.
     """
     cfg = model.config
     if isinstance(prompts, (str, bytes)) or not len(prompts):
@@ -133,14 +134,21 @@ def generate(
     if max_new_tokens == 0:
         return [[] for _ in prompts]
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > cfg.max_seq_len:
+    if longest > cfg.max_seq_len:
+        raise GenerationError(f"the longest prompt has {longest} tokens, more than the model's "
+                              f"max_seq_len={cfg.max_seq_len}; shorten it.")
+    growing = getattr(model, "growing_caches", ["its architecture"])
+    if longest + max_new_tokens > cfg.max_seq_len and growing:
         raise GenerationError(
             f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) "
-            f"exceeds the model's max_seq_len={cfg.max_seq_len}; shorten the prompt or ask "
-            f"for fewer tokens."
+            f"exceeds the model's max_seq_len={cfg.max_seq_len}, and this model's cache grows with the "
+            f"sequence ({', '.join(growing)}); shorten the prompt or ask for fewer tokens. Only models whose "
+            f"every layer has a bounded cache (window layers, with window.sinks for StreamingLLM, or "
+            f"recurrent layers) decode past max_seq_len."
         )
     T = min(_bucket(longest), cfg.max_seq_len)
     out_len = _bucket(max_new_tokens)
+    # Bounded caches hold the same slots at any length; the others are sized to the request.
     cache_len = min(-(-(longest + max_new_tokens) // 128) * 128, cfg.max_seq_len)
     prompt_BT = np.zeros((len(prompts), T), np.int32)
     for i, p in enumerate(prompts):

@@ -62,13 +62,14 @@ def harness(model) -> Harness:
 @functools.cache
 def build(name: str, preset: str = "tiny", **overrides):
     """``glocal.models.build`` memoised per configuration (treat the result as read-only).
-    Projection biases (zero at init) are randomised, so a misplaced bias cannot pass."""
+    Projection biases (zero at init) and learned sinks (near zero) are randomised, so a misplaced
+    one cannot pass."""
     model = gm.build(name, preset, **overrides)
     state = nnx.state(model, nnx.Param)
     keys = iter(jax.random.split(jax.random.key(17), len(jax.tree.leaves(state))))
     nnx.update(model, jax.tree_util.tree_map_with_path(
         lambda p, v: v + 0.5 * jax.random.normal(next(keys), v.shape, v.dtype)
-        if "_b_" in jax.tree_util.keystr(p) else v, state))
+        if "_b_" in jax.tree_util.keystr(p) or "sinks_H" in jax.tree_util.keystr(p) else v, state))
     return model
 
 

@@ -73,6 +73,12 @@ def sharded_vs_one_device() -> dict:
         f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(kernels.attention(
             q, k, v, mask=masks.Causal(), impl=impl, segment_ids=seg, block_sizes=(16, 16)))), argnums=(0, 1, 2)))
         out[case] = _compare(f, (q, k, v), mesh, rules, P(shd.BATCH_AXES, None, "tensor", None))
+    # Learned sinks [H]: split over heads with the queries, their gradient summed over batch shards.
+    for impl in ("pallas_tpu", "pallas_gpu"):
+        q, k, v, s = r(2, 64, 4, 16), r(2, 64, 2, 16), r(2, 64, 2, 16), r(4)
+        f = jax.jit(jax.value_and_grad(lambda q, k, v, s: jnp.sum(jnp.sin(kernels.attention(
+            q, k, v, mask=masks.SlidingWindow(24), impl=impl, sinks=s, block_sizes=(16, 16)))), argnums=(0, 1, 2, 3)))
+        out[f"attention_{impl}_sinks"] = _compare(f, (q, k, v, s), mesh, rules, P(shd.BATCH_AXES, None, "tensor", None))
     for impl in ("pallas_tpu",):
         q, k, v = r(2, 64, 4, 8) * 0.5, r(2, 64, 2, 8) * 0.5, r(2, 64, 2, 8)
         f = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(jnp.sin(kernels.linear_attention(
@@ -84,7 +90,8 @@ def sharded_vs_one_device() -> dict:
 def _compare(f, args, mesh, rules, spec) -> float:
     one = f(*args)
     with jax.set_mesh(mesh), shd.use_rules(rules):
-        placed = [jax.device_put(a, NamedSharding(mesh, spec if a.shape[2] % 2 == 0 else P(shd.BATCH_AXES)))
+        placed = [jax.device_put(a, NamedSharding(mesh, P() if a.ndim < 3 else spec if a.shape[2] % 2 == 0
+                                                  else P(shd.BATCH_AXES)))
                   for a in args]
         many = f(*placed)
     return max(float(jnp.max(jnp.abs(a - jnp.asarray(b)))) / float(jnp.max(jnp.abs(a)))

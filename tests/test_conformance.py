@@ -52,6 +52,10 @@ FAMILY_VARIANTS = {
                     # A dense delta-rule hybrid: Gated DeltaNet (chunks of 8, GVA 1:2) with a window layer.
                     "delta": dict(num_layers=3, layer_pattern="dds", sliding_window=6, max_seq_len=64, seed=11,
                                   **{"gated_delta.chunk_size": 8, "gated_delta.key_heads": 1}),
+                    # StreamingLLM: window + 2 sinks with RoPE re-positioned in the cache, next to a global
+                    # layer; both with learned per-head sinks (GPT-OSS) in the softmax.
+                    "sinks": dict(num_layers=2, layer_pattern="sg", sliding_window=6, max_seq_len=64, seed=5,
+                                  attn_sinks=True, **{"window.sinks": 2, "window.rope_positions": "cache"}),
                     "imported": dict(qkv_bias=True, qk_norm=True, rope_scaling="llama3", rope_factor=4.0,
                                      rope_original_context=64, num_kv_heads=2, max_seq_len=64, seed=9)},
     # Latents wider than tokens, GQA in the local layers, 3 latents per group of 6, tied
@@ -63,7 +67,10 @@ FAMILY_VARIANTS = {
                           token_kv_heads=1, max_seq_len=48, seed=4)},
     # Qwen3-Next's layout (its own preset): Gated DeltaNet 3:1 with gated attention, chunks of
     # 16 (prompts cross them), zero-centred norms, partial RoPE, MoE with a gated shared expert.
-    "moe": {"qwen3_next": dict(preset="qwen3_next_tiny", seed=10)},
+    # GPT-OSS's layout (its own preset): window 8 / global alternating, learned sinks, q/k/v/o
+    # biases, YaRN, router and expert biases, clamped SwiGLU; 2 layers keep it cheap.
+    "moe": {"qwen3_next": dict(preset="qwen3_next_tiny", seed=10),
+            "gpt_oss": dict(preset="gpt_oss_tiny", num_layers=2, seed=12)},
     # Three recursions with plain cycle sharing (capacities 1, 2/3, 1/3), and full recursion.
     "mor": {"cycle3": dict(sharing="cycle", num_layers=3, num_recursions=3, seed=5),
             "full": dict(recursion_router="none", seed=6),

@@ -275,7 +275,7 @@ def test_unused_tensor_is_refused(folders, tmp_path):
 
 
 @pytest.mark.parametrize("changes,match", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope scaling type 'yarn'"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}, "rope_parameters": None}, "rope scaling type 'longrope'"),
     ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 5000.0}}, "rope scaling type 'dynamic'"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "rope_theta": 5000.0}}, "lacks the field"),
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel"),

@@ -73,6 +73,22 @@ def test_attention_kernels_lower_with_softcap_float32_and_long_rows(platform):
     assert text.count(CUSTOM_CALL[platform]) == 3
 
 
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("H", [4, 6])
+def test_block_sparse_attention_with_sinks_lowers_to_the_hardware_kernel(platform, H):
+    """Learned sinks ``[H]`` (SMEM on TPU; H = 6 is no power of two for Triton): the forward
+    kernel takes them, dQ and dK/dV are unchanged, their gradient is plain JAX; still
+    three kernel calls, with segments and a soft-cap."""
+    def loss(q, k, v, sinks):
+        seg = (jnp.arange(q.shape[1]) >= q.shape[1] // 3).astype(jnp.int32)[None].repeat(q.shape[0], 0)
+        out = kernels.attention(q, k, v, mask=masks.SlidingWindow(48), impl=OUR_IMPL[platform], softcap=30.0,
+                                segment_ids=seg, sinks=sinks)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+    args = (sds((2, 256, H, 64)), sds((2, 256, 2, 64)), sds((2, 256, 2, 64)), sds((H,), jnp.float32))
+    text = lowered_text(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), args, platform)
+    assert text.count(CUSTOM_CALL[platform]) == 3, text.count(CUSTOM_CALL[platform])
+
+
 def test_cpu_lowering_interprets_and_a_kernel_never_falls_back_on_another_accelerator():
     args = (sds((1, 128, 2, 64)), sds((1, 128, 2, 64)), sds((1, 128, 2, 64)))
     cpu = jax.jit(attention_loss("pallas_tpu", masks.Causal())).trace(*args).lower(lowering_platforms=("cpu",)).as_text()

@@ -38,8 +38,10 @@ def test_a_family_whose_name_extends_another_keeps_its_own_presets(preset_dir):
     (preset_dir / "transformer_toy_tiny.py").write_text('FAMILY = "transformer_toy"\nCONFIG = dict(d_model=4)\n')
     before = gm.list_presets("transformer")
     with registry.registered("transformer_toy", ToyConfig, Toy):
-        assert gm.list_presets("transformer") == before == ["base", "bench", "delta_small", "small", "tiny"]
+        assert gm.list_presets("transformer") == before == ["base", "bench", "delta_small", "sinks_small", "small", "tiny"]
         assert gm.list_presets("transformer_toy") == ["tiny"]
+        assert gm.list_presets("moe") == ["base", "gpt_oss_tiny", "mixtral_tiny", "qwen3_next_small", "qwen3_next_tiny",
+                                          "small", "tiny"]
         assert gm.split_config_name("transformer_toy_tiny") == ("transformer_toy", "tiny")
         assert gm.split_config_name("transformer_tiny") == ("transformer", "tiny")
         assert gm.get_config("transformer_toy", "tiny") == ToyConfig(d_model=4)

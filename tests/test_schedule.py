@@ -34,6 +34,7 @@ leaf = st.one_of(
     st.builds(M.BlockCausal, st.integers(1, 12)),
     st.builds(M.ChunkCausal, st.integers(1, 12)),
     st.builds(M.GlobalTokens, st.integers(1, 6)),
+    st.builds(M.Sinks, st.integers(1, 6)),
     st.builds(M.PrefixLM, st.integers(0, 15)),
 )
 mask_strategy = st.recursive(leaf, lambda inner: st.one_of(st.builds(M.And, inner, inner),
@@ -67,10 +68,21 @@ def test_new_families_match_their_definitions(T, S, n):
     np.testing.assert_array_equal(M.ChunkCausal(n).dense(T, S), brute(lambda i, j: j // n <= i // n, T, S))
     np.testing.assert_array_equal(M.GlobalTokens(n).dense(T, S), brute(lambda i, j: i < n or j < n, T, S))
     np.testing.assert_array_equal(M.PrefixLM(n).dense(T, S), brute(lambda i, j: j <= i or j < n, T, S))
+    np.testing.assert_array_equal(M.Sinks(n).dense(T, S), brute(lambda i, j: j < n and j <= i, T, S))
+
+
+def test_sink_window_recognises_a_causal_window_with_sinks_and_nothing_else():
+    assert (M.SlidingWindow(8) | M.Sinks(4)).sink_window == (4, 8)
+    assert (M.Sinks(2) | M.SlidingWindow(5)).sink_window == (2, 5)
+    assert (M.SlidingWindow(8) | (M.GlobalTokens(3) & M.Causal())).sink_window == (3, 8)
+    assert (M.SlidingWindow(8) | (M.Causal() & M.GlobalTokens(3))).sink_window == (3, 8)
+    for other in (M.SlidingWindow(8), M.SlidingWindow(8) | M.GlobalTokens(3), M.Causal() | M.Sinks(2),
+                  M.SlidingWindow(8, causal=False) | M.Sinks(2), M.Sinks(2) & M.SlidingWindow(8)):
+        assert other.sink_window is None, other
 
 
 def test_mask_argument_errors():
-    for cls in (M.BlockDiagonal, M.BlockCausal, M.ChunkCausal, M.GlobalTokens):
+    for cls in (M.BlockDiagonal, M.BlockCausal, M.ChunkCausal, M.GlobalTokens, M.Sinks):
         with pytest.raises(ValueError, match="must be >= 1"):
             cls(0)
     with pytest.raises(ValueError, match="2-D"):

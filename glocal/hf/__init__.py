@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Qwen3, Mixtral and Qwen3-Next.
+"""Hugging Face checkpoints in and out: Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen3-Next and GPT-OSS.
 
     model = glocal.hf.from_pretrained("path/to/llama", dtype="bfloat16")   # local folder
     glocal.hf.save_pretrained(model, "path/to/out")                          # transformers loads it

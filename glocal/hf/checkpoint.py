@@ -29,7 +29,7 @@ import glocal.models as gm
 from glocal.pytree import path_name
 from glocal import sharding as shd
 from glocal.errors import UserError
-from glocal.hf import configs, qwen3_next, safetensors as st, weights
+from glocal.hf import configs, gpt_oss, qwen3_next, safetensors as st, weights
 
 CONFIG_FILE = "config.json"
 GENERATION_FILE = "generation_config.json"
@@ -61,7 +61,7 @@ def read_config(folder) -> dict:
 def from_pretrained(path, dtype: str = "float32", *, mesh=None, rules=None):
     """A glocal model (what ``glocal.models.build`` returns) with the weights of the local
     Hugging Face folder ``path``: Llama, Mistral, Qwen2, Qwen3 -> ``transformer``, Mixtral,
-    Qwen3-Next -> ``moe``; also folders written by ``save_pretrained(..., format="glocal")`` (any family).
+    Qwen3-Next, GPT-OSS -> ``moe``; also folders written by ``save_pretrained(..., format="glocal")`` (any family).
     ``dtype`` is the parameter and compute dtype. Sharded placement: pass ``mesh`` and
     ``rules`` (a ``glocal.sharding`` rule table), or call inside ``jax.set_mesh`` +
     ``use_rules``."""
@@ -77,6 +77,8 @@ def from_pretrained(path, dtype: str = "float32", *, mesh=None, rules=None):
 
 def _hf_plan(config, reader) -> list:
     """``(variable path, layer index or None, rule)`` for every parameter of ``config``."""
+    if gpt_oss.is_gpt_oss(config):
+        gpt_oss.check_tensor_names(reader.keys(), reader.folder)
     fused = any(n.endswith(".mlp.experts.gate_up_proj") for n in reader.keys())
     plan = [(rule.path, None, rule) for rule in weights.top_rules(config)]
     for i in range(config.num_layers):
@@ -86,7 +88,12 @@ def _hf_plan(config, reader) -> list:
 
 
 def _layer_rules(config, i: int, fused_experts: bool = False) -> list:
-    rules = qwen3_next.layer_rules if qwen3_next.is_qwen3_next(config) else weights.layer_rules
+    if qwen3_next.is_qwen3_next(config):
+        rules = qwen3_next.layer_rules
+    elif gpt_oss.is_gpt_oss(config):
+        rules = gpt_oss.layer_rules
+    else:
+        rules = weights.layer_rules
     return rules(config, i, fused_experts=fused_experts)
 
 
@@ -211,7 +218,7 @@ def save_pretrained(model, path, *, format: str = "auto", architecture: str | No
 
     ``format="hf"``: a Hugging Face folder (``config.json``, ``generation_config.json``,
     ``model.safetensors`` or shards above ``max_shard_bytes`` + index) that transformers loads
-    as Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-Next; an error if the model has no such twin.
+    as Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-Next / GPT-OSS; an error if the model has no such twin.
     ``format="glocal"``: the parameters under their glocal names + glocal's ``config.json``
     (any family; ``from_pretrained`` reads it back). ``"auto"``: hf when possible.
     ``architecture`` prefers an HF class the config fits (e.g. Mistral for a model

@@ -7,6 +7,12 @@
     MixtralForCausalLM  <-> moe: top-k of num_experts, softmax over the chosen k, every layer
     Qwen3NextForCausalLM <-> moe with Gated DeltaNet layers ("dddg"), gated attention and a
                              gated shared expert (glocal.hf.qwen3_next)
+    GptOssForCausalLM   <-> moe with window / global layers ("sg"), learned sinks, attention
+                            biases, YaRN, biased router and experts, clamped SwiGLU
+                            (glocal.hf.gpt_oss)
+
+RoPE scaling (any architecture): ``linear``, ``llama3`` and ``yarn`` (``rope_scaling`` or
+``rope_parameters``), read and written back.
 
 Every field that changes the function a checkpoint computes is read explicitly; a value
 glocal cannot represent (a rope scaling type, biases, another activation, quantisation)
@@ -24,7 +30,7 @@ from __future__ import annotations
 import warnings
 
 from glocal.errors import UserError
-from glocal.hf import qwen3_next
+from glocal.hf import gpt_oss, qwen3_next
 
 ARCHITECTURES = {  # HF class -> (family, kind)
     "LlamaForCausalLM": ("transformer", "llama"),
@@ -33,6 +39,7 @@ ARCHITECTURES = {  # HF class -> (family, kind)
     "Qwen3ForCausalLM": ("transformer", "qwen3"),
     "MixtralForCausalLM": ("moe", "mixtral"),
     "Qwen3NextForCausalLM": ("moe", "qwen3_next"),  # glocal.hf.qwen3_next
+    "GptOssForCausalLM": ("moe", "gpt_oss"),  # glocal.hf.gpt_oss
 }
 MODEL_TYPES = {kind: arch for arch, (_, kind) in ARCHITECTURES.items()}
 
@@ -50,6 +57,7 @@ DEFAULTS = {
     "mixtral": dict(_COMMON, rope_theta=1_000_000.0, rms_norm_eps=1e-5, num_key_value_heads=8,
                     max_position_embeddings=131072, sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
                     router_aux_loss_coef=0.001),
+    "gpt_oss": gpt_oss.DEFAULTS,
 }
 
 
@@ -81,7 +89,7 @@ def architecture(hf: dict) -> str:
 def rope_fields(hf: dict, kind: str = "llama") -> dict:
     """glocal's rope fields from ``rope_theta`` + ``rope_scaling`` (transformers 4) or
     ``rope_parameters`` (transformers 5; a non-empty ``rope_scaling`` wins, as there): no
-    scaling, ``linear`` or ``llama3``; other scalings (dynamic NTK, YaRN, LongRoPE) and
+    scaling, ``linear``, ``llama3`` or ``yarn``; other scalings (dynamic NTK, LongRoPE) and
     different parameters per layer type are refused."""
     params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     nested = [v for v in params.values() if isinstance(v, dict)]
@@ -96,10 +104,12 @@ def rope_fields(hf: dict, kind: str = "llama") -> dict:
         raise HFConfigError("config.json partial_rotary_factor != 1 (RoPE on part of each head) is not supported.")
     if kind_ == "default":
         return {"rope_theta": theta, "rope_scaling": None}
-    if kind_ not in ("linear", "llama3"):
+    if kind_ not in ("linear", "llama3", "yarn"):
         raise HFConfigError(f"rope scaling type {kind_!r} (config.json rope_scaling / rope_parameters) is not "
-                            f"supported: glocal implements none, 'linear' and 'llama3'. Dropping the scaling would "
-                            f"give a different model at long context.")
+                            f"supported: glocal implements none, 'linear', 'llama3' and 'yarn'. Dropping the scaling "
+                            f"would give a different model at long context.")
+    if kind_ == "yarn":
+        return {"rope_theta": theta, **_yarn_fields(hf, kind, params)}
     try:
         fields = {"rope_theta": theta, "rope_scaling": kind_, "rope_factor": float(params["factor"])}
         if kind_ == "llama3":
@@ -112,15 +122,54 @@ def rope_fields(hf: dict, kind: str = "llama") -> dict:
     return fields
 
 
+def _yarn_fields(hf: dict, kind: str, params: dict) -> dict:
+    """glocal's YaRN fields as transformers reads them: a top-level
+    ``original_max_position_embeddings`` wins, then the rope dict's, then the context; no
+    ``factor`` means context / original; ``beta_*`` 0 or null mean 32 / 1; ``truncate`` true
+    when absent; ``mscale`` with ``mscale_all_dim`` (both non-zero) fix the attention factor."""
+    from glocal.layers.rope import RopeScaling
+
+    context = field(hf, kind, "max_position_embeddings")
+    original = hf.get("original_max_position_embeddings") or params.get("original_max_position_embeddings") or context
+    factor = params.get("factor")
+    factor = float(context / original if factor is None else factor)
+    fields = dict(rope_scaling="yarn", rope_factor=factor, rope_original_context=int(original),
+                  rope_beta_fast=float(params.get("beta_fast") or 32.0),
+                  rope_beta_slow=float(params.get("beta_slow") or 1.0), rope_truncate=bool(params.get("truncate", True)),
+                  rope_attention_factor=params.get("attention_factor"))
+    if fields["rope_attention_factor"] is None and params.get("mscale") and params.get("mscale_all_dim"):
+        fields["rope_attention_factor"] = RopeScaling("yarn", factor, mscale=float(params["mscale"]),
+                                                      mscale_all_dim=float(params["mscale_all_dim"])).attention_factor
+    elif fields["rope_attention_factor"] is not None:
+        fields["rope_attention_factor"] = float(fields["rope_attention_factor"])
+    return fields
+
+
 def rope_config(config) -> dict:
     """The inverse of ``rope_fields`` in transformers 4's spelling, which 5 reads as well."""
     if config.rope_scaling is None:
         return {"rope_theta": config.rope_theta}
+    return {"rope_theta": config.rope_theta, "rope_scaling": _scaling(config)}
+
+
+def rope_parameters(config) -> dict:
+    """transformers 5's ``rope_parameters`` of a config, always explicit (``"default"`` when unscaled)."""
+    if config.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    return {**_scaling(config), "rope_theta": config.rope_theta}
+
+
+def _scaling(config) -> dict:
     scaling = {"rope_type": config.rope_scaling, "factor": config.rope_factor}
     if config.rope_scaling == "llama3":
         scaling.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor,
                        original_max_position_embeddings=config.rope_original_context)
-    return {"rope_theta": config.rope_theta, "rope_scaling": scaling}
+    if config.rope_scaling == "yarn":
+        scaling.update(original_max_position_embeddings=config.rope_original_context, beta_fast=config.rope_beta_fast,
+                       beta_slow=config.rope_beta_slow, truncate=config.rope_truncate)
+        if config.rope_attention_factor is not None:
+            scaling["attention_factor"] = config.rope_attention_factor
+    return scaling
 
 
 def _require(hf: dict, field: str, ok, what: str) -> None:
@@ -140,6 +189,8 @@ def layer_pattern(hf: dict, kind: str, num_layers: int, context: int) -> tuple[s
             start = field(hf, kind, "max_window_layers")
             types = ["sliding_attention" if window is not None and i >= start else "full_attention"
                      for i in range(num_layers)]
+    elif kind == "gpt_oss":
+        types = types or gpt_oss.default_layer_types(num_layers)
     elif kind in ("mistral", "mixtral"):
         if types:
             raise HFConfigError("config.json layer_types on a Mistral/Mixtral model (alternating attention) is not "
@@ -167,15 +218,18 @@ def to_glocal(hf: dict, dtype: str = "float32"):
     arch = architecture(hf)
     family, kind = ARCHITECTURES[arch]
     if hf.get("quantization_config"):
-        raise HFConfigError("config.json has quantization_config: quantised checkpoints are not supported; "
-                            "import the unquantised (float32/bfloat16) weights.")
+        mxfp4 = " (GPT-OSS hub checkpoints hold MXFP4 experts: let transformers dequantise and save them)"
+        raise HFConfigError(f"config.json has quantization_config: quantised checkpoints are not supported; "
+                            f"import the unquantised (float32/bfloat16) weights{mxfp4 if kind == 'gpt_oss' else ''}.")
+    if kind == "gpt_oss":  # (its own activation and biases: the checks below are Llama's)
+        _positive_sizes(hf)
+        fields = gpt_oss.glocal_fields(hf, rope_fields=rope_fields, layer_pattern=layer_pattern)
+        return family, _config(family, dict(fields, dtype=dtype, param_dtype=dtype))
     _require(hf, "hidden_act", lambda v: v in ("silu", "swish"), "hidden_act='silu' (SwiGLU)")
     _require(hf, "attention_bias", lambda v: not v, "no q/k/v/o biases (attention_bias=false)")
     _require(hf, "mlp_bias", lambda v: not v, "no MLP biases (mlp_bias=false)")
     _require(hf, "logits_soft_cap", lambda v: False, "no logit soft-capping")
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf.get(name), int) or hf[name] < 1:
-            raise HFConfigError(f"config.json field {name} is missing or not a positive integer ({hf.get(name)!r}).")
+    _positive_sizes(hf)
     if kind == "qwen3_next":
         fields = dict(qwen3_next.glocal_fields(hf, error=HFConfigError, rope_fields=rope_fields), dtype=dtype,
                       param_dtype=dtype)
@@ -199,6 +253,12 @@ def to_glocal(hf: dict, dtype: str = "float32"):
                       balance_weight=float(field(hf, kind, "router_aux_loss_coef")), router_z_weight=0.0,
                       moe_every=1, first_dense_layers=0)
     return family, _config(family, fields)
+
+
+def _positive_sizes(hf: dict) -> None:
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(name), int) or hf[name] < 1:
+            raise HFConfigError(f"config.json field {name} is missing or not a positive integer ({hf.get(name)!r}).")
 
 
 def _config(family: str, fields: dict):
@@ -230,6 +290,12 @@ def export_architecture(config, prefer: str | None = None) -> str:
         if why:
             refuse(f"{why}; with Gated DeltaNet layers or gated attention the one Hugging Face twin is Qwen3-Next")
         return qwen3_next.ARCH
+    if gpt_oss.is_gpt_oss(config):
+        why = gpt_oss.export_refusal(config)
+        if why:
+            refuse(f"{why}; with learned sinks, an attention output bias, router or expert biases or the clamped "
+                   f"SwiGLU the one Hugging Face twin is GPT-OSS")
+        return gpt_oss.ARCH
     if not isinstance(config, TransformerConfig):
         refuse("only the transformer and moe families map onto Llama/Mistral/Qwen2/Qwen3/Mixtral")
     checks = [("mlp", "swiglu"), ("norm", "rms"), ("attn_softcap", None), ("logit_softcap", None)]
@@ -241,6 +307,10 @@ def export_architecture(config, prefer: str | None = None) -> str:
     pattern = set(config.layer_pattern)
     if pattern - {"g", "s"}:
         refuse(f"layer_pattern={config.layer_pattern!r} has mixers other than global / sliding-window attention")
+    window = config.options.get("window") if "s" in pattern else None
+    if window is not None and window.sinks:
+        refuse(f"window.sinks={window.sinks} (StreamingLLM sinks: Hugging Face's sliding-window models see only "
+               f"the window)")
     if isinstance(config, MoEConfig):
         m = config.options["moe"]
         if m.impl == "capacity":
@@ -305,6 +375,10 @@ def to_hf(config, arch: str, dtype: str, extra: dict | None = None) -> dict:
                   router_aux_loss_coef=m.balance_weight, router_jitter_noise=0.0, output_router_logits=False)
     if kind == "qwen3_next":
         hf.update(qwen3_next.hf_fields(config))
+    if kind == "gpt_oss":  # transformers 5's rope dict, explicit (a missing one means YaRN x32 there)
+        hf.pop("rope_scaling", None)
+        hf.pop("rope_theta")
+        hf.update(gpt_oss.hf_fields(config, rope_parameters(config)))
     hf.update(extra or {})
     return hf
 

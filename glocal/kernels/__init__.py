@@ -2,7 +2,7 @@
 
 ``glocal.kernels.attention`` is the single entry point; ``glocal.kernels.masks`` holds the
 mask objects (``Full``, ``Causal``, ``SlidingWindow``, ``BlockDiagonal``, ``BlockCausal``,
-``ChunkCausal``, ``GlobalTokens``, ``PrefixLM``, ``Explicit``; combine with ``&`` / ``|``),
+``ChunkCausal``, ``GlobalTokens``, ``Sinks``, ``PrefixLM``, ``Explicit``; combine with ``&`` / ``|``),
 each with an analytic block classifier; ``glocal.kernels.schedule`` compiles a mask into the
 per-tile visit lists that block-sparse kernels follow.
 """

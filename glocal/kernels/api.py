@@ -20,6 +20,9 @@
 * ``"auto"``       per platform and call (``auto_impl``): on CPU ``"blockwise"`` from 2k x 2k
   when the mask lets it skip tiles (measured faster at model level), else ``"xla"``; on
   GPU/TPU ``"xla"`` until our Pallas kernels have been run on hardware.
+
+Learned per-head sinks (``sinks=``, GPT-OSS) run in every implementation but ``dot_product``
+and ``tokamax`` (their kernels take no sink; they refuse).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from glocal.kernels import masks as masks_lib
-from glocal.kernels.dense import allowed_pairs, dense_attention, split_segments
+from glocal.kernels.dense import allowed_pairs, dense_attention, fold_sinks, split_segments
 from glocal.kernels.reference import attention_reference
 
 IMPLEMENTATIONS = ("auto", "xla", "dot_product", "reference", "blockwise", "pallas_tpu", "pallas_gpu", "tokamax")
@@ -49,6 +52,7 @@ def attention(
     impl: str = "auto",
     return_lse: bool = False,
     block_sizes: tuple[int, int] | None = None,
+    sinks=None,
 ):
     """Masked multi-head attention with grouped kv heads.
 
@@ -65,6 +69,12 @@ def attention(
       impl: one of ``IMPLEMENTATIONS``.
       return_lse: also return the log-sum-exp ``[B, T, H]`` (float32).
       block_sizes: ``(block_q, block_kv)`` tiles for the block-sparse implementations.
+      sinks: learned sink logits ``[H]``, one per query head (GPT-OSS; used as float32):
+        a key every query sees with this logit (not scaled, capped or masked) and value 0,
+        which only adds ``exp(sink)`` to the softmax denominator; differentiable. The lse
+        then includes it (``logaddexp(lse, sink)``: finite, ``sink`` on a row that sees no
+        key). Not the ``masks.Sinks`` mask (StreamingLLM's kept first tokens). Not for
+        ``dot_product`` or ``tokamax``.
 
     Returns:
       ``[B, T, H, E]`` in q's dtype (and the lse if asked). Fully masked rows are 0.
@@ -78,13 +88,17 @@ def attention(
     H, K = q.shape[2], k.shape[2]
     if H % K:
         raise ValueError(f"num_heads ({H}) must be a multiple of num_kv_heads ({K}).")
+    if sinks is not None and jnp.shape(sinks) != (H,):
+        raise ValueError(f"sinks must be [H] = [{H}] (one logit per query head); got shape {jnp.shape(sinks)}.")
     if impl == "auto":
         impl = auto_impl(mask, q.shape[1], k.shape[1], positions=q_positions is not None or kv_positions is not None)
     if impl == "reference":
         return attention_reference(
             q, k, v, mask=mask, segment_ids=segment_ids, q_positions=q_positions,
-            kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse,
+            kv_positions=kv_positions, scale=scale, softcap=softcap, return_lse=return_lse, sinks=sinks,
         )
+    if sinks is not None and (impl == "tokamax" or (impl == "dot_product" and not return_lse)):
+        raise ValueError(f"impl={impl!r} has no attention sinks; use impl='xla' or 'blockwise' with sinks.")
     if impl in _BLOCK_SPARSE:
         if q_positions is not None or kv_positions is not None:
             raise ValueError(f"impl={impl!r} follows a static block schedule; positions (cached "
@@ -97,7 +111,7 @@ def attention(
             from glocal.kernels.pallas_gpu import attention_pallas_gpu as kernel
         default_blocks = (64, 64) if impl == "pallas_gpu" else (128, 128)
         return kernel(q, k, v, mask=mask, segment_ids=segment_ids, scale=scale, softcap=softcap,
-                      block_sizes=block_sizes or default_blocks, return_lse=return_lse)
+                      block_sizes=block_sizes or default_blocks, return_lse=return_lse, sinks=sinks)
     if impl == "tokamax":
         if return_lse:
             raise ValueError("impl='tokamax' does not return the log-sum-exp; use impl='xla' or 'blockwise'.")
@@ -115,12 +129,12 @@ def attention(
     if q_positions is None and kv_positions is None:
         spans = _causal_key_spans(mask, q.shape[1], k.shape[1])
         if spans is not None:
-            return _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse)
+            return _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse, sinks)
     allowed = allowed_pairs(
         mask, q.shape[1], k.shape[1], segment_ids=segment_ids,
         q_positions=q_positions, kv_positions=kv_positions,
     )
-    return dense_attention(q, k, v, allowed, scale=scale, softcap=softcap, return_lse=return_lse)
+    return dense_attention(q, k, v, allowed, scale=scale, softcap=softcap, return_lse=return_lse, sinks_H=sinks)
 
 
 # CPU threshold for auto, from a baseline training step (benchmarks/attention_auto.py,
@@ -165,9 +179,12 @@ def _causal_key_spans(mask, T: int, S: int):
     return spans
 
 
-def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse):
+def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_lse, sinks=None):
     """Dense attention per query chunk over only the keys its mask can reach: for a causal
-    mask this skips the upper triangle's key blocks (about half the work at long T)."""
+    mask this skips the upper triangle's key blocks (about half the work at long T).
+    Learned sinks are folded in once, over all chunks (``fold_sinks``): per chunk, every
+    extra op costs more than its arithmetic on CPU at these sizes."""
+    with_sinks = sinks is not None
     outs, lses = [], []
     for start, stop, lo, hi in spans:
         seg = None
@@ -179,13 +196,19 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
                                 kv_positions=jnp.arange(lo, hi, dtype=jnp.int32)[None])
         # Causal self-attention: every query sees itself (a token is always in its own
         # segment), so no row is ever fully masked.
-        res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale,
-                              softcap=softcap, return_lse=return_lse, rows_nonempty=True)
-        outs.append(res[0] if return_lse else res)
-        if return_lse:
+        res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale, softcap=softcap,
+                              return_lse=return_lse or with_sinks, rows_nonempty=True, lse_grad=with_sinks)
+        outs.append(res[0] if return_lse or with_sinks else res)
+        if return_lse or with_sinks:
             lses.append(res[1])
     out = jnp.concatenate(outs, axis=1)
-    return (out, jnp.concatenate(lses, axis=1)) if return_lse else out
+    if not (return_lse or with_sinks):
+        return out
+    lse = jnp.concatenate(lses, axis=1)
+    if with_sinks:
+        out, lse = fold_sinks(out, lse, sinks)
+        out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out
 
 
 def _dot_product(q, k, v, mask, segment_ids, q_positions, kv_positions, scale):

@@ -9,7 +9,10 @@ log-sum-exp, FlashAttention-style, and scatters dQ into query tiles and dK/dV in
 
 Conventions as everywhere in ``glocal.kernels``: scale inside, soft-cap before the mask,
 fully masked rows give output 0 and lse ``-inf``; query head ``h`` reads kv head
-``h // (H // K)``.
+``h // (H // K)``. Learned sinks seed each row's online softmax with the sink as if it were
+a key already seen (running max ``sink``, sum 1, accumulator 0: its value is 0); the
+backward is unchanged given the sink-inclusive lse, and the sinks' gradient is a plain-JAX
+reduction after the scan.
 
 Letters as in the package legend (Y: query heads per kv head, H / K).
 """
@@ -44,8 +47,8 @@ def _pairs(mask, T, S, bq, bkv):
 
 
 def attention_blockwise(q, k, v, *, mask, segment_ids=None, scale=None, softcap=None,
-                        block_sizes=(128, 128), return_lse=False):
-    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
+                        block_sizes=(128, 128), return_lse=False, sinks=None):
+    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` (, ``sinks [H]``) -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
     B, T, H, E = q.shape
     S, K = k.shape[1], k.shape[2]
     bq, bkv = min(block_sizes[0], T), min(block_sizes[1], S)
@@ -66,8 +69,9 @@ def attention_blockwise(q, k, v, *, mask, segment_ids=None, scale=None, softcap=
     ks_t = pad_t(kv_seg.astype(jnp.int32), nk, bkv).reshape(B, nk, bkv)
     rows, cols, valid = _pairs(mask, T, S, bq, bkv)
     statics = (mask, T, S, bq, bkv, scale, None if softcap is None else float(softcap))
+    sinks_KY = None if sinks is None else jnp.asarray(sinks, jnp.float32).reshape(K, Y)
     out_t, lse_t = _blockwise(q_t, k_t, v_t, qs_t, ks_t, jnp.asarray(rows), jnp.asarray(cols),
-                              jnp.asarray(valid), statics)
+                              jnp.asarray(valid), sinks_KY, statics)
     out = out_t.transpose(0, 2, 4, 1, 3, 5).reshape(B, nq * bq, H, E)[:, :T].astype(q.dtype)
     if not return_lse:
         return out
@@ -93,10 +97,14 @@ def _tile_logits(q_t, k_t, qs_t, ks_t, r, c, ok, statics):
     return jnp.where(allowed, s, NEG), allowed, th
 
 
-def _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics):
+def _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, statics):
     B, K, nq, Y, bq, E = q_t.shape
     m0 = jnp.full((B, K, nq, Y, bq), NEG, jnp.float32)
-    carry0 = (m0, jnp.zeros_like(m0), jnp.zeros((B, K, nq, Y, bq, v_t.shape[-1]), jnp.float32))
+    l0 = jnp.zeros_like(m0)
+    if sinks_KY is not None:  # the sink as a key already seen: max = sink, sum = e^0 = 1
+        m0 = jnp.broadcast_to(sinks_KY[None, :, None, :, None], m0.shape)
+        l0 = jnp.ones_like(m0)
+    carry0 = (m0, l0, jnp.zeros((B, K, nq, Y, bq, v_t.shape[-1]), jnp.float32))
 
     def body(carry, chunk):
         m, l, acc = carry
@@ -121,18 +129,18 @@ def _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _blockwise(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics):
-    return _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _blockwise(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, statics):
+    return _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, statics)
 
 
-def _fwd(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics):
-    out, lse = _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, statics)
-    return (out, lse), (q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, out, lse)
+def _fwd(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, statics):
+    out, lse = _forward(q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, statics)
+    return (out, lse), (q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, out, lse)
 
 
 def _bwd(statics, res, cotangents):
-    q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, out, lse = res
+    q_t, k_t, v_t, qs_t, ks_t, rows, cols, valid, sinks_KY, out, lse = res
     dout, _ = cotangents  # the lse output is for inspection; its cotangent is ignored
     scale, softcap = statics[5], statics[6]
     dout = dout.astype(jnp.float32)
@@ -158,8 +166,11 @@ def _bwd(statics, res, cotangents):
 
     (dq, dk, dv), _ = jax.lax.scan(body, (zeros(q_t), zeros(k_t), zeros(v_t)), (rows, cols, valid))
     none = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+    dsinks_KY = None
+    if sinks_KY is not None:  # d sink = -sum over rows of exp(sink - lse') * delta (0 on padded rows)
+        dsinks_KY = -jnp.sum(jnp.exp(sinks_KY[None, :, None, :, None] - lse) * delta, axis=(0, 2, 4))
     return (dq.astype(q_t.dtype), dk.astype(k_t.dtype), dv.astype(v_t.dtype),
-            none(qs_t), none(ks_t), none(rows), none(cols), none(valid))
+            none(qs_t), none(ks_t), none(rows), none(cols), none(valid), dsinks_KY)
 
 
 _blockwise.defvjp(_fwd, _bwd)

@@ -8,6 +8,15 @@ Conventions shared by every implementation in ``glocal.kernels``:
 * The scale (default ``E ** -0.5``) is applied inside; the optional soft-cap
   ``c * tanh(logits / c)`` is applied before the mask.
 * A fully masked query row returns output 0 and log-sum-exp ``-inf``.
+* Optional learned sinks (GPT-OSS), one float32 logit per *query* head ``sinks [H]``: an extra
+  key every query sees, with that logit as is (not scaled, capped or masked) and value 0, so
+  ``o = sum_j e^{s_j} v_j / (e^{sink} + sum_j e^{s_j})``. The log-sum-exp then includes it,
+  ``lse' = logaddexp(lse, sink)``, and is finite everywhere (a row that sees no key gives
+  output 0 and ``lse' = sink``); the sink's gradient is ``-sum_{b,t} e^{sink - lse'} D`` with
+  ``D = sum_e dO O``, and dq/dk/dv are the usual ones with ``P = exp(s - lse')``. Here the
+  keys are attended alone, with the lse as a differentiable output (``_core_lse``), and the
+  sink is folded in afterwards (``fold_sinks``: ``o' = o exp(lse - lse')``), once per call,
+  or once over all the query chunks of ``impl="xla"``'s causal path.
 
 Letters as in the package legend; O is the query rows with the Y query heads of a kv head
 folded in (O = Y * T).
@@ -66,6 +75,8 @@ def dense_attention(
     kv_heads_major: bool = False,
     rows_nonempty: bool = False,
     custom_grad: bool = True,
+    sinks_H=None,
+    lse_grad: bool = False,
 ):
     """Masked softmax attention computed densely; logits and softmax always in float32.
 
@@ -75,7 +86,19 @@ def dense_attention(
     ``custom_grad=True`` differentiates with the FlashAttention-style backward
     (``_core_bwd``); False lets JAX differentiate the forward (the reference does this,
     so tests compare the two).
+    ``sinks_H``: optional learned sink logits ``[H]`` (used as float32; see the module
+    docstring), folded in after the keys' attention (``fold_sinks``).
+    ``lse_grad=True`` (with ``return_lse``) differentiates the lse too, with the custom
+    backward, and returns the output in float32 (what ``fold_sinks`` takes).
     """
+    if sinks_H is not None:  # the keys alone, with a differentiable lse, then the sinks folded in
+        out_BTHE, lse_BTH = dense_attention(
+            q_BTHE, k_BSKE, v_BSKE, allowed_BTS, scale=scale, softcap=softcap, precision=precision,
+            return_lse=True, kv_heads_major=kv_heads_major, rows_nonempty=rows_nonempty,
+            custom_grad=custom_grad, lse_grad=True)
+        out_BTHE, lse_BTH = fold_sinks(out_BTHE, lse_BTH, sinks_H)
+        out_BTHE = out_BTHE.astype(q_BTHE.dtype)
+        return (out_BTHE, lse_BTH) if return_lse else out_BTHE
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[1 if kv_heads_major else 2]
     if H % K:
@@ -91,11 +114,13 @@ def dense_attention(
     statics = (float(scale), None if softcap is None else float(softcap), Y, precision, rows_nonempty)
     if custom_grad and not return_lse:
         out_BKOE = _core(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics)
+    elif custom_grad and lse_grad:
+        out_BKOE, lse_BKYT = _core_lse(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics)
     else:
         p_BKOS, _, lse_BKYT = _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=return_lse)
         out_BKOE = _weighted_values(p_BKOS, v_BKSE, precision)
-    out_BTHE = (out_BKOE.reshape(B, K, Y, T, -1).transpose(0, 3, 1, 2, 4)
-                .reshape(B, T, H, -1).astype(q_BTHE.dtype))
+    out_BTHE = out_BKOE.reshape(B, K, Y, T, -1).transpose(0, 3, 1, 2, 4).reshape(B, T, H, -1)
+    out_BTHE = out_BTHE if lse_grad else out_BTHE.astype(q_BTHE.dtype)
     if not return_lse:
         return out_BTHE
     return out_BTHE, jnp.moveaxis(lse_BKYT.reshape(B, H, T), 1, 2)
@@ -107,7 +132,7 @@ def dense_attention(
 # and P is recomputed from the logits rather than stored, so nothing [T, S]-sized is saved.
 
 
-def _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=False):
+def _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=False, lse_guard=True):
     """Softmax probabilities ``[B, K, O, S]`` (float32), tanh of the capped logits (for the
     backward) and, if asked, the log-sum-exp ``[B, K, Y, T]`` (-inf on fully masked rows)."""
     scale, softcap, Y, precision, rows_nonempty = statics
@@ -130,7 +155,10 @@ def _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=False):
         p_BKYTS = jnp.where(any_B11T1, p_BKYTS, 0.0)
     lse_BKYT = None
     if with_lse:
-        lse_BKYT = jnp.where(any_B11T1, max_BKYT1 + jnp.log(sum_BKYT1), -jnp.inf)[..., 0]
+        lse_BKYT = max_BKYT1 + jnp.log(sum_BKYT1)
+        if lse_guard:  # (lse_guard=False: rows are known nonempty; each op costs on CPU at small sizes)
+            lse_BKYT = jnp.where(any_B11T1, lse_BKYT, -jnp.inf)
+        lse_BKYT = lse_BKYT[..., 0]
     return p_BKYTS.reshape(B, K, O, S), tanh_BKOS, lse_BKYT
 
 
@@ -151,21 +179,72 @@ def _core_fwd(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics):
 
 
 def _core_bwd(statics, residuals, dout_BKOE):
-    scale, softcap, _, precision, _ = statics
+    precision = statics[3]
     q_BKOE, k_BKSE, v_BKSE, allowed_BTS, out_BKOE = residuals
     p_BKOS, tanh_BKOS, _ = _probs(q_BKOE, k_BKSE, allowed_BTS, statics)
     mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
     dv_BKSE = mm("bkxs,bkxe->bkse", p_BKOS.astype(dout_BKOE.dtype), dout_BKOE)
     dp_BKOS = mm("bkxe,bkse->bkxs", dout_BKOE, v_BKSE)
     d_BKO1 = jnp.sum(dout_BKOE.astype(jnp.float32) * out_BKOE.astype(jnp.float32), axis=-1, keepdims=True)
-    ds_BKOS = p_BKOS * (dp_BKOS - d_BKO1)
-    if softcap is not None:
-        ds_BKOS = ds_BKOS * (1.0 - tanh_BKOS * tanh_BKOS)
-    ds_BKOS = (ds_BKOS * scale).astype(q_BKOE.dtype)
-    dq_BKOE = mm("bkxs,bkse->bkxe", ds_BKOS, k_BKSE)
-    dk_BKSE = mm("bkxs,bkxe->bkse", ds_BKOS, q_BKOE)
+    dq_BKOE, dk_BKSE = _dq_dk(p_BKOS * (dp_BKOS - d_BKO1), tanh_BKOS, q_BKOE, k_BKSE, statics)
     return (dq_BKOE.astype(q_BKOE.dtype), dk_BKSE.astype(k_BKSE.dtype),
             dv_BKSE.astype(v_BKSE.dtype), None)
 
 
+def _dq_dk(ds_BKOS, tanh_BKOS, q_BKOE, k_BKSE, statics):
+    """dQ and dK from the logits' gradient ``dS = P (dP - D)`` (through the soft-cap, scaled)."""
+    scale, softcap, _, precision, _ = statics
+    if softcap is not None:
+        ds_BKOS = ds_BKOS * (1.0 - tanh_BKOS * tanh_BKOS)
+    ds_BKOS = (ds_BKOS * scale).astype(q_BKOE.dtype)
+    mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+    return mm("bkxs,bkse->bkxe", ds_BKOS, k_BKSE), mm("bkxs,bkxe->bkse", ds_BKOS, q_BKOE)
+
+
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+# -- the same with the log-sum-exp as a differentiable output (what learned sinks fold into) ---
+# The lse's cotangent adds to dS: d lse / d s = p, so dS = p (dP - D + dlse).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _core_lse(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    return _core_lse_fwd(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics)[0]
+
+
+def _core_lse_fwd(q_BKOE, k_BKSE, v_BKSE, allowed_BTS, statics):
+    p_BKOS, _, lse_BKYT = _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=True, lse_guard=not statics[4])
+    out_BKOE = _weighted_values(p_BKOS, v_BKSE, statics[3])  # float32: folded before the cast
+    return (out_BKOE, lse_BKYT), (q_BKOE, k_BKSE, v_BKSE, allowed_BTS, out_BKOE)
+
+
+def _core_lse_bwd(statics, residuals, cotangents):
+    precision = statics[3]
+    q_BKOE, k_BKSE, v_BKSE, allowed_BTS, out_BKOE = residuals
+    dout_BKOE, dlse_BKYT = cotangents
+    # with_lse as in the forward, so that XLA computes the probabilities once for both
+    p_BKOS, tanh_BKOS, _ = _probs(q_BKOE, k_BKSE, allowed_BTS, statics, with_lse=True, lse_guard=not statics[4])
+    mm = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
+    dv_BKSE = mm("bkxs,bkxe->bkse", p_BKOS.astype(v_BKSE.dtype), dout_BKOE.astype(v_BKSE.dtype))
+    dp_BKOS = mm("bkxe,bkse->bkxs", dout_BKOE.astype(v_BKSE.dtype), v_BKSE)
+    B, K, O, _ = out_BKOE.shape
+    d_BKO1 = jnp.sum(dout_BKOE * out_BKOE, axis=-1, keepdims=True) - dlse_BKYT.reshape(B, K, O, 1)
+    dq_BKOE, dk_BKSE = _dq_dk(p_BKOS * (dp_BKOS - d_BKO1), tanh_BKOS, q_BKOE, k_BKSE, statics)
+    return (dq_BKOE.astype(q_BKOE.dtype), dk_BKSE.astype(k_BKSE.dtype),
+            dv_BKSE.astype(v_BKSE.dtype), None)
+
+
+_core_lse.defvjp(_core_lse_fwd, _core_lse_bwd)
+
+
+def fold_sinks(out_BTHE, lse_BTH, sinks_H):
+    """Attention over the keys alone -> the same with learned sinks ``[H]``: ``lse' =
+    logaddexp(lse, sink)`` and ``o' = o exp(lse - lse')`` (the keys' share of the softmax;
+    0 on a row that saw no key, whose lse is -inf). Differentiable in all three: the sinks'
+    gradient comes out as ``-sum_{b,t} exp(sink - lse') D``. Apply it to one attention only,
+    never to parts that are merged later (the sink would count twice)."""
+    z_BTH = lse_BTH - jnp.asarray(sinks_H, jnp.float32)
+    keep_BTH = jax.nn.sigmoid(z_BTH)
+    out_BTHE = (out_BTHE.astype(jnp.float32) * keep_BTH[..., None]).astype(out_BTHE.dtype)
+    return out_BTHE, jnp.logaddexp(lse_BTH, jnp.asarray(sinks_H, jnp.float32))

@@ -111,6 +111,14 @@ class Mask(abc.ABC):
         """
         return None
 
+    @property
+    def sink_window(self) -> tuple[int, int] | None:
+        """``(num_sinks, window)`` when the mask is a causal sliding window plus the first
+        ``num_sinks`` positions (``SlidingWindow(w) | Sinks(n)``, either order, or the same with
+        ``GlobalTokens(n) & Causal()``): decoding then keeps those keys plus a ring of the
+        window (``glocal.layers.cache.SinkRingKVCache``). None for every other mask."""
+        return None
+
     def __and__(self, other: "Mask") -> "Mask":
         return And(self, other)
 
@@ -273,6 +281,39 @@ class GlobalTokens(Mask):
 
 
 @dataclasses.dataclass(frozen=True)
+class Sinks(Mask):
+    """The first ``n`` positions, seen by every query at or after them: ``k < n and k <= q``
+    (StreamingLLM's attention sinks). OR it with a window: ``SlidingWindow(w) | Sinks(4)``."""
+
+    n: int
+
+    def __post_init__(self):
+        _positive("Sinks n", self.n)
+
+    def __call__(self, q_idx, k_idx):
+        return (k_idx < self.n) & (k_idx <= q_idx)
+
+    def _states(self, tiles):
+        full = (tiles.k1 < self.n) & (tiles.k1 <= tiles.q0)
+        return tiles.states(full, (tiles.k0 >= self.n) | (tiles.k0 > tiles.q1))
+
+    @property
+    def is_causal(self) -> bool:
+        return True
+
+
+def _sink_count(mask: Mask) -> int | None:
+    """``n`` for ``Sinks(n)`` or ``GlobalTokens(n) & Causal()`` (either order), else None."""
+    if isinstance(mask, Sinks):
+        return mask.n
+    if isinstance(mask, And):
+        for a, b in ((mask.a, mask.b), (mask.b, mask.a)):
+            if isinstance(a, GlobalTokens) and b == Causal():
+                return a.n
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefixLM(Mask):
     """Bidirectional over the first ``prefix`` tokens, causal after: ``k <= q or k < prefix``."""
 
@@ -382,6 +423,13 @@ class Or(Mask):
     @property
     def is_causal(self) -> bool:
         return self.a.is_causal and self.b.is_causal
+
+    @property
+    def sink_window(self) -> tuple[int, int] | None:
+        for a, b in ((self.a, self.b), (self.b, self.a)):
+            if isinstance(a, SlidingWindow) and a.causal and _sink_count(b) is not None:
+                return _sink_count(b), a.size
+        return None
 
     @property
     def lookback(self) -> int | None:

@@ -6,6 +6,8 @@ loaded); K/V stay in global memory and are sliced per tile. Backward: a dQ kerne
 forward schedule and a dK/dV kernel per (batch, kv head, kv tile) that loops over the
 transposed schedule for each of the Y query heads sharing that kv head (no atomics, so
 the result is deterministic). Tied together by ``jax.custom_vjp``; interpret mode off-GPU.
+Learned sinks (float32 ``[H]``, read whole like the schedule tables) seed the forward's
+running max and sum; the backward kernels only read the sink-inclusive lse.
 
 Triton needs power-of-two tiles and head dimension of at least 16: the wrapper
 (``tiles.call_tiled(pow2_tiles=True)``) zero-pads short sequences and odd head dims up to
@@ -37,9 +39,9 @@ def _full_spec(shape):
 
 
 # -- forward ----------------------------------------------------------------------------------
-def _fwd_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref,
-                *, cfg, bq, bkv):
-    i = pl.program_id(2)
+def _fwd_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs, cfg, bq, bkv, with_sinks):
+    sink_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if with_sinks else (None, refs)
+    h, i = pl.program_id(1), pl.program_id(2)
     q, qs = q_ref[...], qs_ref[...]
     E = v_ref.shape[-1]
 
@@ -57,13 +59,15 @@ def _fwd_kernel(cnt_ref, idx_ref, full_ref, q_ref, k_ref, v_ref, qs_ref, ks_ref,
         return m_new, alpha * l + p.sum(axis=1), acc
 
     init = (jnp.full((bq,), NEG, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, E), jnp.float32))
+    if sink_ref is not None:  # the sink as a key already seen: max = sink, sum = 1 (its value is 0)
+        init = (jnp.full((bq,), sink_ref[h], jnp.float32), jnp.ones((bq,), jnp.float32), init[2])
     m, l, acc = jax.lax.fori_loop(0, cnt_ref[i], body, init)
     ok = l > 0
     o_ref[...] = jnp.where(ok[:, None], acc / jnp.where(ok, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(ok, m + jnp.log(jnp.where(ok, l, 1.0)), -jnp.inf)
 
 
-def _forward(q, k, v, qs, ks, statics):
+def _forward(q, k, v, qs, ks, sinks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     B, H, Tp, E = q.shape
     K, Sp = k.shape[1], k.shape[2]
@@ -72,16 +76,17 @@ def _forward(q, k, v, qs, ks, statics):
     tables = schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full)
     qspec = pl.BlockSpec((None, None, bq, E), lambda b, h, i: (b, h, i, 0))
     kvspec = pl.BlockSpec((None, None, Sp, E), lambda b, h, i: (b, h // Y, 0, 0))
+    sink_args = () if sinks is None else (sinks,)
     out, lse = pl.pallas_call(
-        functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv),
+        functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv, with_sinks=bool(sink_args)),
         grid=(B, H, Tp // bq),
         in_specs=[_full_spec(t.shape) for t in tables] + [
             qspec, kvspec, kvspec, pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-            pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))],
+            pl.BlockSpec((None, Sp), lambda b, h, i: (b, 0))] + [_full_spec(a.shape) for a in sink_args],
         out_specs=[qspec, pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp), jnp.float32)],
         interpret=interpret, compiler_params=None if interpret else _compiler_params(E),
-    )(*tables, q, k, v, qs, ks)
+    )(*tables, q, k, v, qs, ks, *sink_args)
     return out, lse
 
 
@@ -188,8 +193,8 @@ _flash = custom_flash(_forward, _backward)
 
 
 def attention_pallas_gpu(q, k, v, *, mask, segment_ids=None, scale=None, softcap=None,
-                         block_sizes=(64, 64), return_lse=False, interpret=None):
-    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
+                         block_sizes=(64, 64), return_lse=False, interpret=None, sinks=None):
+    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` (, ``sinks [H]``) -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
     return call_tiled(_flash, "pallas_gpu", "gpu", q, k, v, mask=mask, segment_ids=segment_ids,
                       scale=scale, softcap=softcap, block_sizes=block_sizes, return_lse=return_lse,
-                      interpret=interpret, pow2_tiles=True)
+                      interpret=interpret, pow2_tiles=True, sinks=sinks)

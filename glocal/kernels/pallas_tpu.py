@@ -10,7 +10,9 @@ by ``jax.custom_vjp``. On CPU the kernels run in interpret mode (``interpret=Tru
 ``pltpu.InterpretParams()`` for the TPU-semantics checker).
 
 Supported: every mask whose predicate is plain arithmetic (all of ``glocal.kernels.masks``
-except ``Explicit``), GQA, soft-cap, segment ids, T != S.
+except ``Explicit``), GQA, soft-cap, segment ids, T != S, learned sinks (a float32 ``[H]`` in
+SMEM that seeds the forward's running max and sum; the backward kernels only read the
+sink-inclusive lse).
 
 Letters as in the package legend (Y: query heads per kv head, H / K).
 """
@@ -29,14 +31,18 @@ from glocal.kernels.tiles import (NEG, call_tiled, custom_flash, positions as _p
                                  tile_logits as _logits)
 
 # -- forward ----------------------------------------------------------------------------------
-def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
-                *, cfg, bq, bkv, W):
-    i, j = pl.program_id(2), pl.program_id(3)
+def _fwd_kernel(cnt, idx, full, q_ref, k_ref, v_ref, qs_ref, ks_ref, *refs, cfg, bq, bkv, W, with_sinks):
+    sink_ref, (o_ref, lse_ref, m_sc, l_sc, acc_sc) = (refs[0], refs[1:]) if with_sinks else (None, refs)
+    h, i, j = pl.program_id(1), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _():
-        m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
-        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        if sink_ref is None:
+            m_sc[...] = jnp.full(m_sc.shape, NEG, jnp.float32)
+            l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        else:  # the sink as a key already seen: max = sink, sum = 1 (its value is 0)
+            m_sc[...] = jnp.full(m_sc.shape, sink_ref[h], jnp.float32)
+            l_sc[...] = jnp.ones(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     @pl.when(j < cnt[i])
@@ -79,7 +85,7 @@ def _segments(qs, ks):
     return qs[:, :, None], ks[:, None, :]
 
 
-def _forward(q, k, v, qs, ks, statics):
+def _forward(q, k, v, qs, ks, sinks, statics):
     mask, S, scale, softcap, bq, bkv, interpret = statics
     qs, ks = _segments(qs, ks)
     B, H, Tp, E = q.shape
@@ -88,17 +94,20 @@ def _forward(q, k, v, qs, ks, statics):
     sch = build_schedule(mask, Tp, k.shape[2], bq, bkv)
     W = sch.kv_index.shape[1]
     qspec, kvspec, qsspec, ksspec, lspec = _specs(Y, E, bq, bkv)
-    kernel = functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv, W=W)
+    kernel = functools.partial(_fwd_kernel, cfg=(mask, S, scale, softcap), bq=bq, bkv=bkv, W=W,
+                               with_sinks=sinks is not None)
+    sink_args = () if sinks is None else (sinks,)
+    sink_specs = [pl.BlockSpec(memory_space=pltpu.SMEM)] * len(sink_args)  # the whole [H]
     grid = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3, grid=(B, H, Tp // bq, W),
-        in_specs=[qspec, kvspec, kvspec, qsspec, ksspec], out_specs=[qspec, lspec],
+        in_specs=[qspec, kvspec, kvspec, qsspec, ksspec, *sink_specs], out_specs=[qspec, lspec],
         scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                         pltpu.VMEM((bq, E), jnp.float32)])
     out, lse = pl.pallas_call(
         kernel, grid_spec=grid, interpret=interpret,
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, Tp, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-    )(*schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full), q, k, v, qs, ks)
+    )(*schedule_tables(sch.kv_count, sch.kv_index, sch.kv_full), q, k, v, qs, ks, *sink_args)
     return out, lse
 
 
@@ -214,8 +223,8 @@ _flash = custom_flash(_forward, _backward)
 
 
 def attention_pallas_tpu(q, k, v, *, mask, segment_ids=None, scale=None, softcap=None,
-                         block_sizes=(128, 128), return_lse=False, interpret=None):
-    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
+                         block_sizes=(128, 128), return_lse=False, interpret=None, sinks=None):
+    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` (, ``sinks [H]``) -> ``[B,T,H,E]`` (and lse ``[B,T,H]``)."""
     return call_tiled(_flash, "pallas_tpu", "tpu", q, k, v, mask=mask, segment_ids=segment_ids,
                       scale=scale, softcap=softcap, block_sizes=block_sizes, return_lse=return_lse,
-                      interpret=interpret)
+                      interpret=interpret, sinks=sinks)

@@ -54,32 +54,42 @@ def schedule_tables(count, index, full):
 
 
 def custom_flash(forward, backward):
-    """``flash(q, k, v, q_seg, kv_seg, statics) -> (out, lse)`` differentiable in q, k, v.
+    """``flash(q, k, v, q_seg, kv_seg, sinks, statics) -> (out, lse)`` differentiable in q, k,
+    v and the learned sinks ``[H]`` (None: none).
 
-    ``forward(q, k, v, qs, ks, statics) -> (out, lse)``; ``backward(statics, residuals,
-    dout) -> (dq, dk, dv)`` with residuals ``(q, k, v, qs, ks, out, lse)``."""
+    ``forward(q, k, v, qs, ks, sinks, statics) -> (out, lse)``; ``backward(statics, residuals,
+    dout) -> (dq, dk, dv)`` with residuals ``(q, k, v, qs, ks, out, lse)``: with sinks the
+    lse includes them, so the backward kernels need nothing else, and the sinks' gradient
+    ``-sum_{b,t} exp(sink - lse) sum_e dO O`` is reduced here in plain JAX."""
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-    def flash(q, k, v, qs, ks, statics):
-        return forward(q, k, v, qs, ks, statics)
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+    def flash(q, k, v, qs, ks, sinks, statics):
+        return forward(q, k, v, qs, ks, sinks, statics)
 
-    def fwd(q, k, v, qs, ks, statics):
-        out, lse = forward(q, k, v, qs, ks, statics)
-        return (out, lse), (q, k, v, qs, ks, out, lse)
+    def fwd(q, k, v, qs, ks, sinks, statics):
+        out, lse = forward(q, k, v, qs, ks, sinks, statics)
+        return (out, lse), (q, k, v, qs, ks, out, lse, sinks)
 
     def bwd(statics, res, cts):
-        dq, dk, dv = backward(statics, res, cts[0])  # the lse cotangent is ignored
+        dout, sinks = cts[0], res[7]
+        dq, dk, dv = backward(statics, res[:7], dout)  # the lse cotangent is ignored
         no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
-        return dq, dk, dv, no_grad(res[3]), no_grad(res[4])
+        dsinks = None
+        if sinks is not None:  # padded rows have dO = 0
+            delta = jnp.sum(dout.astype(jnp.float32) * res[5].astype(jnp.float32), axis=-1)  # [B, H, Tp]
+            lse = res[6].reshape(delta.shape)
+            dsinks = -jnp.sum(jnp.exp(sinks[None, :, None] - lse) * delta, axis=(0, 2))
+        return dq, dk, dv, no_grad(res[3]), no_grad(res[4]), dsinks
 
     flash.defvjp(fwd, bwd)
     return flash
 
 
 def call_tiled(flash, impl: str, backend: str, q, k, v, *, mask, segment_ids, scale, softcap,
-               block_sizes, return_lse, interpret, pow2_tiles=False):
-    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` -> ``[B,T,H,E]`` (and lse ``[B,T,H]``) through a
-    kernel that takes heads-major arrays padded to whole tiles. ``interpret=None``: native
+               block_sizes, return_lse, interpret, pow2_tiles=False, sinks=None):
+    """``q [B,T,H,E]``, ``k/v [B,S,K,E]`` (, learned ``sinks [H]``) -> ``[B,T,H,E]`` (and lse
+    ``[B,T,H]``) through a kernel that takes heads-major arrays padded to whole tiles
+    (the sinks as float32 ``[H]``, split over heads like the queries). ``interpret=None``: native
     when lowered for ``backend``'s platform, interpreted on CPU (``glocal.kernels.platforms``).
     ``pow2_tiles`` (Triton): tiles and the head dim are powers of two, at least 16 (what
     ``tl.dot`` takes); short sequences and odd head dims are zero-padded up to them."""
@@ -106,18 +116,21 @@ def call_tiled(flash, impl: str, backend: str, q, k, v, *, mask, segment_ids, sc
     def run(interpret_mode, *operands):
         statics = (mask, S, E**-0.5 if scale is None else float(scale),
                    None if softcap is None else float(softcap), bq, bkv, interpret_mode)
-        return flash(*operands, statics)
+        return flash(*operands[:5], operands[5] if len(operands) > 5 else None, statics)
 
     # Rows and heads are independent: under a mesh the kernel runs per shard (shard_map),
     # since XLA cannot partition a Mosaic or Triton call itself.
     # Query and kv heads split over the same axes, or not at all (GQA pairs them locally).
     heads = "heads_act" if same_split("heads_act", H, k.shape[2]) else None
     qn, kn, sn = ("batch", heads), ("batch", heads), ("batch",)
+    operands = (heads_major(q, Tp), heads_major(k, Sp), heads_major(v, Sp),
+                pad(q_seg.astype(jnp.int32), Tp), pad(kv_seg.astype(jnp.int32), Sp))
+    names = (qn, kn, kn, sn, sn)
+    if sinks is not None:
+        operands, names = operands + (jnp.asarray(sinks, jnp.float32),), names + ((heads,),)
     out, lse = per_shard(
         lambda *ops: native_or_interpreted(backend, run, *ops, interpret=interpret),
-        (heads_major(q, Tp), heads_major(k, Sp), heads_major(v, Sp),
-         pad(q_seg.astype(jnp.int32), Tp), pad(kv_seg.astype(jnp.int32), Sp)),
-        (qn, kn, kn, sn, sn), (qn, qn))
+        operands, names, (qn, qn))
     out = jnp.swapaxes(out, 1, 2)[:, :T, :, :E]
     if not return_lse:
         return out

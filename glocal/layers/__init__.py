@@ -7,7 +7,7 @@
 
 from glocal.kernels.masks import Causal, Full, SlidingWindow
 from glocal.layers.attention import Attention
-from glocal.layers.cache import Cache, CompactKVCache, KVCache, LayerView, RingKVCache
+from glocal.layers.cache import Cache, CompactKVCache, KVCache, LayerView, RingKVCache, SinkRingKVCache
 from glocal.layers.cross import CrossAttention
 from glocal.layers.embed import Embed, Unembed
 from glocal.layers.mlp import MLP
@@ -23,7 +23,7 @@ __all__ = [
     "FFNS", "MIXERS", "MIXER_LETTERS", "Attention", "Cache", "Causal", "CompactKVCache", "CrossAttention",
     "DecoderChain", "DecoderLayer", "KINDS", "KindOptions", "MoEFFN", "MoEOptions",
     "DecoderStack", "Embed", "Full", "KVCache", "LayerKind", "LayerNorm", "LayerSpec", "LayerView", "MLP",
-    "RMSNorm", "RingKVCache", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn",
+    "RMSNorm", "RingKVCache", "SinkRingKVCache", "SlidingWindow", "Unembed", "apply_rope", "make_norm", "param", "register_ffn",
     "register_mixer",
 ]
 

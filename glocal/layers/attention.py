@@ -17,6 +17,9 @@ public so models with their own cache layouts (FIT latents, block decoders) can 
 Qwen3-Next options: ``rope_fraction`` (RoPE on the first ``int(E * fraction)`` dims of each
 head), ``norm="rms_centered"`` (zero-centred qk-norm, gain ``1 + scale``) and ``output_gate``
 (self-attention only: ``o * sigmoid(x gate_DHE)`` per head before the output projection).
+GPT-OSS option: ``sinks`` (a learned logit per query head, ``sinks_H``, added to every
+softmax denominator as ``exp(sink)``); GPT-OSS also has ``out_bias`` (``o_b_D``, a bias on the
+output projection) beside the q/k/v biases.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from glocal.layers.norms import make_head_norm
 from glocal.sharding import constrain
 from glocal.layers.params import Bias, as_dtype, fan_in_init, named_param, param
 from glocal.layers.rope import RopeScaling, apply_rope, rotary_dim
+from glocal.layers.streaming import attend_moved_sinks, check_rope_positions, query_cache_positions
 
 
 class Attention(nnx.Module):
@@ -55,6 +59,9 @@ class Attention(nnx.Module):
         norm_eps: float = 1e-6,
         rope_fraction: float = 1.0,
         output_gate: bool = False,
+        out_bias: bool = False,
+        sinks: bool = False,
+        rope_positions: str = "absolute",
         impl: str = "auto",
         dtype=None,
         param_dtype=jnp.float32,
@@ -78,6 +85,12 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mask, self.rope_theta, self.softcap, self.impl = mask, rope_theta, softcap, impl
         self.rope_scaling = rope_scaling
+        check_rope_positions(rope_positions)
+        if rope_positions == "cache" and (mask.sink_window is None or rope_theta is None or kv_dim is not None):
+            raise ValueError("rope_positions='cache' (StreamingLLM re-positioning) is for self-attention with RoPE "
+                             "and a window-plus-sinks mask (SlidingWindow(w) | Sinks(n)); this layer has "
+                             f"mask={mask!r}, rope_theta={rope_theta}, kv_dim={kv_dim}.")
+        self.rope_positions = rope_positions
         self.dtype = as_dtype(dtype)
         self.cross = kv_dim is not None
         if output_gate and self.cross:
@@ -99,7 +112,8 @@ class Attention(nnx.Module):
         else:
             qkv = jnp.concatenate([q.reshape(d_model, K, H // K, E), k[:, :, None], v[:, :, None]], axis=2)
             self.qkv_DKAE = named_param(qkv, ("embed", "kv_heads", None, "head_dim"))
-        # Optional q/k/v biases (Qwen2), laid out like the kernels' output axes; no output bias.
+        # Optional q/k/v biases (Qwen2), laid out like the kernels' output axes (the output bias is
+        # ``out_bias``, below).
         zeros = lambda k, shape, d: jnp.zeros(shape, d)
         if qkv_bias and self.cross:
             self.q_b_HE = param(rngs, zeros, (H, E), ("heads", "head_dim"), param_dtype, Bias)
@@ -119,6 +133,16 @@ class Attention(nnx.Module):
             self.gate_DHE = param(rngs, fan_in_init(d_model), (d_model, H, E), ("embed", "heads", "head_dim"),
                                   param_dtype)
         self.output_gate = output_gate
+        # Output-projection bias (GPT-OSS); zeros made without a key, so no draw moves.
+        if out_bias:
+            self.o_b_D = named_param(jnp.zeros((d_model,), param_dtype), ("embed",), Bias)
+        self.out_bias = out_bias
+        # Learned sinks (GPT-OSS): one float32 logit per query head in the softmax denominator
+        # (glocal.kernels.attention's ``sinks``); drawn last so the other parameters do not
+        # move. Typed Bias: a logit offset, kept out of weight decay like the other biases.
+        if sinks:
+            self.sinks_H = param(rngs, lambda key, shape, d: 0.02 * jax.random.normal(key, shape, d), (H,),
+                                 ("heads",), jnp.float32, Bias)
 
     # -- kernels as separate q / k / v (checkpoint conversion, tests) ------------------------
     def qkv_kernels(self):
@@ -191,12 +215,30 @@ class Attention(nnx.Module):
                                 rotary_dim=self.rotary_dim)
         return x_BTHE
 
+    def _project_moved_sinks(self, x_BTD, positions_BT):
+        """``(q, k, v, qc)``: q and k rotated at their absolute positions and the queries also
+        at their cache positions (StreamingLLM re-positioning, ``glocal.layers.streaming``)."""
+        q_pre, k_pre, v = self.project_qkv(x_BTD, None)  # normed, not yet rotated
+        num_sinks, window = self.mask.sink_window
+        rope = lambda x, p: self._norm_rope(x, None, p)
+        qc_positions_BT = query_cache_positions(positions_BT, num_sinks, window)
+        return rope(q_pre, positions_BT), rope(k_pre, positions_BT), v, rope(q_pre, qc_positions_BT)
+
+    def _attend_moved_sinks(self, q, qc, k, v, allowed_BTS, kv_positions_BS, *, kv_heads_major):
+        return attend_moved_sinks(q, qc, k, v, allowed_BTS, kv_positions_BS, num_sinks=self.mask.sink_window[0],
+                                  softcap=self.softcap, sinks_H=self.sink_logits(), kv_heads_major=kv_heads_major)
+
+    def sink_logits(self):
+        """The learned sinks ``[H]`` (float32), or None when the layer has none."""
+        sinks_H = getattr(self, "sinks_H", None)
+        return None if sinks_H is None else sinks_H[...]
+
     def attend(self, q_BTHE, k_BSKE, v_BSKE, *, mask=None, segment_ids=None,
                q_positions=None, kv_positions=None):
         return kernels.attention(
             q_BTHE, k_BSKE, v_BSKE, mask=self.mask if mask is None else mask,
             segment_ids=segment_ids, q_positions=q_positions, kv_positions=kv_positions,
-            softcap=self.softcap, impl=self.impl,
+            softcap=self.softcap, impl=self.impl, sinks=self.sink_logits(),
         )
 
     def gate_output(self, o_BTHE, x_BTD):
@@ -210,8 +252,9 @@ class Attention(nnx.Module):
 
     def project_out(self, o_BTHE):
         B, T, H, E = o_BTHE.shape
-        return _matmul(o_BTHE.reshape(B, T, H * E).astype(self.dtype),
-                       self.o_HED[...].astype(self.dtype).reshape(H * E, -1))
+        y_BTD = _matmul(o_BTHE.reshape(B, T, H * E).astype(self.dtype),
+                        self.o_HED[...].astype(self.dtype).reshape(H * E, -1))
+        return y_BTD + self.o_b_D[...].astype(self.dtype) if self.out_bias else y_BTD
 
     # -- whole layer -----------------------------------------------------------------------
     def __call__(self, x_BTD, *, kv_BSD=None, positions_BT=None, kv_positions_BS=None,
@@ -227,7 +270,10 @@ class Attention(nnx.Module):
             S = kv_BSD.shape[1]
             kv_positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
         # Names let remat policies choose what to keep (glocal.layers.stack.REMAT_POLICIES).
-        if self_attn:
+        qc = None  # queries rotated at their cache positions (rope_positions="cache" only)
+        if self_attn and self.rope_positions == "cache":
+            q, k, v, qc = self._project_moved_sinks(x_BTD, positions_BT)
+        elif self_attn:
             q, k, v = self.project_qkv(x_BTD, positions_BT)
         else:
             q = self.project_q(x_BTD, positions_BT)
@@ -237,7 +283,13 @@ class Attention(nnx.Module):
         v = checkpoint_name(constrain(v, ("batch", None, "kv_heads_act", None)), "value_proj")
         if cache is None:
             # Structural path: masks index the arrays directly, so kernels can skip blocks.
-            o = checkpoint_name(self.attend(q, k, v, segment_ids=segment_ids), "attn_out")
+            if qc is not None:
+                allowed_BTS = allowed_pairs(self.mask, T, T, segment_ids=segment_ids, q_positions=positions_BT,
+                                            kv_positions=positions_BT)
+                o = self._attend_moved_sinks(q, qc, k, v, allowed_BTS, positions_BT, kv_heads_major=False)
+            else:
+                o = self.attend(q, k, v, segment_ids=segment_ids)
+            o = checkpoint_name(o, "attn_out")
             return self.project_out(self.gate_output(o, x_BTD)), None
         if segment_ids is not None:
             raise ValueError("cached attention takes no segment_ids: a cache holds one sequence per row.")
@@ -263,8 +315,12 @@ class Attention(nnx.Module):
         # Cached calls evaluate the mask on absolute positions (dense path, heads-major K/V).
         allowed_BTS = allowed_pairs(self.mask, T, pos_all.shape[1], q_positions=positions_BT,
                                     kv_positions=pos_all)
-        o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
-                            softcap=self.softcap, kv_heads_major=True)
+        if qc is not None:
+            o = self._attend_moved_sinks(q, qc, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS, pos_all,
+                                         kv_heads_major=True)
+        else:
+            o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
+                                softcap=self.softcap, kv_heads_major=True, sinks_H=self.sink_logits())
         return self.project_out(self.gate_output(o, x_BTD)), cache
 
 

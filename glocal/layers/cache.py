@@ -14,6 +14,8 @@ tokens in any slot order:
 * ``RingKVCache``  ``size`` slots, slot = position % size; for sliding-window layers whose
                    look-back is at most ``size``, memory stays constant however long the
                    sequence grows.
+* ``SinkRingKVCache`` the first ``num_sinks`` positions in fixed slots plus a ring of the
+                   window (StreamingLLM's sinks + recent tokens): constant memory too.
 """
 
 from __future__ import annotations
@@ -120,6 +122,33 @@ class RingKVCache(KVCache):
     """A ``KVCache`` of ``size`` slots reused round-robin (sliding-window layers)."""
 
     wraps = True
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SinkRingKVCache(KVCache):
+    """``num_sinks`` fixed slots for positions ``0 .. num_sinks - 1`` followed by a ring of
+    ``size - num_sinks`` slots for every later position (slot ``n + (p - n) % ring``): a
+    window-plus-sinks layer (mask ``SlidingWindow(w) | Sinks(n)``, ring = w) keeps exactly the
+    keys it can still see, so memory is ``n + w`` slots however long the sequence grows."""
+
+    num_sinks: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @classmethod
+    def create(cls, batch_size: int, size: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32, *,
+               num_sinks: int = 0) -> "SinkRingKVCache":
+        if not 0 <= num_sinks < size:
+            raise ValueError(f"num_sinks={num_sinks} must leave ring slots in a cache of {size} slots.")
+        base = KVCache.create(batch_size, size, num_kv_heads, head_dim, dtype)
+        return cls(base.k_BKSE, base.v_BKSE, base.pos_BS, num_sinks=num_sinks)
+
+    def _slots(self, positions_BT, valid_BT, layer):
+        n, ring = self.num_sinks, self.size - self.num_sinks
+        newest_B1 = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1, keepdims=True)
+        sink_BT = positions_BT < n
+        keep_BT = valid_BT & (sink_BT | (positions_BT > newest_B1 - ring))
+        slot_BT = jnp.where(sink_BT, positions_BT, n + (positions_BT - n) % ring)
+        return jnp.where(keep_BT, slot_BT, self.size)
 
 
 @jax.tree_util.register_dataclass

@@ -112,6 +112,13 @@ class DecoderStack(nnx.Module):
         return sorted({kind.mixer for kind, layer in zip(self.pattern, self.units.layers)
                        if not getattr(layer.mixer, "packs_documents", False)})
 
+    @property
+    def growing_caches(self) -> list[str]:
+        """Mixer kinds of this stack whose cache grows with the sequence (their ``bounded_cache``
+        is False); empty when the stack can decode past ``max_seq_len`` in constant memory."""
+        return sorted({kind.mixer for kind, layer in zip(self.pattern, self.units.layers)
+                       if not getattr(layer.mixer, "bounded_cache", False)})
+
 
 def _over_repeats(value_L, weight_L):
     """A unit's aux entry stacked over the repeats (L): losses add up (a weight is the same in
@@ -161,3 +168,7 @@ class DecoderChain(nnx.Module):
     @property
     def crosses_documents(self) -> list[str]:
         return sorted({m for s in self.stacks for m in s.crosses_documents})
+
+    @property
+    def growing_caches(self) -> list[str]:
+        return sorted({m for s in self.stacks for m in s.growing_caches})

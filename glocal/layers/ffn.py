@@ -15,7 +15,7 @@ from glocal.layers.spec import LayerSpec, register_ffn
 class DenseFFN(MLP):
     def __init__(self, spec: LayerSpec, options: None = None, *, rngs: nnx.Rngs):
         super().__init__(spec.d_model, spec.d_ff, activation=spec.mlp, dtype=spec.dtype,
-                         param_dtype=spec.param_dtype, rngs=rngs)
+                         param_dtype=spec.param_dtype, alpha=spec.swiglu_alpha, limit=spec.swiglu_limit, rngs=rngs)
 
     def __call__(self, x_BTD):
         return super().__call__(x_BTD), {}

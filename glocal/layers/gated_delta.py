@@ -104,6 +104,7 @@ class GatedDeltaNet(nnx.Module):
     """Gated DeltaNet as Qwen3-Next defines it (``Qwen3NextGatedDeltaNet``); a fixed-size cache."""
 
     packs_documents = False  # the state runs across document boundaries
+    bounded_cache = True  # a fixed-size state and convolution window
 
     def __init__(self, spec: LayerSpec, options: GatedDeltaOptions, *, mask=None, rngs: nnx.Rngs):
         if mask is not None:

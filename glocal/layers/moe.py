@@ -1,7 +1,7 @@
 """Mixture-of-experts FFN: the ``moe`` FFN kind of the decoder skeleton (any family's layers
 can use it with ``ffn="moe"``).
 
-    logits = x W_r (float32, no bias) -> router -> experts(x) -> sum_e combine_e * expert_e(x)
+    logits = x W_r (+ b_r) (float32) -> router -> experts(x) -> sum_e combine_e * expert_e(x)
                                                            (+ always-on shared experts)
 
 The shared experts are one dense FFN of width ``shared_experts * d_expert`` (or ``d_shared``);
@@ -10,6 +10,10 @@ The shared experts are one dense FFN of width ``shared_experts * d_expert`` (or 
 Experts are the dense FFN's shape, stored stacked: ``wi_XDAI`` (gate and up fused, as in
 ``glocal.layers.MLP``) and ``wo_XID``, logical axis ``expert`` first, so an ``expert`` mesh
 axis shards them. Its options are ``MoEOptions`` (``moe.num_experts=8`` on any model config).
+GPT-OSS options: ``moe.router_bias`` (``router_b_X``, added to the router logits: it changes
+both the choice and the combine weights) and ``moe.expert_bias`` (``bi_XAI`` after each
+expert's input projection, ``bo_XD`` after its output projection, in every dispatch); the
+clamped SwiGLU is the layer's activation (``mlp="swiglu_clamped"``, ``glocal.layers.mlp``).
 Dispatch implementations (``moe.impl``; all give the same numbers when
 nothing is dropped):
 
@@ -50,8 +54,8 @@ from flax import nnx
 
 from glocal.kernels.gmm import GMM_IMPLS, grouped_matmul
 from glocal.layers import routing
-from glocal.layers.mlp import MLP, activate
-from glocal.layers.params import SelectionBias, as_dtype, fan_in_init, param
+from glocal.layers.mlp import GATED, MLP, activate
+from glocal.layers.params import Bias, SelectionBias, as_dtype, fan_in_init, named_param, param
 from glocal.layers.spec import KindOptions, LayerSpec, register_ffn
 from glocal.sharding import constrain
 
@@ -81,6 +85,8 @@ class MoEOptions(KindOptions):
     predictor_weight: float = 1e-2  # expert choice: BCE of the causal predictor
     routing_mode: str = "topk"  # expert choice: topk (training, non-causal) | threshold (causal)
     gmm_impl: str = "auto"  # dropless grouped matmul: auto | ragged_dot | tiled | tokamax (glocal.kernels.gmm)
+    router_bias: bool = False  # a learned bias router_b_X on the router logits (GPT-OSS)
+    expert_bias: bool = False  # biases bi_XAI / bo_XD after each expert's two projections (GPT-OSS)
 
     def validate(self, config=None) -> None:
         for name, allowed in (("router", ROUTERS), ("router_weights", ROUTER_WEIGHTS), ("impl", MOE_IMPLS),
@@ -154,7 +160,8 @@ class MoEFFN(nnx.Module):
         D, X = spec.d_model, m.num_experts
         I = m.d_expert or spec.d_ff  # noqa: E741 - the legend's FFN width
         self.activation, self.dtype = spec.mlp, as_dtype(spec.dtype)
-        A = 2 if spec.mlp in ("swiglu", "geglu") else 1
+        self.alpha, self.limit = spec.swiglu_alpha, spec.swiglu_limit
+        A = 2 if spec.mlp in GATED else 1
         # The router stays float32 whatever the compute dtype (selective precision), small init.
         self.router_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
         self.wi_XDAI = param(rngs, fan_in_init(D), (X, D, A, I), ("expert", "embed", None, "mlp"), spec.param_dtype)
@@ -164,9 +171,16 @@ class MoEFFN(nnx.Module):
         if m.router == "expert_choice":
             self.predictor_DX = param(rngs, fan_in_init(D, 0.1), (D, X), ("embed", None), jnp.float32)
         self.shared = (MLP(D, m.d_shared or m.shared_experts * I, activation=spec.mlp, dtype=spec.dtype,
-                           param_dtype=spec.param_dtype, rngs=rngs) if m.shared_experts else None)
+                           param_dtype=spec.param_dtype, alpha=self.alpha, limit=self.limit, rngs=rngs)
+                       if m.shared_experts else None)
         if m.shared_gate:  # drawn last: the other parameters are those of the ungated layer
             self.shared_gate_D1 = param(rngs, fan_in_init(D), (D, 1), ("embed", None), spec.param_dtype)
+        # GPT-OSS biases: zeros made without a key, so no other draw moves.
+        if m.router_bias:
+            self.router_b_X = named_param(jnp.zeros((X,), jnp.float32), (None,), Bias)
+        if m.expert_bias:
+            self.bi_XAI = named_param(jnp.zeros((X, A, I), spec.param_dtype), ("expert", None, "mlp"), Bias)
+            self.bo_XD = named_param(jnp.zeros((X, D), spec.param_dtype), ("expert", "embed"), Bias)
 
     def active_params(self) -> float:
         """Parameters one position uses: the router, k experts (expert choice: on average
@@ -174,8 +188,12 @@ class MoEFFN(nnx.Module):
         predictor (sizes of stacked layers include their repeats)."""
         m = self.moe
         per_expert = (self.wi_XDAI.size + self.wo_XID.size) / m.num_experts
+        if m.expert_bias:
+            per_expert += (self.bi_XAI.size + self.bo_XD.size) / m.num_experts
         used = m.capacity_factor if m.router == "expert_choice" else m.top_k
         n = self.router_DX.size + used * per_expert
+        if m.router_bias:
+            n += self.router_b_X.size
         if m.router == "expert_choice":
             n += self.predictor_DX.size
         if self.shared is not None:
@@ -185,27 +203,48 @@ class MoEFFN(nnx.Module):
         return n
 
     # -- experts on gathered rows -----------------------------------------------------------
+    def _act(self, h_AI):
+        return activate(h_AI, self.activation, alpha=self.alpha, limit=self.limit)
+
+    def _biases(self):
+        """``(bi [X, A, I], bo [X, D])`` in the compute dtype, or ``(None, None)`` without expert biases."""
+        if not self.moe.expert_bias:
+            return None, None
+        return self.bi_XAI[...].astype(self.dtype), self.bo_XD[...].astype(self.dtype)
+
     def _experts_dense(self, x_OD):
         """Every expert on every row: ``[X, O, D]``."""
+        bi, bo = self._biases()
         h = jnp.einsum("nd,xdai->xnai", x_OD, self.wi_XDAI[...].astype(self.dtype))
+        if bi is not None:
+            h = h + bi[:, None]
         X, O, A, I = h.shape
-        h_XOI = activate(h.reshape(X * O, A, I), self.activation).reshape(X, O, I)
-        return jnp.einsum("xni,xid->xnd", h_XOI, self.wo_XID[...].astype(self.dtype))
+        h_XOI = self._act(h.reshape(X * O, A, I)).reshape(X, O, I)
+        out = jnp.einsum("xni,xid->xnd", h_XOI, self.wo_XID[...].astype(self.dtype))
+        return out if bo is None else out + bo[:, None]
 
-    def _experts_grouped(self, x_OD, group_sizes_X):
-        """Rows sorted by expert (``group_sizes_X`` rows each): ``[O, D]`` through a grouped matmul."""
+    def _experts_grouped(self, x_OD, group_sizes_X, expert_O=None):
+        """Rows sorted by expert (``group_sizes_X`` rows each; ``expert_O`` their experts, needed
+        with expert biases): ``[O, D]`` through a grouped matmul."""
         X, D, A, I = self.wi_XDAI.shape
+        bi, bo = self._biases()
         gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
-        h = gmm(x_OD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X)
-        h_OI = activate(h.reshape(-1, A, I), self.activation)
-        return gmm(h_OI, self.wo_XID[...].astype(self.dtype), group_sizes_X)
+        h = gmm(x_OD, self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I), group_sizes_X).reshape(-1, A, I)
+        if bi is not None:
+            h = h + bi[expert_O]
+        out = gmm(self._act(h), self.wo_XID[...].astype(self.dtype), group_sizes_X)
+        return out if bo is None else out + bo[expert_O]
 
     def _experts_buffers(self, buf_BXSD):
         """Per-expert buffers ``[B, X, S, D]`` -> outputs of the same shape."""
+        bi, bo = self._biases()
         h = jnp.einsum("bxyd,xdai->bxyai", buf_BXSD, self.wi_XDAI[...].astype(self.dtype))
+        if bi is not None:
+            h = h + bi[None, :, None]
         B, X, S, A, I = h.shape
-        h = activate(h.reshape(B * X * S, A, I), self.activation).reshape(B, X, S, I)
-        return jnp.einsum("bxyi,xid->bxyd", h, self.wo_XID[...].astype(self.dtype))
+        h = self._act(h.reshape(B * X * S, A, I)).reshape(B, X, S, I)
+        out = jnp.einsum("bxyi,xid->bxyd", h, self.wo_XID[...].astype(self.dtype))
+        return out if bo is None else out + bo[None, :, None]
 
     # -- forward ------------------------------------------------------------------------------
     def __call__(self, x_BTD):
@@ -213,6 +252,8 @@ class MoEFFN(nnx.Module):
         B, T, D = x_BTD.shape
         x_BTD = x_BTD.astype(self.dtype)
         logits_BTX = jnp.einsum("btd,dx->btx", x_BTD.astype(jnp.float32), self.router_DX[...])
+        if m.router_bias:
+            logits_BTX = logits_BTX + self.router_b_X[...]
         if m.router == "expert_choice":
             y_BTD, aux = self._expert_choice(x_BTD, logits_BTX)
         else:
@@ -269,7 +310,7 @@ class MoEFFN(nnx.Module):
         order = jnp.argsort(assigned_expert, stable=True)
         row_token = (jnp.arange(O * Z) // Z)[order]
         group_sizes_X = jnp.zeros((X,), jnp.int32).at[assigned_expert].add(1)
-        out_rows = self._experts_grouped(x_OD[row_token], group_sizes_X)
+        out_rows = self._experts_grouped(x_OD[row_token], group_sizes_X, assigned_expert[order])
         out_rows = out_rows * w_OZ.reshape(-1)[order][:, None].astype(out_rows.dtype)
         return jnp.zeros_like(x_OD).at[row_token].add(out_rows)
 
@@ -292,10 +333,11 @@ class MoEFFN(nnx.Module):
         _, _, A, I = self.wi_XDAI.shape
         wi = self.wi_XDAI[...].astype(self.dtype).reshape(X, D, A * I)
         wo = self.wo_XID[...].astype(self.dtype)
+        biases = tuple(b for b in self._biases() if b is not None)  # (bi, bo) with expert biases
         gmm = functools.partial(grouped_matmul, impl=self.moe.gmm_impl)
         exchange = functools.partial(jax.lax.all_to_all, axis_name=axes, split_axis=0, concat_axis=0)
 
-        def local(x, idx, w, wi, wo):
+        def local(x, idx, w, wi, wo, *biases):
             n, Z = idx.shape
             O = n * Z
             expert = idx.reshape(-1)
@@ -310,15 +352,22 @@ class MoEFFN(nnx.Module):
             flat_e = recv_e.reshape(-1)
             order2 = jnp.argsort(flat_e, stable=True)  # padding (XL) sorts last: past every group
             sizes = jnp.zeros((XL,), jnp.int32).at[flat_e].add(1, mode="drop")
-            h = gmm(recv_x.reshape(-1, D)[order2], wi, sizes)
-            out = gmm(activate(h.reshape(-1, A, I), self.activation), wo, sizes)
+            h = gmm(recv_x.reshape(-1, D)[order2], wi, sizes).reshape(-1, A, I)
+            row_e = jnp.minimum(flat_e[order2], XL - 1)  # (padding rows: any expert; never read back)
+            if biases:
+                h = h + biases[0][row_e]
+            out = gmm(self._act(h), wo, sizes)
+            if biases:
+                out = out + biases[1][row_e]
             back = exchange(jnp.zeros_like(out).at[order2].set(out).reshape(E_p, O, D))
             y = back[dest, rank] * weight[:, None].astype(back.dtype)
             return jnp.zeros_like(x).at[token].add(y)
 
         rows = P(BATCH_AXES, None)
-        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(axes, None, None), P(axes, None, None)),
-                             out_specs=rows)(x_OD, idx_OZ, w_OZ, wi, wo)
+        bias_specs = (P(axes, None, None), P(axes, None)) if biases else ()
+        return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, P(axes, None, None), P(axes, None, None),
+                                                         *bias_specs),
+                             out_specs=rows)(x_OD, idx_OZ, w_OZ, wi, wo, *biases)
 
     def _capacity(self, x_BTD, idx_BTZ, w_BTZ):
         m = self.moe

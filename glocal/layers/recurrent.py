@@ -76,6 +76,7 @@ class LinearAttention(nnx.Module):
     """Causal normalised linear attention (``glocal.kernels.linear``); state in float32."""
 
     packs_documents = False  # the state sums every earlier token
+    bounded_cache = True  # a fixed-size state
 
     def __init__(self, spec: LayerSpec, options: LinearOptions, *, mask=None, rngs: nnx.Rngs):
         if mask is not None:
@@ -171,6 +172,7 @@ class ShortConv(nnx.Module):
     ``W - 1`` inputs; gives linear-attention layers (which carry no positions) order."""
 
     packs_documents = False  # its taps reach across a document boundary
+    bounded_cache = True  # the last taps only
 
     def __init__(self, spec: LayerSpec, options: ConvOptions, *, mask=None, rngs: nnx.Rngs):
         if mask is not None:

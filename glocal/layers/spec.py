@@ -186,6 +186,8 @@ class LayerSpec:
     head_dim: int | None = None  # None = d_model // num_heads
     d_ff: int = 256
     mlp: str = "swiglu"  # activation of the dense FFN (and of experts)
+    swiglu_alpha: float = 1.702  # mlp="swiglu_clamped" only (glocal.layers.mlp.activate)
+    swiglu_limit: float = 7.0  # mlp="swiglu_clamped" only
     norm: str = "rms"  # rms | layer | rms_centered (gain 1 + scale; also the qk-norm's)
     norm_eps: float = 1e-6
     rope_theta: float | None = 10_000.0  # None: no positions
@@ -193,8 +195,10 @@ class LayerSpec:
     rope_fraction: float = 1.0  # RoPE on the first int(head_size * rope_fraction) dims of each head
     qk_norm: bool = False
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    attn_out_bias: bool = False  # a bias o_b_D on the output projection (GPT-OSS)
     attn_output_gate: bool = False  # o * sigmoid(x gate_DHE) per head before o_HED (Qwen3-Next)
     attn_softcap: float | None = None
+    attn_sinks: bool = False  # a learned sink logit per query head in the softmax (GPT-OSS)
     attention_impl: str = "auto"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"

@@ -103,6 +103,13 @@ class ModelBase(nnx.Module):
     packed_documents: bool = False  # a class attribute, or a property derived from the layers
     packing_note: str = ""  # why documents cannot be isolated (for the error)
 
+    @property
+    def growing_caches(self) -> list[str]:
+        """What makes the decoding cache grow with the sequence; empty when every layer's cache
+        is bounded (sliding windows, windows with sinks, recurrent states), in which case
+        ``glocal.generate`` decodes past ``max_seq_len`` in constant memory."""
+        return [f"the {type(self).__name__} architecture"]
+
     # -- inputs ---------------------------------------------------------------------------
     def _check_inputs(self, tokens_BT, positions_BT=None, segment_ids_BT=None) -> None:
         cfg = self.config

@@ -37,20 +37,28 @@ class DecoderConfig(ModelConfig):
     vocab_size: int = 384
     max_seq_len: int = 256
     ffn: str = "mlp"  # FFN kind of every layer (glocal.layers.FFNS)
-    mlp: str = "swiglu"  # dense FFN activation: swiglu | geglu | gelu | relu
+    mlp: str = "swiglu"  # dense FFN and expert activation: swiglu | geglu | gelu | relu | swiglu_clamped
+    swiglu_alpha: float = 1.702  # swiglu_clamped only: h = (u + 1) g sigmoid(alpha g) (GPT-OSS)
+    swiglu_limit: float = 7.0  # swiglu_clamped only: g = min(g, limit), u = clip(u, -limit, limit)
     norm: str = "rms"  # rms | layer | rms_centered (RMSNorm with gain 1 + scale, scale init 0; qk-norm too)
     norm_eps: float = 1e-6
     rope_theta: float | None = 10_000.0  # None: no rotary positions
-    rope_scaling: str | None = None  # None | linear | llama3 (glocal.layers.rope.RopeScaling)
+    rope_scaling: str | None = None  # None | linear | llama3 | yarn (glocal.layers.rope.RopeScaling)
     rope_factor: float = 1.0  # context extension factor of rope_scaling
     rope_low_freq_factor: float = 1.0  # llama3 only
     rope_high_freq_factor: float = 4.0  # llama3 only
-    rope_original_context: int = 8192  # llama3 only: the pre-training context
+    rope_original_context: int = 8192  # llama3 and yarn: the pre-training context
+    rope_beta_fast: float = 32.0  # yarn only: frequencies with more turns over the original context are kept
+    rope_beta_slow: float = 1.0  # yarn only: frequencies with fewer turns are divided by rope_factor
+    rope_truncate: bool = True  # yarn only: round the blend's bounds to whole frequency pairs
+    rope_attention_factor: float | None = None  # yarn only: gain on rotated q and k (None: 0.1 ln(factor) + 1)
     rope_fraction: float = 1.0  # RoPE on the first int(head_dim * rope_fraction) dims of each head (partial rotary)
     qk_norm: bool = False  # per-head RMSNorm on queries and keys
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    attn_out_bias: bool = False  # a bias on the attention output projection (GPT-OSS)
     attn_output_gate: bool = False  # per-head sigmoid gate on the attention output, from the query input (Qwen3-Next)
     attn_softcap: float | None = None  # c * tanh(scores / c) before the softmax
+    attn_sinks: bool = False  # learned per-head sink logit in the attention softmax (GPT-OSS)
     logit_softcap: float | None = None  # the same on the output logits
     tie_embeddings: bool = False  # output head = the token embedding table
     attention_impl: str = "auto"
@@ -146,6 +154,9 @@ class DecoderConfig(ModelConfig):
         for name in ("attn_softcap", "logit_softcap"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive (or None for no cap), got {getattr(self, name)}.")
+        if self.mlp == "swiglu_clamped" and not (self.swiglu_alpha > 0 and self.swiglu_limit > 0):
+            raise ConfigError(f"swiglu_alpha={self.swiglu_alpha}, swiglu_limit={self.swiglu_limit}: mlp='swiglu_clamped' "
+                              f"needs both positive (GPT-OSS: 1.702 and 7.0).")
         if not 0 < self.rope_fraction <= 1:
             raise ConfigError(f"rope_fraction={self.rope_fraction} must be in (0, 1] (the rotated part of each head).")
         if self.rope_fraction != 1 and self.rope_theta is None:
@@ -153,6 +164,13 @@ class DecoderConfig(ModelConfig):
         if self.rope_scaling is not None:
             if self.rope_theta is None:
                 raise ConfigError("rope_scaling is set but rope_theta=None (no rotary positions); unset one.")
+            if self.rope_scaling == "yarn" and not 0 < self.rope_beta_slow < self.rope_beta_fast:
+                raise ConfigError(f"rope_beta_slow={self.rope_beta_slow}, rope_beta_fast={self.rope_beta_fast}: yarn "
+                                  f"needs 0 < rope_beta_slow < rope_beta_fast (defaults 1 and 32).")
+            factor = self.rope_attention_factor
+            if self.rope_scaling == "yarn" and factor is not None and factor <= 0:
+                raise ConfigError(f"rope_attention_factor={self.rope_attention_factor} must be positive (or None: "
+                                  f"0.1 ln(rope_factor) + 1).")
             try:
                 self.rope_scaling_spec()
             except ValueError as e:
@@ -192,15 +210,22 @@ class DecoderConfig(ModelConfig):
     def rope_scaling_spec(self) -> RopeScaling | None:
         if self.rope_scaling is None:
             return None
+        if self.rope_scaling == "yarn":
+            return RopeScaling("yarn", self.rope_factor, original_context=self.rope_original_context,
+                               beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow, truncate=self.rope_truncate,
+                               attention_factor=self.rope_attention_factor)
         return RopeScaling(self.rope_scaling, self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor,
                            self.rope_original_context)
 
     def layer(self, **shape) -> LayerSpec:
         """A ``LayerSpec`` of the given shape with this config's shared layer numerics."""
-        return LayerSpec(**shape, mlp=self.mlp, norm=self.norm, norm_eps=self.norm_eps, rope_theta=self.rope_theta,
+        return LayerSpec(**shape, mlp=self.mlp, swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit,
+                         attn_out_bias=self.attn_out_bias, norm=self.norm, norm_eps=self.norm_eps,
+                         rope_theta=self.rope_theta,
                          rope_scaling=self.rope_scaling_spec(), rope_fraction=self.rope_fraction,
                          qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, attn_output_gate=self.attn_output_gate,
-                         attn_softcap=self.attn_softcap, attention_impl=self.attention_impl, dtype=self.dtype,
+                         attn_softcap=self.attn_softcap, attn_sinks=self.attn_sinks,
+                         attention_impl=self.attention_impl, dtype=self.dtype,
                          param_dtype=self.param_dtype)
 
 

@@ -94,6 +94,10 @@ class Transformer(ModelBase):
     def packing_note(self) -> str:
         return f"its {', '.join(repr(m) for m in self.decoder.crosses_documents)} layers read across documents"
 
+    @property
+    def growing_caches(self) -> list[str]:
+        return [f"its {m!r} layers" for m in self.decoder.growing_caches]
+
     # -- teacher forcing ------------------------------------------------------------------
     def __call__(self, tokens_BT, *, positions_BT=None, segment_ids_BT=None):
         """Logits ``[B, T, V]`` (float32) for every position. ``segment_ids_BT`` keeps

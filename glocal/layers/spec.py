@@ -18,6 +18,7 @@ and one registration::
     @register_mixer("my_mixer", letter="m", options=MyOptions)  # letter: layer_pattern="mmg"
     class MyMixer(nnx.Module):
         packs_documents = False  # True only if it honours segment_ids_BT
+        bounded_cache = False  # True if its cache does not grow with the sequence (decodes past max_seq_len)
         def __init__(self, spec: LayerSpec, options: MyOptions, *, mask: Mask | None, rngs): ...
         def __call__(self, x_BTD, *, positions_BT, segment_ids_BT=None, cache=None,
                      valid_BT=None):  # -> (y_BTD, cache); cache is None when none was given

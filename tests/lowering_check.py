@@ -102,6 +102,8 @@ def main() -> None:
     lowered = {name: {p: lower_family(name, p) for p in ("tpu", "cuda")} for name in gm.list_models()}
     # Gated DeltaNet (pure JAX) inside Qwen3-Next's layout, next to the Pallas attention of its global layer.
     lowered["moe:qwen3_next_tiny"] = {p: lower_family("moe", p, "qwen3_next_tiny") for p in ("tpu", "cuda")}
+    # GPT-OSS's layout: learned sinks in our Pallas kernels, window + global layers, biased experts.
+    lowered["moe:gpt_oss_tiny"] = {p: lower_family("moe", p, "gpt_oss_tiny") for p in ("tpu", "cuda")}
     print("RESULT " + json.dumps({"lowered": lowered, "sharded_vs_one_device": sharded_vs_one_device()}))
 
 

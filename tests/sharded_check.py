@@ -50,8 +50,9 @@ def main(corpus: str, out: str) -> None:
     # Every family's tiny preset under the richest table (every parameter and activation
     # name it uses must map cleanly onto the mesh).
     result["models"] = {}
-    # (+ Qwen3-Next's preset: Gated DeltaNet, gated attention and a gated shared expert.)
-    for name in [*(f"{family}_tiny" for family in gm.list_models()), "moe_qwen3_next_tiny"]:
+    # (+ Qwen3-Next's preset: Gated DeltaNet, gated attention and a gated shared expert; GPT-OSS's:
+    # learned sinks, attention and expert biases, a biased router.)
+    for name in [*(f"{family}_tiny" for family in gm.list_models()), "moe_qwen3_next_tiny", "moe_gpt_oss_tiny"]:
         if name == "transformer_tiny":  # trained above under every table (3 steps)
             result["models"][name] = {"one": result["one"], "fsdp_tp": result["fsdp_tp"]["loss"],
                                       "param_rel_diff": result["fsdp_tp"]["param_rel_diff"]}

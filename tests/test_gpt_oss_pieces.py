@@ -279,3 +279,11 @@ def test_bad_values_are_one_line_config_errors(family, overrides, message):
     with pytest.raises(ConfigError, match=message) as e:
         gm.get_config(family, "tiny", **{k: str(v) for k, v in overrides.items()})  # as the CLI passes them
     assert "\n" not in str(e.value)
+
+
+def test_gpt_oss_preset_on_eight_devices_trains_like_one(sharded):
+    """(tests/sharded_check.py trains the preset through the trainer on 1 and on 8 devices:
+    sinks over the heads axis, the biased router and experts under the fsdp_tp table.)"""
+    r = sharded["models"]["moe_gpt_oss_tiny"]
+    np.testing.assert_allclose(r["fsdp_tp"], r["one"], rtol=1e-5)
+    assert r["param_rel_diff"] < 1e-5, r["param_rel_diff"]

@@ -182,7 +182,7 @@ def families():
 def test_every_family_lowers_a_training_step_and_decoding_for_tpu_and_cuda(families):
     import glocal.models as gm
 
-    assert set(families["lowered"]) == {*gm.list_models(), "moe:qwen3_next_tiny"}
+    assert set(families["lowered"]) == {*gm.list_models(), "moe:qwen3_next_tiny", "moe:gpt_oss_tiny"}
     for name, per_platform in families["lowered"].items():
         for platform, found in per_platform.items():
             assert found["train_kernel_calls"] > 0, (name, platform, found)  # the kernels, not XLA

@@ -140,3 +140,11 @@ def test_hugging_face_export_refuses_window_sinks():
     assert export_architecture(cfg) == "MistralForCausalLM"
     with pytest.raises(HFConfigError, match="window.sinks=2"):
         export_architecture(cfg.replace(**{"window.sinks": 2}))
+
+
+@pytest.mark.parametrize("n,w,T", [(4, 8, 64), (2, 5, 3), (1, 1, 10), (3, 7, 9)])
+def test_visible_keys_of_a_window_with_sinks_count_each_key_once(n, w, T):
+    from glocal.layers.mixers import mean_visible_keys
+
+    mask = SlidingWindow(w) | Sinks(n)
+    assert mean_visible_keys(mask, T) == pytest.approx(mask.dense(T).sum() / T)

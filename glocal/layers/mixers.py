@@ -129,6 +129,10 @@ def mean_visible_keys(mask: Mask, T: int) -> float:
         return float(rows.mean())
     if isinstance(mask, SlidingWindow) and mask.causal:
         return float(np.minimum(rows, mask.size).mean())
+    if mask.sink_window is not None:  # the window, plus the sinks that have left it
+        n, w = mask.sink_window
+        t = np.arange(T)
+        return float((np.minimum(t + 1, w) + np.minimum(n, np.maximum(0, t - w + 1))).mean())
     if isinstance(mask, ChunkCausal):
         return float(np.minimum((np.arange(T) // mask.size + 1) * mask.size, T).mean())
     keys = np.arange(T)[None]

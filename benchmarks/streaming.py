@@ -170,7 +170,7 @@ def _bits(model, rows_BT, chunk: int):
 
 def _setups(config, length: int):
     """Named attention set-ups over the same weights (config overrides)."""
-    window = config.options.get("window") if hasattr(config.options, "get") else None
+    window = config.options.get("window")  # (a KindSettings mapping)
     w = getattr(window, "size", None) or 256
     trained = "as trained" + (f" (window {w} + {window.sinks} sinks)" if window and window.sinks else " (global)")
     yield trained, {"max_seq_len": max(length, config.max_seq_len)}

@@ -245,7 +245,15 @@ def resolve_configs(config_name: str | None, workdir: pathlib.Path, overrides: d
     config is the base, so ``glocal train ... steps=600`` only changes what it names."""
     model_kw, train_kw = split_overrides(overrides)
     previous = previous_run_config(workdir)
-    base = TrainConfig.from_dict(previous) if previous else TrainConfig()
+    if previous:
+        base = TrainConfig.from_dict(previous)
+    elif config_name is not None:  # a new run starts from its preset's training defaults, if any
+        try:
+            base = TrainConfig().replace(**gm.preset_train_defaults(*gm.split_config_name(config_name)))
+        except ConfigError as e:
+            raise ConfigError(f"the TRAIN defaults of preset {config_name!r}: {e}") from None
+    else:
+        base = TrainConfig()
     # One-off options are never inherited from the previous run; nor is the tokenizer (a
     # workdir keeps the one its model.json records: see resolve_tokenizer).
     tcfg = base.replace(**{**{k: False for k in ONE_OFF_OPTIONS}, "tokenizer": "", **train_kw})

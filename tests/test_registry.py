@@ -86,3 +86,20 @@ def test_the_training_config_is_a_config_but_not_a_model_config():
     assert TrainConfig.from_dict(tcfg.to_dict()) == tcfg and tcfg.steps == 7
     with pytest.raises(ConfigError, match="Did you mean steps"):
         tcfg.replace(stpes=3)
+
+
+def test_a_preset_can_carry_training_defaults(preset_dir, tmp_path):
+    from glocal.workdir import resolve_configs
+    (preset_dir / "transformer_lrtoy.py").write_text(
+        'FAMILY = "transformer"\nCONFIG = dict(d_model=64)\nTRAIN = dict(learning_rate=1.5e-3, warmup_steps=7)\n')
+    _, tcfg = resolve_configs("transformer_lrtoy", tmp_path / "new", {})
+    assert (tcfg.learning_rate, tcfg.warmup_steps) == (1.5e-3, 7)
+    _, tcfg = resolve_configs("transformer_lrtoy", tmp_path / "new", {"learning_rate": "5e-4"})
+    assert (tcfg.learning_rate, tcfg.warmup_steps) == (5e-4, 7)  # the command line wins
+    assert gm.preset_train_defaults("transformer", "small") == {}
+    _, tcfg = resolve_configs("transformer_small", tmp_path / "new", {})
+    assert tcfg.learning_rate == TrainConfig().learning_rate
+    (preset_dir / "transformer_badtoy.py").write_text(
+        'FAMILY = "transformer"\nCONFIG = dict(d_model=64)\nTRAIN = dict(learning_rat=1e-3)\n')
+    with pytest.raises(ConfigError, match=r"TRAIN defaults of preset 'transformer_badtoy'.*no field 'learning_rat'"):
+        resolve_configs("transformer_badtoy", tmp_path / "new", {})

@@ -7,8 +7,8 @@
 
 from glocal.models.base import DecoderConfig, LanguageModel, ModelBase, ModelCache
 from glocal.models.registry import (
-    build, build_from_config, config_class, get_config, list_models, list_presets, model_name, register,
-    split_config_name,
+    build, build_from_config, config_class, get_config, list_models, list_presets, model_name,
+    preset_train_defaults, register, split_config_name,
 )
 from glocal.models.based import Based, BasedConfig
 from glocal.models.block_transformer import BlockTransformer, BlockTransformerCache, BlockTransformerConfig
@@ -27,6 +27,6 @@ register("mor", MoRConfig, MoR)
 __all__ = [
     "Based", "BasedConfig", "BlockTransformer", "BlockTransformerCache", "BlockTransformerConfig", "DecoderConfig", "FIT", "FITCache",
     "FITConfig", "LanguageModel", "MoE", "MoEConfig", "MoR", "MoRCache", "MoRConfig", "ModelBase", "ModelCache", "Transformer", "TransformerCache",
-    "TransformerConfig", "build", "build_from_config", "config_class", "get_config", "list_models",
+    "TransformerConfig", "build", "build_from_config", "config_class", "preset_train_defaults", "get_config", "list_models",
     "list_presets", "model_name", "register", "split_config_name",
 ]

@@ -2,8 +2,11 @@
 
 A family registers ``(config class, model class)``; presets are Python files
 ``glocal/configs/<family>_<preset>.py`` defining ``FAMILY`` (the family's exact name) and
-``CONFIG`` (a dict of field values). Presets are found by ``FAMILY``, not by file-name
-prefix, so a family ``transformer_moe`` and the presets of ``transformer`` never mix.
+``CONFIG`` (a dict of field values), and optionally ``TRAIN``: training defaults that
+``glocal train --config <family>_<preset>`` starts from on a new workdir (e.g. the learning
+rate the architecture comparison found best for it; anything on the command line wins).
+Presets are found by ``FAMILY``, not by file-name prefix, so a family ``transformer_moe`` and
+the presets of ``transformer`` never mix.
 """
 
 from __future__ import annotations
@@ -93,6 +96,14 @@ def get_config(name: str, preset: str = "tiny", **overrides: Any) -> ModelConfig
     values.update(overrides)
     base = config_class()
     return base.replace(**values)
+
+
+def preset_train_defaults(name: str, preset: str) -> dict[str, Any]:
+    """The preset file's ``TRAIN`` dict (training-config field values), or ``{}``."""
+    _family(name)
+    if preset not in list_presets(name):
+        raise _unknown_preset(name, preset)
+    return dict(getattr(importlib.import_module(f"glocal.configs.{name}_{preset}"), "TRAIN", {}))
 
 
 def _unknown_preset(name: str, preset: str) -> ConfigError:

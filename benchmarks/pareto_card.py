@@ -103,6 +103,9 @@ def write_card(args, table) -> None:
         f"loop, marginal cost per step, random weights); cache: decode state bytes per sequence.", "",
     ]
     for budget in args.budgets:
+        if not any(budget in cells for cells in data.values()):
+            lines += [f"## {budget:.1e} training FLOPs", "", "No run has finished at this budget yet.", ""]
+            continue
         lines += [f"## {budget:.1e} training FLOPs", "",
                   f"| model | params total / active | train FLOPs/token | steps (tokens) | learning rate: "
                   f"bits-per-byte (seed 0) | bits-per-byte at the best lr, mean ± half-range over seeds | vs {BASE} |",
@@ -170,8 +173,9 @@ def claims(args, data, decode) -> list[str]:
                                                       f"{'within' if equal else 'outside'} 2%)")
                 extra = f", decode {speed:.2f}x" if speed else ", decode not measured"
             elif ratio is not None:
-                pa, pb = ca["any"]["params"], cb["any"]["params"]
-                extra = f" (bits-per-byte {ratio:.3f}x `{b}`'s, parameters {pa / pb:.2f}x)"
+                pa, pb = ca["any"], cb["any"]
+                extra = (f" (bits-per-byte {ratio:.3f}x `{b}`'s; parameters {pa['params'] / pb['params']:.2f}x, "
+                         f"active {pa['active_params'] / pb['active_params']:.2f}x)")
             lines.append(f"- {claim}, at {budget:.0e} FLOPs: **{text}**{extra}: `{a}` {mean_text(ca)} vs "
                          f"`{b}` {mean_text(cb)}.")
     return lines + [""]

@@ -6,7 +6,7 @@ cache). One command, resumable:
     python benchmarks/pareto.py --plan              # the runs, their steps and what is finished
     python benchmarks/pareto.py --card-only         # the card from whatever has finished
     python benchmarks/pareto.py --entries transformer moe --budgets 1e13   # a part of it
-    python benchmarks/pareto.py --preset base --scale 300 --batch-size 64 --seq-len 1024  # accelerator
+    python benchmarks/pareto.py --preset base --scale 3000 --batch-size 64 --seq-len 1024  # accelerator
 
 What is compared (``entries``): every registered family at its ``small`` preset (a family added
 later joins by having one; ``mor`` uses ``mor_small_deep``, see FAMILY_PRESET), plus the shapes

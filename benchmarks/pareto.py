@@ -179,10 +179,12 @@ def train_run(run: dict, args) -> dict:
                   steps=run["steps"], tokens=run["steps"] * args.batch_size * args.seq_len, lr=run["lr"],
                   seed=run["seed"], **describe(entry, args.seq_len))
     try:
-        train(entry.config if not (wd / "model.json").exists() else None, wd, over)
+        summary = train(entry.config if not (wd / "model.json").exists() else None, wd, over)
     except TrainingDiverged as e:
         result.update(bpb=None, diverged=str(e).splitlines()[0])
     else:
+        if summary.get("stopped"):  # SIGTERM/SIGINT: the checkpoint is saved; the run is not finished
+            sys.exit(f"stopped at step {summary['step']} of {run['steps']} in {wd}; run the same command to resume.")
         notes = []
         r = evaluate_workdir(wd, overrides={"eval_batches": str(EVAL_BATCHES)}, log=notes.append)
         result.update(bpb=r.get("eval_bpb_threshold", r.get("eval_bpb")), bpb_topk=r.get("eval_bpb_topk"),

@@ -88,3 +88,14 @@ def test_sweep_resumes_refuses_changes_and_writes_the_card(tmp_path, monkeypatch
     assert len(list(folder.iterdir())) == 4
     with pytest.raises(SystemExit, match=r"unknown entries \['nope'\]"):
         pareto.main(["--entries", "nope", "--plan"])
+
+
+def test_a_run_stopped_by_a_signal_is_not_recorded_as_finished(tmp_path, monkeypatch):
+    import glocal.train.trainer as trainer
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: {"step": 3, "stopped": True})
+    entry = pareto.entries("tiny")["transformer"]
+    args = type("A", (), dict(batch_size=4, seq_len=32, data="default"))()
+    run = dict(entry=entry, budget=1e9, steps=10, lr=1e-3, seed=0, dir=tmp_path / "lr0.001-s0")
+    with pytest.raises(SystemExit, match="stopped at step 3 of 10 .* run the same command to resume"):
+        pareto.train_run(run, args)
+    assert not (tmp_path / "lr0.001-s0" / "result.json").exists()

@@ -88,6 +88,12 @@ def test_the_training_config_is_a_config_but_not_a_model_config():
         tcfg.replace(stpes=3)
 
 
+def test_every_shipped_presets_training_defaults_are_valid():
+    for name in gm.list_models():
+        for preset in gm.list_presets(name):
+            TrainConfig().replace(**gm.preset_train_defaults(name, preset))  # raises on a bad field or value
+
+
 def test_a_preset_can_carry_training_defaults(preset_dir, tmp_path):
     from glocal.workdir import resolve_configs
     (preset_dir / "transformer_lrtoy.py").write_text(
@@ -96,8 +102,8 @@ def test_a_preset_can_carry_training_defaults(preset_dir, tmp_path):
     assert (tcfg.learning_rate, tcfg.warmup_steps) == (1.5e-3, 7)
     _, tcfg = resolve_configs("transformer_lrtoy", tmp_path / "new", {"learning_rate": "5e-4"})
     assert (tcfg.learning_rate, tcfg.warmup_steps) == (5e-4, 7)  # the command line wins
-    assert gm.preset_train_defaults("transformer", "small") == {}
-    _, tcfg = resolve_configs("transformer_small", tmp_path / "new", {})
+    assert gm.preset_train_defaults("transformer", "tiny") == {}
+    _, tcfg = resolve_configs("transformer_tiny", tmp_path / "new", {})
     assert tcfg.learning_rate == TrainConfig().learning_rate
     (preset_dir / "transformer_badtoy.py").write_text(
         'FAMILY = "transformer"\nCONFIG = dict(d_model=64)\nTRAIN = dict(learning_rat=1e-3)\n')

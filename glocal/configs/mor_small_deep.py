@@ -12,3 +12,7 @@ CONFIG = dict(
     vocab_size=384, d_model=256, num_layers=8, num_heads=4, num_kv_heads=2, d_ff=768, num_recursions=2,
     max_seq_len=512,
 )
+
+# Training defaults for a new workdir. Learning rate: the best of the architecture sweep's grid
+# (benchmarks/pareto.py) at 1e13 and 2e13 training FLOPs.
+TRAIN = dict(learning_rate=1.5e-3)

@@ -5,16 +5,16 @@ thunk, attributed to glocal's source) beside PyTorch's (torch.profiler, per aten
     python benchmarks/train_profile.py --peer torch          # and the HF Llama step of the same shape
     python benchmarks/train_profile.py --set remat=all_dots --top 30
 
-XLA:CPU runs a step as thunks (fusions, matmuls, loops) on a pool of threads; the trace records
-each thunk's start and end on its thread. A thunk's *exclusive* time (minus the thunks nested
-inside it on the same thread) is charged to a bucket named after the innermost
-glocal / optax / flax source line that produced it (from the compiled HLO's stack frames) and
-to a kind: ``matmul`` when the fused computation contains a dot, ``copy`` for copies and
-transposes, ``other`` otherwise. ``bwd`` marks thunks from the backward pass (``transpose(...)``
-in the op name). Times are summed over threads, so they add up to busy thread-time per step,
-which with N threads can exceed the wall time by up to N x. A ``while`` loop's (the layer
-scan's) own time is left out of that sum: it is bookkeeping plus waiting for its body's
-thunks, which are counted on the threads that ran them.
+XLA:CPU runs a step as thunks (fusions, matmuls, loops) on a pool of threads, several at a
+time when they are independent; the trace records each thunk's start and end on its thread.
+Each instant of the step is divided among the thunks running then (two concurrent thunks get
+half each), so a thunk's *wall share* says how much of the step it accounts for and the
+shares add up to the time any thunk ran ("busy"; the rest of the wall time is dispatch and
+host work). Loops (the layer scan's ``while``) only wait for their body's thunks and are not
+counted themselves. Each thunk is charged to the innermost glocal / optax / flax source line
+that produced it (from the compiled HLO's stack frames) and to a kind: ``matmul`` when its
+computation contains a dot, ``copy`` for copies and transposes, ``other`` otherwise; ``bwd``
+marks the backward pass (``transpose(...)`` in the op name).
 """
 
 from __future__ import annotations
@@ -116,23 +116,38 @@ def _section(text: str, name: str) -> str:
     return m.group(1) if m else ""
 
 
-def exclusive_times(xplane: str, module: str) -> dict[str, float]:
-    """Thunk name -> exclusive nanoseconds summed over threads and steps."""
+def wall_shares(xplane: str, module: str) -> tuple[dict[str, float], dict[str, float], float]:
+    """``(wall share, thread-time, busy wall)`` in nanoseconds over the profiled steps.
+
+    Only leaf thunks count (a thunk with another nested inside it on its thread, a ``while``
+    loop, is bookkeeping plus waiting). A thunk's *wall share* divides each instant among the
+    thunks running then (two concurrent thunks get half each), so the shares add up to the
+    busy wall time; its *thread-time* is its plain duration, which double-counts concurrency."""
     warnings.filterwarnings("ignore", message="builtin type event_stats", category=DeprecationWarning)
-    out = collections.Counter()
+    leaves = []  # (start, end, name)
     for plane in ProfileData.from_file(xplane).planes:
         for line in plane.lines:
-            events = sorted((e for e in line.events if dict(e.stats).get("hlo_module") == module),
-                            key=lambda e: (e.start_ns, -e.duration_ns))
-            stack = []  # (end, name)
-            for e in events:
-                while stack and stack[-1][0] <= e.start_ns:
-                    stack.pop()
-                if stack:  # nested: the parent loses this much
-                    out[stack[-1][1]] -= e.duration_ns
-                out[e.name] += e.duration_ns
-                stack.append((e.start_ns + e.duration_ns, e.name))
-    return out
+            events = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                             if dict(e.stats).get("hlo_module") == module), key=lambda e: (e[0], -e[1]))
+            for i, (start, end, name) in enumerate(events):
+                nested = i + 1 < len(events) and events[i + 1][0] < end
+                if not nested:
+                    leaves.append((start, end, name))
+    bounds = sorted({t for start, end, _ in leaves for t in (start, end)})
+    opening = collections.defaultdict(list)
+    for start, end, name in leaves:
+        opening[start].append((end, name))
+    share, thread = collections.Counter(), collections.Counter()
+    for start, end, name in leaves:
+        thread[name] += end - start
+    running, busy = [], 0.0
+    for t0, t1 in zip(bounds, bounds[1:]):
+        running = [(end, name) for end, name in running if end > t0] + opening.get(t0, [])
+        if running:
+            busy += t1 - t0
+            for _, name in running:
+                share[name] += (t1 - t0) / len(running)
+    return share, thread, busy
 
 
 def profile_glocal(args):
@@ -148,32 +163,28 @@ def profile_glocal(args):
     side.run(args.steps)
     wall = (time.perf_counter() - t0) / args.steps
     jax.profiler.stop_trace()
-    times = exclusive_times(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0], module)
+    share, thread, busy = wall_shares(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0], module)
     shutil.rmtree(folder, ignore_errors=True)
     hlo = Hlo(text)
-    rows = [(ns / args.steps / 1e6, name, *hlo.describe(name)) for name, ns in times.items()]
-    return wall, rows, side.info
+    n = args.steps
+    rows = [(share[name] / n / 1e6, thread[name] / n / 1e6, name, *hlo.describe(name)) for name in share]
+    return wall, busy / n / 1e6, rows, side.info
 
 
-def report(wall, rows, info, top):
-    # A loop thunk's own time is its bookkeeping plus waiting for body thunks that ran on other
-    # threads (which are counted there): shown, but not part of the thread-time.
-    loops = sum(r[0] for r in rows if r[2] == "loop")
-    rows = [r for r in rows if r[2] != "loop"]
-    busy = sum(r[0] for r in rows)
-    print(f"PROFILE glocal wall {wall * 1e3:.1f} ms/step (profiler on); thunk thread-time {busy:.1f} ms/step; "
-          f"{info['config']}")
-    print(f"(while loops' own time, bookkeeping + waiting, not counted above: {loops:.1f} ms/step)")
-    for title, key in (("kind", lambda r: (r[2], r[4])), ("source (kind, direction)", lambda r: (r[3], r[2], r[4]))):
+def report(wall, busy, rows, info, top):
+    thread = sum(r[1] for r in rows)
+    print(f"PROFILE glocal wall {wall * 1e3:.1f} ms/step (profiler on); thunks busy {busy:.1f} ms/step of it, "
+          f"{thread / max(busy, 1e-9):.2f} running at a time on average; {info['config']}")
+    for title, key in (("kind", lambda r: (r[3], r[5])), ("source (kind, direction)", lambda r: (r[4], r[3], r[5]))):
         agg = collections.Counter()
         for r in rows:
             agg[key(r)] += r[0]
-        print(f"\nby {title}: ms/step, % of thread-time")
+        print(f"\nby {title}: wall ms/step, % of busy")
         for k, ms in agg.most_common(top):
             print(f"  {ms:8.2f}  {100 * ms / busy:5.1f}%  {' '.join(k)}")
-    print("\ntop thunks: ms/step, % , name, kind, source, direction")
-    for ms, name, kind, source, direction in sorted(rows, reverse=True)[:top]:
-        print(f"  {ms:8.2f}  {100 * ms / busy:5.1f}%  {name}  {kind}  {source}  {direction}")
+    print("\ntop thunks: wall ms/step, %, thread ms/step, name, kind, source, direction")
+    for ms, th, name, kind, source, direction in sorted(rows, reverse=True)[:top]:
+        print(f"  {ms:8.2f}  {100 * ms / busy:5.1f}%  {th:8.2f}  {name}  {kind}  {source}  {direction}")
 
 
 def main():

@@ -50,3 +50,13 @@ def test_profile_attributes_thunks_to_glocal_source():
     sources = re.findall(r"^\s+[\d.]+\s+[\d.]+%\s+(\S+\.py):\S+ \w+ \w+$", out, re.M)
     for expected in ("mlp.py", "attention.py", "step.py"):
         assert expected in sources, out
+
+
+@pytest.mark.slow
+def test_options_table_times_every_variant():
+    out = script("train_options.py", "--preset", "tiny", "--batch", "2", "--seq", "128", "--steps", "1",
+                 "--rounds", "2", "--variant", "base:", "--variant", "chunk0:span_chunk=0",
+                 "--variant", "dots:remat=dots")
+    rows = dict(re.findall(r"^\| (\w+) \| [\d,. ]+ \| [\d,]+ \| ([\d.]+) \|$", out, re.M))
+    assert set(rows) == {"base", "chunk0", "dots"} and rows["base"] == "1.000", out
+    assert "'remat': 'dots'" in out, out

@@ -1,0 +1,95 @@
+"""Which settings make the training step fastest on this machine: several variants of the
+trainer's step on the `bench` shape, each compiled once, timed interleaved in one process.
+
+    python benchmarks/train_options.py                                   # the default candidates
+    python benchmarks/train_options.py --variant base: --variant dots:remat=dots --rounds 5
+
+A variant is ``name:key=value,key=value``: model fields (``remat``, ``attention_impl``,
+``scan_layers``, ...) and ``span_chunk`` (the query rows per chunk of the dense causal path,
+``glocal.kernels.api._SPAN_CHUNK``; 0 = one dense pass over all keys). The first variant is
+the reference of the ratios. Rounds run every variant once in a rotating order, so drift of
+this shared machine hits all alike; each cell is the median step time of ``--steps`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+import statistics
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import train_throughput as tt  # noqa: E402
+
+from glocal.kernels import api  # noqa: E402
+
+DEFAULT_VARIANTS = (
+    "default:",
+    "remat_dots:remat=dots",
+    "remat_all_dots:remat=all_dots",
+    "unrolled:scan_layers=false",
+    "chunk128:span_chunk=128",
+    "chunk_none:span_chunk=0",
+    "dot_product:attention_impl=dot_product",
+)
+
+
+@contextlib.contextmanager
+def span_chunk(rows: int | None):
+    """Trace with ``rows`` query rows per causal chunk (0: no chunking)."""
+    saved = api._SPAN_CHUNK
+    if rows is not None:
+        api._SPAN_CHUNK = rows if rows > 0 else 1 << 30  # larger than any T: the path is skipped
+    try:
+        yield
+    finally:
+        api._SPAN_CHUNK = saved
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--variant", action="append", default=None, metavar="NAME:KEY=VALUE,...")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--preset", default="bench")
+    return p.parse_args()
+
+
+def build(args, spec: str):
+    name, _, settings = spec.partition(":")
+    pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
+    chunk = next((int(v) for k, v in pairs if k == "span_chunk"), None)
+    ns = argparse.Namespace(**{**vars(args), "set": [f"{k}={v}" for k, v in pairs if k != "span_chunk"],
+                               "remat": None, "no_scan": False})
+    side = tt.GlocalSide(ns)
+    with span_chunk(chunk):
+        side.run(1 + args.warmup)  # the first call traces and compiles under the chunk setting
+    print(f"built {name}: {side.info['config']}" + (f", span_chunk {chunk}" if chunk is not None else ""), flush=True)
+    return name, side
+
+
+def main():
+    args = parse()
+    print(tt.machine())
+    sides = [build(args, spec) for spec in (args.variant or DEFAULT_VARIANTS)]
+    tok = args.batch * args.seq
+    rates = {name: [] for name, _ in sides}
+    for r in range(args.rounds):
+        order = sides[r % len(sides):] + sides[:r % len(sides)]
+        for name, side in order:
+            rates[name].append(tok / statistics.median(side.run(args.steps)))
+        print(f"round {r + 1}: " + "  ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()), flush=True)
+    ref = sides[0][0]
+    print(f"\n| variant | tokens/s per round | median | vs {ref} (median of per-round ratios) |\n|---|---|---|---|")
+    for name, v in rates.items():
+        ratio = statistics.median(a / b for a, b in zip(v, rates[ref]))
+        print(f"| {name} | {', '.join(f'{x:,.0f}' for x in v)} | {statistics.median(v):,.0f} | {ratio:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

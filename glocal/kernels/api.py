@@ -185,6 +185,9 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
     Learned sinks are folded in once, over all chunks (``fold_sinks``): per chunk, every
     extra op costs more than its arithmetic on CPU at these sizes."""
     with_sinks = sinks is not None
+    # Keys and values heads-major once: sliced per chunk, they would be transposed again for
+    # every chunk that reads them (each key by T / _SPAN_CHUNK chunks at most).
+    k_BKSE, v_BKSE = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     outs, lses = [], []
     for start, stop, lo, hi in spans:
         seg = None
@@ -196,8 +199,9 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
                                 kv_positions=jnp.arange(lo, hi, dtype=jnp.int32)[None])
         # Causal self-attention: every query sees itself (a token is always in its own
         # segment), so no row is ever fully masked.
-        res = dense_attention(q[:, start:stop], k[:, lo:hi], v[:, lo:hi], allowed, scale=scale, softcap=softcap,
-                              return_lse=return_lse or with_sinks, rows_nonempty=True, lse_grad=with_sinks)
+        res = dense_attention(q[:, start:stop], k_BKSE[:, :, lo:hi], v_BKSE[:, :, lo:hi], allowed, scale=scale,
+                              softcap=softcap, return_lse=return_lse or with_sinks, rows_nonempty=True,
+                              lse_grad=with_sinks, kv_heads_major=True)
         outs.append(res[0] if return_lse or with_sinks else res)
         if return_lse or with_sinks:
             lses.append(res[1])

@@ -226,3 +226,16 @@ def test_attention_gradients_match_reference(mask, H, K, softcap, segments):
     want = jax.grad(loss("reference"), argnums=(0, 1, 2))(*args)
     chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
     chex.assert_tree_all_finite(got)
+
+
+def test_split_qkv_gradient_is_the_slices_gradient():
+    """The fused q/k/v split's own backward (one concatenation) equals autodiff of the slices."""
+    from glocal.layers.attention import split_qkv
+
+    qkv = jax.random.normal(jax.random.key(3), (2, 5, 2, 4, 8))  # K = 2 kv heads, Y = 2 query heads each
+    w = [jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 5, 2, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)])]
+    loss = lambda parts: sum(jnp.sum(jnp.sin(p) * c) for p, c in zip(parts, w))
+    ours = jax.grad(lambda x: loss(split_qkv(x, 2)))(qkv)
+    plain = jax.grad(lambda x: loss((x[:, :, :, :2], x[:, :, :, 2], x[:, :, :, 3])))(qkv)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
+    assert all(np.array_equal(a, b) for a, b in zip(split_qkv(qkv, 2), (qkv[:, :, :, :2], qkv[:, :, :, 2], qkv[:, :, :, 3])))

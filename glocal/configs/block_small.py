@@ -11,3 +11,8 @@ CONFIG = dict(
     d_token=256, token_layers=2, token_heads=4, token_kv_heads=2, token_d_ff=768,
     max_seq_len=512,
 )
+
+# Training defaults for a new workdir. Learning rate from the architecture sweep
+# (benchmarks/pareto.py): best at 2e13 training FLOPs (2.400 vs 2.490 at 7.5e-4 and 2.614 at
+# 3e-3), level with 7.5e-4 at 1e13 (3.010 vs 3.009).
+TRAIN = dict(learning_rate=1.5e-3)

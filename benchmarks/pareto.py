@@ -206,7 +206,7 @@ def measure_decode(entry: Entry, args) -> dict:
     import numpy as np
 
     import glocal.models as gm
-    from common import machine, median, time_fn
+    from common import machine, time_fn
     from efficiency import decode_programs
     out = {"spec": spec, "machine": machine(), "batch": args.decode_batch, "prompt": args.prompt_len}
     for L in (2048, 32768):  # (a built model: FIT's empty cache holds projections of its start latents)
@@ -218,10 +218,23 @@ def measure_decode(entry: Entry, args) -> dict:
     B, new = args.decode_batch, args.decode_new
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (B, args.prompt_len)), jnp.int32)
     logits, cache = prefill(state, tokens, model.init_cache(B, args.prompt_len + new))
-    t_of = lambda n: median(time_fn(lambda: jax.block_until_ready(decode(state, logits, cache, n)), warmup=1,
-                                    iters=2))
+    run = lambda n: jax.block_until_ready(decode(state, logits, cache, n))
     short = new // 4
-    out["decode_tokens_per_s"] = B * (new - short) / (t_of(new) - t_of(short))
+    run(new), run(short)  # compile both
+    # The marginal cost of (new - short) steps, from the fastest of interleaved calls: noise only
+    # adds time, so minima are stable where a difference of medians can even come out negative
+    # (tiny models, a busy machine). Longer series when the difference is still not positive.
+    for iters in (3, 12, 48):
+        t_new, t_short = [], []
+        for _ in range(iters):
+            t_new += time_fn(lambda: run(new), warmup=0, iters=1)
+            t_short += time_fn(lambda: run(short), warmup=0, iters=1)
+        if min(t_new) > min(t_short):
+            break
+    else:
+        sys.exit(f"error: decoding {new} steps of {entry.name!r} never measured slower than {short}; "
+                 f"use a larger --decode-new.")
+    out["decode_tokens_per_s"] = B * (new - short) / (min(t_new) - min(t_short))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     return out

@@ -19,6 +19,7 @@ marks the backward pass (``transpose(...)`` in the op name).
 
 from __future__ import annotations
 
+import argparse
 import collections
 import glob
 import pathlib
@@ -41,7 +42,7 @@ SOURCES = ("glocal/", "optax/", "flax/", "jax/_src/nn", "jax/_src/numpy")
 
 
 def parse():
-    p = tt.argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after --warmup)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=8)

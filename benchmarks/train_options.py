@@ -7,7 +7,9 @@ trainer's step on the `bench` shape, each compiled once, timed interleaved in on
 A variant is ``name:key=value,key=value``: model fields (``remat``, ``attention_impl``,
 ``scan_layers``, ...) and ``span_chunk`` (the query rows per chunk of the dense causal path,
 ``glocal.kernels.api._SPAN_CHUNK``; 0 = one dense pass over all keys). The first variant is
-the reference of the ratios. Rounds run every variant once in a rotating order, so drift of
+the reference of the ratios. ``xla=FLAGS`` (last in a variant: it takes the rest of the string)
+runs that variant in its own worker process with ``XLA_FLAGS=FLAGS`` (flags are read once per
+process), e.g. ``sched:xla=--xla_cpu_enable_concurrency_optimized_scheduler=false``. Rounds run every variant once in a rotating order, so drift of
 this shared machine hits all alike; each cell is the median step time of ``--steps`` steps.
 """
 
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+import os
 import pathlib
 import statistics
+import subprocess
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -60,9 +65,37 @@ def parse():
     return p.parse_args()
 
 
+class Worker:
+    """A variant in its own process (train_throughput.py --serve) under other XLA_FLAGS."""
+
+    def __init__(self, args, sets: list[str], flags: str):
+        cmd = [sys.executable, str(pathlib.Path(tt.__file__)), "--serve", "--warmup", str(args.warmup),
+               "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--preset", args.preset]
+        cmd += [a for kv in sets for a in ("--set", kv)]
+        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"the worker for XLA_FLAGS={flags!r} did not start; run {' '.join(cmd)} to see why")
+        self.info = json.loads(line)["ready"]
+        self.info["config"] = {**self.info["config"], "XLA_FLAGS": flags}
+
+    def run(self, n):
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["times"]
+
+
 def build(args, spec: str):
     name, _, settings = spec.partition(":")
+    settings, _, flags = settings.partition("xla=")
     pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
+    if flags:
+        if any(k == "span_chunk" for k, _ in pairs):
+            sys.exit(f"variant {name}: span_chunk and xla= cannot be combined (span_chunk patches this process)")
+        side = Worker(args, [f"{k}={v}" for k, v in pairs], flags)
+        print(f"built {name}: {side.info['config']}", flush=True)
+        return name, side
     chunk = next((int(v) for k, v in pairs if k == "span_chunk"), None)
     ns = argparse.Namespace(**{**vars(args), "set": [f"{k}={v}" for k, v in pairs if k != "span_chunk"],
                                "remat": None, "no_scan": False})

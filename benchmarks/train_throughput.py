@@ -63,6 +63,9 @@ def parse():
     p.add_argument("--peer", choices=["none", "torch"], default="none")
     p.add_argument("--torch-python", default=sys.executable, help="the Python that has torch + transformers")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak (no MFU)")
+    p.add_argument("--serve", action="store_true",
+                   help="be a worker: build glocal's side, print one JSON line, then time N steps per line of "
+                        "stdin (benchmarks/train_options.py runs variants with other XLA_FLAGS this way)")
     return p.parse_args()
 
 
@@ -140,8 +143,18 @@ class TorchPeer:
         self.proc.wait()
 
 
+def serve(args):
+    side = GlocalSide(args)
+    side.run(1 + args.warmup)
+    print(json.dumps({"ready": side.info}, default=str), flush=True)
+    for line in sys.stdin:
+        print(json.dumps({"times": side.run(int(line))}), flush=True)
+
+
 def main():
     args = parse()
+    if args.serve:
+        return serve(args)
     print(machine())
     peak = None
     if not args.no_peak:

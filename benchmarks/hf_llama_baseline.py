@@ -9,7 +9,9 @@ glocal does not depend on (``pip install torch transformers``; any venv that has
 
 A step is what glocal's trainer does: forward with labels (causal LM loss), backward, global-norm
 clipping at 1.0, AdamW (weight decay 0.1), zero_grad; on random token ids (throughput does not
-depend on the data). ``--dtype bfloat16`` casts the model (parameters and compute) to bf16.
+depend on the data). ``--dtype bfloat16`` casts the model (parameters and compute) to bf16;
+with ``--bf16-mode autocast`` the model, gradients and AdamW state stay float32 and the forward
+runs under ``torch.autocast`` in bf16 (mixed precision, what glocal's ``dtype=bfloat16`` does).
 
 ``--serve`` is the worker ``train_throughput.py --peer torch`` starts: it builds the model,
 runs the warm-up steps, prints one ``ready`` JSON line, then for each line ``N`` on stdin
@@ -39,6 +41,8 @@ def parse(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention implementation")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--bf16-mode", choices=["pure", "autocast"], default="pure",
+                   help="with --dtype bfloat16: cast the whole model (pure) or keep float32 weights (autocast)")
     p.add_argument("--serve", action="store_true", help="worker mode for train_throughput.py --peer torch")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="instead of timing, profile N steps (torch.profiler) and print the top ops by self CPU time")
@@ -63,14 +67,16 @@ def build(args):
         use_cache=False,  # training: building a KV cache would be wasted work
         attn_implementation=args.attn,
     )
-    model = LlamaForCausalLM(config).to(getattr(torch, args.dtype))
+    autocast = args.dtype == "bfloat16" and args.bf16_mode == "autocast"
+    model = LlamaForCausalLM(config).to(torch.float32 if autocast else getattr(torch, args.dtype))
     model.train()
     assert model.config._attn_implementation == args.attn, model.config._attn_implementation
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
 
     def step():
-        loss = model(input_ids=tokens, labels=tokens).loss  # labels are shifted inside the model
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=tokens, labels=tokens).loss  # labels are shifted inside the model
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -79,7 +85,8 @@ def build(args):
 
     n_params = sum(p.numel() for p in model.parameters())
     info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "attn": args.attn, "dtype": args.dtype, "params": n_params,
+            "threads": torch.get_num_threads(), "attn": args.attn,
+            "dtype": args.dtype + (" autocast" if autocast else ""), "params": n_params,
             "non_embedding_params": n_params - model.model.embed_tokens.weight.numel()}
     return step, info
 

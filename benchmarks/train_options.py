@@ -16,7 +16,6 @@ this shared machine hits all alike; each cell is the median step time of ``--ste
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import pathlib
@@ -27,7 +26,6 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import train_throughput as tt  # noqa: E402
 
-from glocal.kernels import api  # noqa: E402
 
 DEFAULT_VARIANTS = (
     "default:",
@@ -38,18 +36,6 @@ DEFAULT_VARIANTS = (
     "chunk_none:span_chunk=0",
     "dot_product:attention_impl=dot_product",
 )
-
-
-@contextlib.contextmanager
-def span_chunk(rows: int | None):
-    """Trace with ``rows`` query rows per causal chunk (0: no chunking)."""
-    saved = api._SPAN_CHUNK
-    if rows is not None:
-        api._SPAN_CHUNK = rows if rows > 0 else 1 << 30  # larger than any T: the path is skipped
-    try:
-        yield
-    finally:
-        api._SPAN_CHUNK = saved
 
 
 def parse():
@@ -68,17 +54,18 @@ def parse():
 class Worker:
     """A variant in its own process (train_throughput.py --serve) under other XLA_FLAGS."""
 
-    def __init__(self, args, sets: list[str], flags: str):
+    def __init__(self, args, sets: list[str], flags: str, chunk: int | None):
         cmd = [sys.executable, str(pathlib.Path(tt.__file__)), "--serve", "--warmup", str(args.warmup),
                "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype, "--preset", args.preset]
-        cmd += [a for kv in sets for a in ("--set", kv)]
+        cmd += [a for kv in sets for a in ("--set", kv)] + (["--span-chunk", str(chunk)] if chunk is not None else [])
         env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         line = self.proc.stdout.readline()
         if not line:
             sys.exit(f"the worker for XLA_FLAGS={flags!r} did not start; run {' '.join(cmd)} to see why")
         self.info = json.loads(line)["ready"]
-        self.info["config"] = {**self.info["config"], "XLA_FLAGS": flags}
+        self.info["config"] = {**self.info["config"], "XLA_FLAGS": flags,
+                               **({"span_chunk": chunk} if chunk is not None else {})}
 
     def run(self, n):
         self.proc.stdin.write(f"{n}\n")
@@ -90,17 +77,15 @@ def build(args, spec: str):
     name, _, settings = spec.partition(":")
     settings, _, flags = settings.partition("xla=")
     pairs = [kv.split("=", 1) for kv in settings.split(",") if kv]
+    chunk = next((int(v) for k, v in pairs if k == "span_chunk"), None)
     if flags:
-        if any(k == "span_chunk" for k, _ in pairs):
-            sys.exit(f"variant {name}: span_chunk and xla= cannot be combined (span_chunk patches this process)")
-        side = Worker(args, [f"{k}={v}" for k, v in pairs], flags)
+        side = Worker(args, [f"{k}={v}" for k, v in pairs if k != "span_chunk"], flags, chunk)
         print(f"built {name}: {side.info['config']}", flush=True)
         return name, side
-    chunk = next((int(v) for k, v in pairs if k == "span_chunk"), None)
     ns = argparse.Namespace(**{**vars(args), "set": [f"{k}={v}" for k, v in pairs if k != "span_chunk"],
                                "remat": None, "no_scan": False})
     side = tt.GlocalSide(ns)
-    with span_chunk(chunk):
+    with tt.span_chunk(chunk):
         side.run(1 + args.warmup)  # the first call traces and compiles under the chunk setting
     print(f"built {name}: {side.info['config']}" + (f", span_chunk {chunk}" if chunk is not None else ""), flush=True)
     return name, side

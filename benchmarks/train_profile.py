@@ -197,7 +197,7 @@ def main():
         shape = dict(d_model=mcfg.d_model, layers=mcfg.num_layers, heads=mcfg.num_heads, kv_heads=mcfg.num_kv_heads,
                      d_ff=mcfg.d_ff, vocab=mcfg.vocab_size, seq=args.seq, batch=args.batch)
         cmd = [args.torch_python, str(HERE / "hf_llama_baseline.py"), "--profile", str(args.steps), "--warmup",
-               str(args.warmup), "--dtype", args.dtype, "--norm-eps", str(mcfg.norm_eps)]
+               str(args.warmup), "--dtype", args.dtype, "--bf16-mode", "autocast", "--norm-eps", str(mcfg.norm_eps)]
         cmd += [a for k, v in shape.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         print()
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)

@@ -25,6 +25,7 @@ MFU = model FLOPs/s / the machine's dense matmul FLOP/s measured here (best of 3
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import statistics
@@ -40,10 +41,24 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from common import machine, matmul_peak_flops  # noqa: E402
 
 import glocal.models as gm  # noqa: E402
+from glocal.kernels import api  # noqa: E402
+from glocal.platform_defaults import resolve_remat  # noqa: E402
 from glocal.train.build import build_setup  # noqa: E402
 from glocal.train.config import TrainConfig  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
+
+
+@contextlib.contextmanager
+def span_chunk(rows: int | None):
+    """Trace with ``rows`` query rows per causal chunk (0: no chunking)."""
+    saved = api._SPAN_CHUNK
+    if rows is not None:
+        api._SPAN_CHUNK = rows if rows > 0 else 1 << 30  # larger than any T: the path is skipped
+    try:
+        yield
+    finally:
+        api._SPAN_CHUNK = saved
 
 
 def parse():
@@ -55,6 +70,8 @@ def parse():
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of both sides (glocal keeps float32 parameters; torch casts the model)")
+    p.add_argument("--torch-bf16", choices=["pure", "autocast"], default="autocast",
+                   help="torch's bf16: float32 weights with autocast (like glocal's; default) or the whole model cast")
     p.add_argument("--preset", default="bench")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a model field for glocal's side, e.g. remat=all_dots, attention_impl=xla, scan_layers=false")
@@ -63,6 +80,8 @@ def parse():
     p.add_argument("--peer", choices=["none", "torch"], default="none")
     p.add_argument("--torch-python", default=sys.executable, help="the Python that has torch + transformers")
     p.add_argument("--no-peak", action="store_true", help="skip measuring the matmul peak (no MFU)")
+    p.add_argument("--span-chunk", type=int, default=None,
+                   help="query rows per chunk of the dense causal path (0: one pass over all keys)")
     p.add_argument("--serve", action="store_true",
                    help="be a worker: build glocal's side, print one JSON line, then time N steps per line of "
                         "stdin (benchmarks/train_options.py runs variants with other XLA_FLAGS this way)")
@@ -97,6 +116,8 @@ class GlocalSide:
         self.info = {"params": setup.n_params,
                      "flops_per_token": 6 * n_matmul + 6 * mcfg.num_layers * T * mcfg.d_model,
                      "config": {k: getattr(mcfg, k) for k in ("dtype", "remat", "scan_layers", "attention_impl")}}
+        if mcfg.remat == "auto":  # show what it resolved to on this platform
+            self.info["config"]["remat"] = f"auto={resolve_remat('auto')}"
         self.shape = dict(d_model=mcfg.d_model, layers=mcfg.num_layers, heads=mcfg.num_heads,
                           kv_heads=mcfg.num_kv_heads, d_ff=mcfg.d_ff, vocab=mcfg.vocab_size, seq=T, batch=B)
 
@@ -124,7 +145,8 @@ class TorchPeer:
 
     def __init__(self, args, shape, mcfg, extra=()):
         cmd = [args.torch_python, str(HERE / "hf_llama_baseline.py"), "--serve", "--warmup", str(args.warmup),
-               "--dtype", args.dtype, "--norm-eps", str(mcfg.norm_eps), "--rope-theta", str(mcfg.rope_theta)]
+               "--dtype", args.dtype, "--bf16-mode", args.torch_bf16,
+               "--norm-eps", str(mcfg.norm_eps), "--rope-theta", str(mcfg.rope_theta)]
         cmd += [a for k, v in shape.items() for a in (f"--{k.replace('_', '-')}", str(v))] + list(extra)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -145,7 +167,8 @@ class TorchPeer:
 
 def serve(args):
     side = GlocalSide(args)
-    side.run(1 + args.warmup)
+    with span_chunk(args.span_chunk):  # the first call traces under it
+        side.run(1 + args.warmup)
     print(json.dumps({"ready": side.info}, default=str), flush=True)
     for line in sys.stdin:
         print(json.dumps({"times": side.run(int(line))}), flush=True)
@@ -166,7 +189,8 @@ def main():
     run_glocal, info = side.run, side.info
     print(f"glocal: params {info['params']:,}; FLOPs/token {info['flops_per_token']:,}; {info['config']}")
     t0 = time.perf_counter()
-    run_glocal(1)
+    with span_chunk(args.span_chunk):
+        run_glocal(1)
     print(f"glocal: first step (compile) {time.perf_counter() - t0:.1f} s")
     run_glocal(max(args.warmup - 1, 0))
     sides = {"glocal": run_glocal}

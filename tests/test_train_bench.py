@@ -57,9 +57,9 @@ def test_options_table_times_every_variant():
     out = script("train_options.py", "--preset", "tiny", "--batch", "2", "--seq", "128", "--steps", "1",
                  "--rounds", "2", "--variant", "base:", "--variant", "chunk0:span_chunk=0",
                  "--variant", "dots:remat=dots",
-                 "--variant", "sched:remat=dots,xla=--xla_cpu_enable_concurrency_optimized_scheduler=false")
+                 "--variant", "sched:remat=dots,span_chunk=0,xla=--xla_cpu_enable_concurrency_optimized_scheduler=false")
     rows = dict(re.findall(r"^\| (\w+) \| [\d,. ]+ \| [\d,]+ \| ([\d.]+) \|$", out, re.M))
     assert set(rows) == {"base", "chunk0", "dots", "sched"} and rows["base"] == "1.000", out
     assert "'remat': 'dots'" in out, out
-    # The xla= variant ran in its own worker with the model field and the flag both applied.
-    assert re.search(r"built sched: .*'remat': 'dots'.*'XLA_FLAGS': '--xla_cpu_enable_concurrency", out), out
+    # The xla= variant ran in its own worker with the model field, the flag and the chunking applied.
+    assert re.search(r"built sched: .*'remat': 'dots'.*'XLA_FLAGS': '--xla_cpu_enable_concurrency.*'span_chunk': 0", out), out

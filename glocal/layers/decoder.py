@@ -70,7 +70,7 @@ class DecoderStack(nnx.Module):
     """``repeats`` x ``pattern`` decoder layers of shape ``spec``."""
 
     def __init__(self, spec: LayerSpec, pattern: Sequence[LayerKind], repeats: int, *, scan: bool = True,
-                 remat: str = "none", rngs: nnx.Rngs):
+                 remat: str = "auto", rngs: nnx.Rngs):
         self.pattern, self.repeats, self.scan, self.remat = tuple(pattern), repeats, scan, remat
         self.units = stack_modules(lambda r: _Unit(spec, self.pattern, rngs=r), repeats, rngs)
 

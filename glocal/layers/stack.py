@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax
 from flax import nnx
 
+from glocal.platform_defaults import resolve_remat
+
 # Named remat policies. "save_qkv_attn" keeps the tensors tagged with checkpoint_name in
 # glocal.layers.attention (q/k/v projections and the attention output) and recomputes
 # the rest, notably the MLP hidden activations, which dominate activation memory.
@@ -25,6 +27,8 @@ REMAT_POLICIES: dict[str, Any] = {
         "query_proj", "key_proj", "value_proj", "attn_out"
     ),
 }
+# What a config may name: a policy, or "auto" (glocal.platform_defaults: the platform's measured choice).
+REMAT_CHOICES = ("auto", *REMAT_POLICIES)
 
 
 def stack_modules(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -48,15 +52,16 @@ def run_stack(
     apply: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
     *,
     scan: bool = True,
-    remat: str = "none",
+    remat: str = "auto",
 ):
     """Thread ``carry`` through every layer of ``stacked``.
 
     ``apply(layer, carry, x_i) -> (carry, y_i)`` runs one layer; ``xs`` are per-layer
     inputs with a leading axis (e.g. cache slices) or None. Returns ``(carry, ys)``.
     """
+    remat = resolve_remat(remat)
     if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}.")
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_CHOICES)}.")
     graphdef, state = nnx.split(stacked)
 
     def body(c, layer_xs):
@@ -76,7 +81,7 @@ def run_stack(
 
 
 def run_cached_stack(stacked: nnx.Module, x: Any, caches: Any, call: Callable, *, scan: bool = True,
-                     remat: str = "none"):
+                     remat: str = "auto"):
     """Run a stack whose layers each own one slice of stacked caches (decoding).
 
     ``caches`` is a pytree of caches stacked over the layers (``glocal.layers.Cache``

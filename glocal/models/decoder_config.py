@@ -23,7 +23,7 @@ from glocal.layers.mlp import ACTIVATIONS
 from glocal.layers.norms import NORMS
 from glocal.layers.rope import RopeScaling, rotary_dim
 from glocal.layers.spec import FFNS, KindOptions, LayerKind, LayerSpec
-from glocal.layers.stack import REMAT_POLICIES
+from glocal.layers.stack import REMAT_CHOICES
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -65,7 +65,7 @@ class DecoderConfig(ModelConfig):
     dtype: str = "float32"  # compute dtype; parameters are param_dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"
+    remat: str = "auto"  # auto: the platform's measured choice (glocal.platform_defaults); none | full | dots | ...
     init_std: float = 0.02
     options: KindSettings = KindSettings()  # per used kind with options: "moe", "window", "linear", ...
 
@@ -145,7 +145,7 @@ class DecoderConfig(ModelConfig):
     def validate(self) -> None:
         self.require_positive("vocab_size", "max_seq_len")
         for name, allowed in (("mlp", ACTIVATIONS), ("norm", NORMS), ("dtype", DTYPES),
-                              ("param_dtype", DTYPES), ("remat", tuple(REMAT_POLICIES)),
+                              ("param_dtype", DTYPES), ("remat", REMAT_CHOICES),
                               ("attention_impl", IMPLEMENTATIONS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")

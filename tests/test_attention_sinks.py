@@ -179,6 +179,25 @@ def test_dense_causal_key_spans(mask):
         np.testing.assert_allclose(a, b, atol=F32_GRAD_TOL)
 
 
+def test_dense_causal_key_spans_bfloat16_gradients():
+    """bf16 at T = 512 (8 chunks of 64 queries, their key/value gradients summed in float32):
+    dq, dk and dv stay as close to float32 attention as a single dense bf16 pass's."""
+    q, k, v = inputs(512, 512, 2, 1, 16, B=1, seed=6, dtype=jnp.bfloat16)
+
+    def grads(impl, dtype):
+        def loss(q, k, v):
+            return jnp.sum(jnp.sin(attention(q, k, v, mask=M.Causal(), impl=impl).astype(jnp.float32)))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*(a.astype(dtype) for a in (q, k, v)))
+
+    exact = grads("reference", jnp.float32)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    rms = lambda a, b: float(jnp.sqrt(jnp.mean((f32(a) - f32(b)) ** 2)) / jnp.sqrt(jnp.mean(f32(b) ** 2)))
+    chunked, single = grads("xla", jnp.bfloat16), grads("reference", jnp.bfloat16)
+    assert all(g.dtype == jnp.bfloat16 for g in chunked)
+    for name, c, o, e in zip("qkv", chunked, single, exact):
+        assert rms(c, e) < max(1.5 * rms(o, e), 4e-3), (name, rms(c, e), rms(o, e))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16_inputs(impl):
     (q, k, v, s), mask, blocks, kw = case_inputs("window_softcap_segments", dtype=jnp.bfloat16)

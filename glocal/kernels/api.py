@@ -188,6 +188,13 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
     # Keys and values heads-major once: sliced per chunk, they would be transposed again for
     # every chunk that reads them (each key by T / _SPAN_CHUNK chunks at most).
     k_BKSE, v_BKSE = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    # In bf16/f16 the chunks are sliced from float32 copies: the backward then sums the chunks'
+    # key/value gradients in float32 and rounds once (sliced in bf16, every partial sum is
+    # rounded, and XLA:CPU's element-wise bf16 conversions made that sum cost as much as the
+    # attention matmuls).
+    narrow = k.dtype.itemsize < 4
+    if narrow:
+        k_BKSE, v_BKSE = k_BKSE.astype(jnp.float32), v_BKSE.astype(jnp.float32)
     outs, lses = [], []
     for start, stop, lo, hi in spans:
         seg = None
@@ -199,7 +206,10 @@ def _dense_over_spans(q, k, v, mask, spans, segment_ids, scale, softcap, return_
                                 kv_positions=jnp.arange(lo, hi, dtype=jnp.int32)[None])
         # Causal self-attention: every query sees itself (a token is always in its own
         # segment), so no row is ever fully masked.
-        res = dense_attention(q[:, start:stop], k_BKSE[:, :, lo:hi], v_BKSE[:, :, lo:hi], allowed, scale=scale,
+        k_i, v_i = k_BKSE[:, :, lo:hi], v_BKSE[:, :, lo:hi]
+        if narrow:
+            k_i, v_i = k_i.astype(k.dtype), v_i.astype(v.dtype)
+        res = dense_attention(q[:, start:stop], k_i, v_i, allowed, scale=scale,
                               softcap=softcap, return_lse=return_lse or with_sinks, rows_nonempty=True,
                               lse_grad=with_sinks, kv_heads_major=True)
         outs.append(res[0] if return_lse or with_sinks else res)

@@ -228,31 +228,27 @@ def test_attention_gradients_match_reference(mask, H, K, softcap, segments):
     chex.assert_tree_all_finite(got)
 
 
-def test_split_qkv_gradient_is_the_slices_gradient():
-    """The fused q/k/v split's own backward (one concatenation) equals autodiff of the slices."""
-    from glocal.layers.attention import split_qkv
-
-    qkv = jax.random.normal(jax.random.key(3), (2, 5, 2, 4, 8))  # K = 2 kv heads, Y = 2 query heads each
-    w = [jax.random.normal(jax.random.key(i), s) for i, s in enumerate([(2, 5, 2, 2, 8), (2, 5, 2, 8), (2, 5, 2, 8)])]
-    loss = lambda parts: sum(jnp.sum(jnp.sin(p) * c) for p, c in zip(parts, w))
-    ours = jax.grad(lambda x: loss(split_qkv(x, 2)))(qkv)
-    plain = jax.grad(lambda x: loss((x[:, :, :, :2], x[:, :, :, 2], x[:, :, :, 3])))(qkv)
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(plain))
-    assert all(np.array_equal(a, b) for a, b in zip(split_qkv(qkv, 2), (qkv[:, :, :, :2], qkv[:, :, :, 2], qkv[:, :, :, 3])))
-
-
-def test_split_gate_up_gradient_is_the_slices_gradient():
-    """The MLP's gate/up split has its own backward (one stack); it equals autodiff of the slices,
-    in float32 and in bf16, and unused halves get zero gradient."""
-    from glocal.layers.mlp import split_gate_up
+def test_split_parts_gradient_is_the_slices_gradient():
+    """split_parts (the fused q/k/v and gate/up projections' split, whose backward is one
+    concatenation) equals slicing, forward and backward, in float32 and bf16, on any axis;
+    unused parts get zero gradient; sizes that do not add up are refused."""
+    from glocal.layers.split import split_parts
 
     for dtype in (jnp.float32, jnp.bfloat16):
-        h = jax.random.normal(jax.random.key(4), (2, 5, 2, 8)).astype(dtype)
-        wg, wu = (jax.random.normal(jax.random.key(i), (2, 5, 8)).astype(dtype) for i in (5, 6))
-        loss = lambda g, u: jnp.sum(jax.nn.silu(g) * u * wg + u * wu)
-        ours = jax.grad(lambda x: loss(*split_gate_up(x)))(h)
-        plain = jax.grad(lambda x: loss(x[..., 0, :], x[..., 1, :]))(h)
-        assert ours.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(plain, np.float32))
-        only_gate = jax.grad(lambda x: jnp.sum(split_gate_up(x)[0] * wg))(h)
-        np.testing.assert_array_equal(np.asarray(only_gate[..., 1, :], np.float32), 0)
+        x = jax.random.normal(jax.random.key(3), (2, 5, 2, 4, 8)).astype(dtype)
+        for axis, sizes in ((3, (2, 1, 1)), (-2, (1, 3)), (4, (3, 5)), (1, (5,))):
+            cut = np.cumsum((0,) + sizes)
+            ax = axis % x.ndim
+            plain = lambda v: tuple(jax.lax.slice_in_dim(v, a, b, axis=ax) for a, b in zip(cut[:-1], cut[1:]))
+            w = [jax.random.normal(jax.random.key(10 + i), p.shape).astype(dtype) for i, p in enumerate(plain(x))]
+            loss = lambda parts: sum(jnp.sum(jnp.sin(p) * c) for p, c in zip(parts, w))
+            ours = jax.grad(lambda v: loss(split_parts(v, axis, sizes)))(x)
+            want = jax.grad(lambda v: loss(plain(v)))(x)
+            assert ours.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(want, np.float32))
+            assert all(np.array_equal(a, b) for a, b in zip(split_parts(x, axis, sizes), plain(x)))
+        only_first = jax.grad(lambda v: jnp.sum(split_parts(v, 3, (2, 2))[0]))(x)
+        np.testing.assert_array_equal(np.asarray(only_first[:, :, :, 2:], np.float32), 0)
+        np.testing.assert_array_equal(np.asarray(only_first[:, :, :, :2], np.float32), 1)
+    with pytest.raises(ValueError, match="add up to 3"):
+        split_parts(x, 3, (2, 1))

@@ -24,8 +24,6 @@ output projection) beside the q/k/v biases.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -39,6 +37,7 @@ from glocal.layers.norms import make_head_norm
 from glocal.sharding import constrain
 from glocal.layers.params import Bias, as_dtype, fan_in_init, named_param, param
 from glocal.layers.rope import RopeScaling, apply_rope, rotary_dim
+from glocal.layers.split import split_parts
 from glocal.layers.streaming import attend_moved_sinks, check_rope_positions, query_cache_positions
 
 
@@ -203,7 +202,9 @@ class Attention(nnx.Module):
         qkv_BTKAE = _matmul(x_BTD.astype(self.dtype), self.qkv_DKAE[...].astype(self.dtype))
         if self.qkv_bias:
             qkv_BTKAE = qkv_BTKAE + self.qkv_b_KAE[...].astype(self.dtype)
-        q_BTKYE, k_BTKE, v_BTKE = split_qkv(qkv_BTKAE, Y)
+        # (split_parts: its gradient is one concatenation; slicing's pads all three and adds them)
+        q_BTKYE, k_BTK1E, v_BTK1E = split_parts(qkv_BTKAE, 3, (Y, 1, 1))
+        k_BTKE, v_BTKE = jnp.squeeze(k_BTK1E, 3), jnp.squeeze(v_BTK1E, 3)
         q_BTHE = q_BTKYE.reshape(B, T, self.num_heads, self.head_dim)
         return (self._norm_rope(q_BTHE, self.q_norm, positions_BT),
                 self._norm_rope(k_BTKE, self.k_norm, positions_BT), v_BTKE)
@@ -325,27 +326,6 @@ class Attention(nnx.Module):
             o = dense_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), allowed_BTS,
                                 softcap=self.softcap, kv_heads_major=True, sinks_H=self.sink_logits())
         return self.project_out(self.gate_output(o, x_BTD)), cache
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def split_qkv(qkv_BTKAE, Y: int):
-    """The fused projection ``[B, T, K, Y + 2, E]`` -> ``(q [B, T, K, Y, E], k [B, T, K, E],
-    v [B, T, K, E])``. Its gradient is one concatenation of the three: autodiff of the slices
-    would pad each to the full size and add them (on XLA:CPU a separate pass over three
-    full-size buffers per layer)."""
-    return qkv_BTKAE[:, :, :, :Y], qkv_BTKAE[:, :, :, Y], qkv_BTKAE[:, :, :, Y + 1]
-
-
-def _split_qkv_fwd(qkv_BTKAE, Y):
-    return split_qkv(qkv_BTKAE, Y), None
-
-
-def _split_qkv_bwd(Y, _, cotangents):
-    dq_BTKYE, dk_BTKE, dv_BTKE = cotangents
-    return (jnp.concatenate([dq_BTKYE, dk_BTKE[:, :, :, None], dv_BTKE[:, :, :, None]], axis=3),)
-
-
-split_qkv.defvjp(_split_qkv_fwd, _split_qkv_bwd)
 
 
 def _matmul(x_BTD, w):

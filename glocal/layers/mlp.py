@@ -14,6 +14,7 @@ from flax import nnx
 
 from glocal.sharding import constrain
 from glocal.layers.params import as_dtype, fan_in_init, param
+from glocal.layers.split import split_parts
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu", "swiglu_clamped")
 GATED = ("swiglu", "geglu", "swiglu_clamped")  # two fused input projections (A = 2)
@@ -25,31 +26,13 @@ def activate(h_AI, activation: str, *, alpha: float = 1.702, limit: float = 7.0)
     ``limit``: ``swiglu_clamped`` only."""
     if activation not in GATED:
         return (jax.nn.gelu if activation == "gelu" else jax.nn.relu)(h_AI[..., 0, :])
-    g, u = split_gate_up(h_AI)
+    # (split_parts: its gradient is one concatenation; slicing's pads both halves and adds them)
+    g, u = (jnp.squeeze(p, -2) for p in split_parts(h_AI, -2, (1, 1)))
     if activation == "swiglu_clamped":
         g = jnp.minimum(g, limit)
         u = jnp.clip(u, -limit, limit)
         return (u + 1) * (g * jax.nn.sigmoid(alpha * g))
     return (jax.nn.silu(g) if activation == "swiglu" else jax.nn.gelu(g)) * u
-
-
-@jax.custom_vjp
-def split_gate_up(h_AI):
-    """``[..., 2, I]`` -> ``(gate [..., I], up [..., I])``. Its gradient stacks the two:
-    autodiff of the slices would pad each to the full size and add them, a pass over the
-    whole buffer per layer that in bf16 cost XLA:CPU as much as the matmul it feeds."""
-    return h_AI[..., 0, :], h_AI[..., 1, :]
-
-
-def _split_gate_up_fwd(h_AI):
-    return split_gate_up(h_AI), None
-
-
-def _split_gate_up_bwd(_, cotangents):
-    return (jnp.stack(cotangents, axis=-2),)
-
-
-split_gate_up.defvjp(_split_gate_up_fwd, _split_gate_up_bwd)
 
 
 class MLP(nnx.Module):
